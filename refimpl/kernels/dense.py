@@ -38,6 +38,10 @@ def matmul(a, b, transpose_a=False, transpose_b=False):
     if transpose_b:
         b = b.swapaxes(-1, -2)
     out_dtype = np.result_type(a.dtype, b.dtype)
+    if b.ndim == 2 and a.ndim > 2:
+        # (..., M, K) @ (K, N) is one (prod(...)*M, K) @ (K, N) GEMM, not a loop of small ones
+        y = _up(a).reshape(-1, a.shape[-1]) @ _up(b)
+        return y.reshape(*a.shape[:-1], b.shape[-1]).astype(out_dtype, copy=False)
     return (_up(a) @ _up(b)).astype(out_dtype, copy=False)
 
 
@@ -90,15 +94,15 @@ def gelu(x):
     """GELU, tanh approximation (Hendrycks & Gimpel 2016; GPT-2; torch's approximate="tanh")."""
     xp = _xp(x)
     xc = _up(x)
-    inner = _SQRT_2_OVER_PI * (xc + 0.044715 * xc ** 3)
+    inner = _SQRT_2_OVER_PI * (xc + 0.044715 * (xc * xc * xc))  # x*x*x: pow is slow
     return (0.5 * xc * (1.0 + xp.tanh(inner))).astype(x.dtype, copy=False)
 
 
 def gelu_backward(dy, x):
     xp = _xp(x)
     xc = _up(x)
-    t = xp.tanh(_SQRT_2_OVER_PI * (xc + 0.044715 * xc ** 3))
-    dinner = _SQRT_2_OVER_PI * (1.0 + 3 * 0.044715 * xc ** 2)
+    t = xp.tanh(_SQRT_2_OVER_PI * (xc + 0.044715 * (xc * xc * xc)))
+    dinner = _SQRT_2_OVER_PI * (1.0 + 3 * 0.044715 * (xc * xc))
     dgelu = 0.5 * (1.0 + t) + 0.5 * xc * (1.0 - t * t) * dinner
     return (_up(dy) * dgelu).astype(dy.dtype, copy=False)
 

@@ -1,0 +1,507 @@
+"""Run configuration: one dict, DeepSpeed's key names and meanings, strict validation.
+
+A DeepSpeed user's JSON config works unchanged: the batch-size keys, ``gradient_clipping``, ``optimizer``,
+``scheduler``, ``fp16``, ``bf16``, ``zero_optimization``, ``activation_checkpointing`` and ``aio`` sections
+keep DeepSpeed's names and defaults (DeepSpeed "Configuration JSON", https://www.deepspeed.ai/docs/config-json/;
+deepspeed/runtime/lr_schedules.py for the schedulers). Our own sections are ``model``, ``data``, ``backend``,
+``world_size`` and ``run``.
+
+A config is built in layers, later ones win key by key:
+    DEFAULT_CONFIG  <-  a .json / .toml file  <-  ``--set a.b.c=VALUE`` overrides
+``validate`` then checks every key against ``SCHEMA`` (a nested dict of key -> ``Field(default, check)``),
+fills in defaults, resolves derived values (``d_head``, ``d_ff``, ``"auto"`` step counts, seeds,
+``train_batch_size``) and applies the limits of this version (the ``SUPPORTED_*`` constants). Every error is a
+``ConfigError`` whose message starts with the key path, so a typo in a long config points at its line.
+"""
+from __future__ import annotations
+
+import copy
+import difflib
+import json
+import math
+import os
+import tomllib
+from dataclasses import dataclass
+from typing import Any, Callable
+
+__all__ = ["ConfigError", "DEFAULT_CONFIG", "SCHEMA", "load_config", "validate", "parse_override", "dumps",
+           "SUPPORTED_ZERO_STAGES", "SUPPORTED_OFFLOAD_DEVICES", "SUPPORTED_WORLD_SIZES"]
+
+# What this version implements of what DeepSpeed accepts. Widen these as the features land.
+SUPPORTED_ZERO_STAGES = (0,)           # DeepSpeed: 0, 1, 2, 3
+SUPPORTED_OFFLOAD_DEVICES = ("none",)  # DeepSpeed: "none", "cpu", "nvme"
+SUPPORTED_WORLD_SIZES = (1,)
+
+
+class ConfigError(ValueError):
+    """A bad config. ``key_path`` is the dotted key ("optimizer.params.lr"); for a file that cannot be read
+    or parsed it is the file's path. The message always starts with ``key_path``."""
+
+    def __init__(self, key_path: str, detail: str):
+        self.key_path, self.detail = key_path, detail
+        super().__init__(f"{key_path}: {detail}" if key_path else detail)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Checkers: check(path, value) -> the normalised value, or raise ConfigError naming the path
+# ---------------------------------------------------------------------------------------------------------
+
+def _show(v) -> str:
+    return "null" if v is None else f"{type(v).__name__} {v!r}"
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)   # True is an int in Python, never in a config
+
+
+def _in_range(path, v, lo=None, hi=None, lo_open=False, hi_open=False):
+    too_low = lo is not None and (v <= lo if lo_open else v < lo)
+    too_high = hi is not None and (v >= hi if hi_open else v > hi)
+    if too_low or too_high:
+        if lo is not None and hi is not None:
+            what = f"in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+        elif lo is not None:
+            what = f"{'>' if lo_open else '>='} {lo}"
+        else:
+            what = f"{'<' if hi_open else '<='} {hi}"
+        raise ConfigError(path, f"must be {what}, got {v!r}")
+    return v
+
+
+def integer(lo=None, hi=None):
+    def check(path, v):
+        if not _is_int(v):
+            raise ConfigError(path, f"must be an int, got {_show(v)}")
+        return _in_range(path, v, lo, hi)
+    return check
+
+
+def size(lo=0):
+    """A byte or element count. DeepSpeed configs write these as 5e8, which JSON reads as a float."""
+    def check(path, v):
+        return integer(lo)(path, int(v) if isinstance(v, float) and v.is_integer() else v)
+    return check
+
+
+def number(lo=None, hi=None, lo_open=False, hi_open=False):
+    def check(path, v):
+        if not (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)):
+            raise ConfigError(path, f"must be a finite number, got {_show(v)}")
+        return float(_in_range(path, v, lo, hi, lo_open, hi_open))
+    return check
+
+
+def boolean(path, v):
+    if not isinstance(v, bool):
+        raise ConfigError(path, f"must be true or false, got {_show(v)}")
+    return v
+
+
+def string(path, v):
+    if not isinstance(v, str) or not v:
+        raise ConfigError(path, f"must be a non-empty string, got {_show(v)}")
+    return v
+
+
+def one_of(*allowed, ignore_case=False):
+    """One of ``allowed`` (same type, so True is not 1); returns the canonical spelling."""
+    def check(path, v):
+        for a in allowed:
+            if type(v) is type(a) and (v == a or (ignore_case and v.lower() == a.lower())):
+                return a
+        raise ConfigError(path, f"got {_show(v)}; allowed: {', '.join(map(repr, allowed))}")
+    return check
+
+
+def nullable(check):
+    return lambda path, v: None if v is None else check(path, v)
+
+
+def pair(item):
+    def check(path, v):
+        if not isinstance(v, (list, tuple)) or len(v) != 2:
+            raise ConfigError(path, f"must be a list of two numbers, got {_show(v)}")
+        return [item(f"{path}[{i}]", x) for i, x in enumerate(v)]
+    return check
+
+
+def steps_or_auto(path, v):
+    if isinstance(v, str) and v == "auto":   # resolved to run.steps
+        return v
+    if not _is_int(v):
+        raise ConfigError(path, f"must be an int or \"auto\" (= run.steps), got {_show(v)}")
+    return _in_range(path, v, 0)
+
+
+def section(schema):
+    return lambda path, v: _validate_section(schema, v, path)
+
+
+@dataclass(frozen=True)
+class Field:
+    default: Any
+    check: Callable[[str, Any], Any]
+
+
+class _Required:
+    def __repr__(self):
+        return "REQUIRED"
+
+
+REQUIRED = _Required()   # a Field default meaning "no default: the key must be given"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The schema. A plain dict is a section that is always present; Field(None, nullable(section(...))) is an
+# optional one (DeepSpeed's offload blocks). Defaults are DeepSpeed's for DeepSpeed's keys.
+# ---------------------------------------------------------------------------------------------------------
+
+_WARMUP = {"warmup_min_lr": Field(0.0, number(0)),
+           "warmup_max_lr": Field(None, nullable(number(0))),    # null: the optimizer's lr (DeepSpeed)
+           "warmup_num_steps": Field(1000, integer(0)),
+           "warmup_type": Field("log", one_of("log", "linear"))}
+SCHEDULER_PARAMS = {
+    "WarmupLR": _WARMUP,
+    # DeepSpeed's WarmupDecayLR signature defaults warmup_max_lr to 0.001, not to the optimizer's lr.
+    "WarmupDecayLR": {**_WARMUP, "warmup_max_lr": Field(0.001, number(0)),
+                      "total_num_steps": Field(REQUIRED, steps_or_auto)},
+    "WarmupCosineLR": {"total_num_steps": Field(REQUIRED, steps_or_auto),
+                       "warmup_min_ratio": Field(0.0, number(0, 1)),
+                       "warmup_num_steps": Field(1000, integer(0)),
+                       "cos_min_ratio": Field(0.0001, number(0, 1)),
+                       "warmup_type": Field("log", one_of("log", "linear"))},
+}
+
+
+def _check_scheduler(path, v):
+    """A scheduler's params schema depends on its type, so this section is checked by hand."""
+    if not isinstance(v, dict):
+        raise ConfigError(path, f"must be null or a table with 'type' and 'params', got {_show(v)}")
+    for key in v:
+        if key not in ("type", "params"):
+            _unknown_key(path, key, ("type", "params"))
+    kind = one_of(*SCHEDULER_PARAMS)(f"{path}.type", v.get("type"))
+    return {"type": kind, "params": _validate_section(SCHEDULER_PARAMS[kind], v.get("params", {}), f"{path}.params")}
+
+
+_OFFLOAD_DEVICE = Field("none", one_of("none", "cpu", "nvme"))
+OFFLOAD_PARAM = {"device": _OFFLOAD_DEVICE, "nvme_path": Field(None, nullable(string)),
+                 "buffer_count": Field(5, integer(1)), "buffer_size": Field(1e8, size(1)),
+                 "max_in_cpu": Field(1e9, size(0)), "pin_memory": Field(False, boolean)}
+OFFLOAD_OPTIMIZER = {"device": _OFFLOAD_DEVICE, "nvme_path": Field(None, nullable(string)),
+                     "buffer_count": Field(4, integer(1)), "pin_memory": Field(False, boolean),
+                     "fast_init": Field(False, boolean), "ratio": Field(1.0, number(0, 1))}
+
+SCHEMA = {
+    "train_batch_size": Field(None, nullable(integer(1))),  # null: micro * accumulation * world_size
+    "train_micro_batch_size_per_gpu": Field(16, integer(1)),
+    "gradient_accumulation_steps": Field(1, integer(1)),
+    "gradient_clipping": Field(1.0, number(0)),             # 0 = off
+    "steps_per_print": Field(10, integer(1)),
+    "wall_clock_breakdown": Field(False, boolean),
+    "optimizer": {
+        # "Adam" with weight_decay is L2 in DeepSpeed/torch; the optimizer code decides, we keep the name.
+        "type": Field("AdamW", one_of("AdamW", "Adam", ignore_case=True)),
+        "params": {"lr": Field(1e-3, number(0, lo_open=True)),
+                   "betas": Field([0.9, 0.999], pair(number(0, 1, hi_open=True))),
+                   "eps": Field(1e-8, number(0, lo_open=True)),
+                   "weight_decay": Field(0.01, number(0))},
+    },
+    "scheduler": Field(None, nullable(_check_scheduler)),
+    "fp16": {"enabled": Field(False, boolean),
+             "loss_scale": Field(0.0, number(0)),            # 0 = dynamic loss scaling
+             "initial_scale_power": Field(16, integer(0)),
+             "loss_scale_window": Field(1000, integer(1)),
+             "hysteresis": Field(2, integer(1)),
+             "consecutive_hysteresis": Field(False, boolean),
+             "min_loss_scale": Field(1.0, number(0, lo_open=True))},
+    "bf16": {"enabled": Field(False, boolean)},
+    "zero_optimization": {
+        "stage": Field(0, integer()),                        # the supported set is SUPPORTED_ZERO_STAGES
+        "contiguous_gradients": Field(True, boolean),
+        "overlap_comm": Field(False, boolean),
+        "reduce_scatter": Field(True, boolean),
+        "reduce_bucket_size": Field(5e8, size(1)),
+        "allgather_partitions": Field(True, boolean),
+        "allgather_bucket_size": Field(5e8, size(1)),
+        "round_robin_gradients": Field(False, boolean),
+        "sub_group_size": Field(1e9, size(1)),
+        "stage3_prefetch_bucket_size": Field(5e7, size(0)),
+        "stage3_param_persistence_threshold": Field(1e5, size(0)),
+        "stage3_max_live_parameters": Field(1e9, size(0)),
+        "stage3_max_reuse_distance": Field(1e9, size(0)),
+        "stage3_gather_16bit_weights_on_model_save": Field(False, boolean),
+        "offload_param": Field(None, nullable(section(OFFLOAD_PARAM))),
+        "offload_optimizer": Field(None, nullable(section(OFFLOAD_OPTIMIZER))),
+    },
+    "activation_checkpointing": {
+        "partition_activations": Field(False, boolean), "cpu_checkpointing": Field(False, boolean),
+        "contiguous_memory_optimization": Field(False, boolean),
+        "number_checkpoints": Field(None, nullable(integer(1))),
+        "synchronize_checkpoint_boundary": Field(False, boolean), "profile": Field(False, boolean),
+    },
+    "aio": {"block_size": Field(1048576, size(1)), "queue_depth": Field(8, integer(1)),
+            "intra_op_parallelism": Field(1, integer(1)),    # old name: thread_count
+            "single_submit": Field(False, boolean), "overlap_events": Field(True, boolean),
+            "use_gds": Field(False, boolean)},
+    "backend": Field("numpy", string),                       # the backend registry checks the name at run time
+    "world_size": Field(1, integer(1)),                      # the supported set is SUPPORTED_WORLD_SIZES
+    "model": {
+        "task": Field("lm", one_of("lm", "classify")),
+        "n_layers": Field(2, integer(1)), "n_heads": Field(4, integer(1)), "d_model": Field(128, integer(1)),
+        "d_head": Field(None, nullable(integer(1))),         # null: d_model // n_heads
+        "d_ff": Field(None, nullable(integer(1))),           # null: 4 * d_model
+        "max_seq_len": Field(128, integer(1)),
+        "vocab_size": Field(None, nullable(integer(1))),     # null: from the dataset
+        "n_classes": Field(None, nullable(integer(2))),      # null: from the dataset
+        "attention": Field("plain", one_of("plain", "tiled")),
+        "attention_block_size": Field(64, integer(1)),
+        "layernorm_eps": Field(1e-5, number(0, lo_open=True)),
+        "init_std": Field(0.02, number(0, lo_open=True)),
+        "tie_embeddings": Field(False, boolean),
+    },
+    "data": {
+        "dataset": Field("stdlib_bytes", one_of("stdlib_bytes", "listops")),
+        "seq_len": Field(128, integer(1)),
+        "path": Field(None, nullable(string)),
+        "max_bytes": Field(4_000_000, integer(1)),
+        "val_fraction": Field(0.1, number(0, 0.5, lo_open=True)),   # the range refimpl.data accepts
+        "n_train": Field(2000, integer(1)), "n_val": Field(200, integer(1)),
+        "max_depth": Field(4, integer(1)), "max_args": Field(5, integer(2)),
+        "min_length": Field(8, integer(1)), "max_length": Field(64, integer(1)),
+        "seed": Field(None, nullable(integer(0))),           # null: run.seed
+    },
+    "run": {
+        "steps": Field(300, integer(0)), "seed": Field(1234, integer(0)),
+        "eval_interval": Field(50, integer(1)), "eval_batches": Field(8, integer(1)),
+        "log_interval": Field(10, integer(1)),
+        "checkpoint_interval": Field(None, nullable(integer(1))),   # null: only at the end
+        "out": Field(None, nullable(string)),
+    },
+}
+
+# The default run, on top of the schema defaults. The model size and schedule are tuned here.
+DEFAULT_RUN = {
+    "optimizer": {"type": "AdamW", "params": {"lr": 3e-3, "betas": [0.9, 0.95], "weight_decay": 0.01}},
+    "scheduler": {"type": "WarmupCosineLR",
+                  "params": {"total_num_steps": "auto", "warmup_num_steps": 30, "warmup_type": "linear",
+                             "cos_min_ratio": 0.1}},
+    "model": {"task": "lm", "n_layers": 2, "n_heads": 4, "d_model": 128, "max_seq_len": 128},
+    "data": {"dataset": "stdlib_bytes", "seq_len": 128},
+    "run": {"steps": 300},
+}
+TASK_DATASET = {"lm": "stdlib_bytes", "classify": "listops"}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Validation
+# ---------------------------------------------------------------------------------------------------------
+
+def _join(path, key):
+    return f"{path}.{key}" if path else str(key)
+
+
+def _unknown_key(path, key, allowed):
+    close = difflib.get_close_matches(str(key), list(allowed), n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise ConfigError(_join(path, key), f"unknown key{hint}; allowed in {path or 'the top level'}: "
+                                        f"{', '.join(sorted(allowed))}")
+
+
+def _validate_section(schema, value, path):
+    if not isinstance(value, dict):
+        raise ConfigError(path, f"must be a table (keys: {', '.join(schema)}), got {_show(value)}")
+    for key in value:
+        if key not in schema:
+            _unknown_key(path, key, schema)
+    out = {}
+    for key, spec in schema.items():
+        sub = _join(path, key)
+        if isinstance(spec, dict):
+            out[key] = _validate_section(spec, value.get(key, {}), sub)
+        elif key in value:
+            out[key] = spec.check(sub, value[key])
+        elif spec.default is REQUIRED:
+            raise ConfigError(sub, "is required (DeepSpeed has no default for it)")
+        else:
+            out[key] = spec.check(sub, copy.deepcopy(spec.default))
+    return out
+
+
+def _normalise_aliases(layer):
+    """Rename DeepSpeed's old key ``aio.thread_count`` to ``aio.intra_op_parallelism`` in one layer."""
+    aio = layer.get("aio") if isinstance(layer, dict) else None
+    if not isinstance(aio, dict) or "thread_count" not in aio:
+        return layer
+    aio = dict(aio)
+    old = aio.pop("thread_count")
+    if "intra_op_parallelism" in aio and aio["intra_op_parallelism"] != old:
+        raise ConfigError("aio.thread_count", f"is the old name of aio.intra_op_parallelism; both are given "
+                                              f"and differ ({old!r} vs {aio['intra_op_parallelism']!r})")
+    aio.setdefault("intra_op_parallelism", old)
+    return {**layer, "aio": aio}
+
+
+def _require_supported(path, value, supported, what):
+    if value not in supported:   # the schema has already checked the type
+        raise ConfigError(path, f"{what} must be {' or '.join(map(repr, supported))} in this version, "
+                                f"got {value!r}; allowed: {', '.join(map(repr, supported))}")
+
+
+def _check_version_limits(cfg):
+    """DeepSpeed features this version does not implement yet (widen the SUPPORTED_* constants)."""
+    zero = cfg["zero_optimization"]
+    _require_supported("zero_optimization.stage", zero["stage"], SUPPORTED_ZERO_STAGES, "ZeRO stage")
+    _require_supported("world_size", cfg["world_size"], SUPPORTED_WORLD_SIZES, "world_size")
+    for name in ("offload_param", "offload_optimizer"):
+        if zero[name] is None:
+            continue
+        path = f"zero_optimization.{name}"
+        _require_supported(f"{path}.device", zero[name]["device"], SUPPORTED_OFFLOAD_DEVICES, "offload device")
+        if zero[name]["device"] == "nvme" and zero[name]["nvme_path"] is None:
+            raise ConfigError(f"{path}.nvme_path", "is required when device is 'nvme'")
+
+
+def _resolve(cfg):
+    """Rules across keys, and the derived values that ``null`` / ``"auto"`` stand for."""
+    if cfg["fp16"]["enabled"] and cfg["bf16"]["enabled"]:
+        raise ConfigError("fp16.enabled", "only one of fp16/bf16 may be enabled, and bf16.enabled is true too")
+    micro, gas, ws = cfg["train_micro_batch_size_per_gpu"], cfg["gradient_accumulation_steps"], cfg["world_size"]
+    if cfg["train_batch_size"] is None:
+        cfg["train_batch_size"] = micro * gas * ws
+    elif cfg["train_batch_size"] != micro * gas * ws:   # DeepSpeed's batch-size rule
+        raise ConfigError("train_batch_size", f"must equal train_micro_batch_size_per_gpu * "
+                          f"gradient_accumulation_steps * world_size = {micro} * {gas} * {ws} = {micro * gas * ws}, "
+                          f"got {cfg['train_batch_size']}")
+
+    model, data, run = cfg["model"], cfg["data"], cfg["run"]
+    if model["d_head"] is None:
+        if model["d_model"] % model["n_heads"]:
+            raise ConfigError("model.n_heads", f"must divide model.d_model ({model['d_model']}) when model.d_head "
+                              f"is null, got {model['n_heads']}; set model.d_head to choose the head width freely")
+        model["d_head"] = model["d_model"] // model["n_heads"]
+    if model["d_ff"] is None:
+        model["d_ff"] = 4 * model["d_model"]
+    if data["dataset"] != TASK_DATASET[model["task"]]:
+        raise ConfigError("model.task", f"task {model['task']!r} needs data.dataset "
+                          f"{TASK_DATASET[model['task']]!r}, got data.dataset {data['dataset']!r}")
+    if data["seq_len"] > model["max_seq_len"]:
+        raise ConfigError("data.seq_len", f"must be <= model.max_seq_len ({model['max_seq_len']}), "
+                                          f"got {data['seq_len']}")
+    if data["min_length"] > data["max_length"]:
+        raise ConfigError("data.max_length", f"must be >= data.min_length ({data['min_length']}), "
+                                             f"got {data['max_length']}")
+    if data["seed"] is None:
+        data["seed"] = run["seed"]
+
+    if cfg["scheduler"] is not None:
+        params = cfg["scheduler"]["params"]
+        if params.get("total_num_steps") == "auto":
+            params["total_num_steps"] = run["steps"]
+        if "warmup_max_lr" in params and params["warmup_max_lr"] is None:
+            params["warmup_max_lr"] = cfg["optimizer"]["params"]["lr"]
+
+
+def validate(cfg: dict) -> dict:
+    """Check ``cfg`` against the schema; return a new, fully resolved dict (``cfg`` is not changed)."""
+    out = _validate_section(SCHEMA, _normalise_aliases(copy.deepcopy(cfg)), "")
+    _check_version_limits(out)
+    _resolve(out)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Layers: default, file, overrides
+# ---------------------------------------------------------------------------------------------------------
+
+def _deep_merge(base, overlay, path=""):
+    """``overlay`` on top of ``base``, key by key, as new objects. A scheduler whose ``type`` changes starts
+    afresh: another scheduler type has other params, and the old ones would be unknown keys. (The optimizer
+    types share their params, so switching AdamW <-> Adam keeps lr and the rest.)"""
+    if not (isinstance(base, dict) and isinstance(overlay, dict)):
+        return copy.deepcopy(overlay)
+    if path == "scheduler" and "type" in overlay and overlay["type"] != base.get("type"):
+        return copy.deepcopy(overlay)
+    out = copy.deepcopy(base)
+    for key, value in overlay.items():
+        out[key] = _deep_merge(base.get(key), value, _join(path, key))
+    return out
+
+
+def _read_file(path) -> dict:
+    path = os.fspath(path)
+    suffix = os.path.splitext(path)[1].lower()
+    if suffix not in (".json", ".toml"):
+        raise ConfigError(path, f"unsupported config file type {suffix or '(none)'!r}; allowed: .json, .toml")
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise ConfigError(path, f"cannot read config file: {e.strerror or e}") from None
+    try:
+        data = json.loads(raw) if suffix == ".json" else tomllib.loads(raw.decode("utf-8"))
+    except json.JSONDecodeError as e:
+        raise ConfigError(path, f"malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+    except tomllib.TOMLDecodeError as e:   # its message ends "(at line L, column C)"
+        raise ConfigError(path, f"malformed TOML: {e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(path, f"is not UTF-8 text: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(path, f"must hold a JSON object / TOML table at the top, got {type(data).__name__}")
+    return data
+
+
+def parse_override(text: str) -> tuple[list[str], object]:
+    """``"a.b.c=VALUE"`` -> (["a", "b", "c"], value). VALUE is JSON if it parses (3, 1e-3, true, "x",
+    [0.9, 0.95], null), else the plain string (so ``run.out=runs/x`` needs no quotes)."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep:
+        raise ConfigError(key, f"override {text!r} has no '='; expected KEY.PATH=VALUE, "
+                               f"e.g. optimizer.params.lr=3e-4")
+    keys = key.split(".")
+    if not all(keys):
+        raise ConfigError(key, f"override {text!r} has an empty key in its path")
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw.strip()
+    return keys, value
+
+
+def load_config(path: str | None = None, overrides: list[str] = (), base: dict | None = None) -> dict:
+    """``base`` (default DEFAULT_CONFIG) <- the file at ``path`` <- ``overrides``, validated and resolved.
+    Neither ``base`` nor DEFAULT_CONFIG is changed."""
+    if isinstance(overrides, str):
+        raise TypeError("overrides must be a list of 'a.b.c=VALUE' strings, not one string")
+    cfg = _normalise_aliases(DEFAULT_CONFIG if base is None else base)
+    if path is not None:
+        cfg = _deep_merge(cfg, _normalise_aliases(_read_file(path)))
+    parsed = [(text, *parse_override(text)) for text in overrides]
+    for _, keys, value in parsed:
+        layer = value
+        for key in reversed(keys):
+            layer = {key: layer}
+        cfg = _deep_merge(cfg, _normalise_aliases(layer))
+    try:
+        return validate(cfg)
+    except ConfigError as e:
+        for text, keys, _ in reversed(parsed):   # name the --set that caused it (the last one wins)
+            p = ".".join(keys)
+            if p == e.key_path or p.startswith(e.key_path + ".") or e.key_path.startswith((p + ".", p + "[")):
+                raise ConfigError(e.key_path, f"{e.detail} (from --set {text})") from None
+        raise
+
+
+def dumps(cfg) -> str:
+    """Canonical JSON (sorted keys, indent 2, trailing newline), e.g. for a run's config.json."""
+    return json.dumps(cfg, sort_keys=True, indent=2, allow_nan=False) + "\n"
+
+
+def _schema_defaults(schema):
+    return {k: _schema_defaults(s) if isinstance(s, dict) else copy.deepcopy(s.default) for k, s in schema.items()}
+
+
+# The schema defaults with the default run on top. Derived keys stay null / "auto" here, so that a later
+# layer changing d_model or run.steps still gets consistent d_ff and total_num_steps.
+DEFAULT_CONFIG: dict = _deep_merge(_schema_defaults(SCHEMA), DEFAULT_RUN)

@@ -1,0 +1,64 @@
+"""What a run shows a person: the summary table printed at the end, and loss.png."""
+from __future__ import annotations
+
+import numpy as np
+
+
+def summarize(config, out, model, dataset, history, evals, engine, seconds) -> dict:
+    last_eval = evals[-1] if evals else {}
+    summary = {
+        "out": str(out),
+        "backend": config["backend"],
+        "task": config["model"]["task"],
+        "dataset": config["data"]["dataset"],
+        "parameters": model.num_parameters(),
+        "param_dtype": str(engine.flat.dtype),
+        "steps": engine.global_steps,
+        "skipped_steps": engine.skipped_steps,
+        "first_loss": history[0]["loss"] if history else None,
+        "final_loss": history[-1]["loss"] if history else None,
+        "eval_loss": last_eval.get("eval_loss"),
+        "eval_accuracy": last_eval.get("eval_accuracy"),
+        "tokens_per_s": float(np.median([h["tokens_per_s"] for h in history])) if history else None,
+        "seconds": seconds,
+    }
+    if config["model"]["task"] == "classify":
+        summary["majority_class_accuracy"] = dataset.majority_class_fraction("val")
+    else:
+        summary["uniform_loss"] = float(np.log(256))
+    return summary
+
+
+def format_summary(summary: dict) -> str:
+    rows = []
+    for key, value in summary.items():
+        if value is None:
+            continue
+        if isinstance(value, float):
+            value = f"{value:,.4f}" if abs(value) < 1e4 else f"{value:,.0f}"
+        elif isinstance(value, int):
+            value = f"{value:,}"
+        rows.append((key.replace("_", " "), str(value)))
+    width = max(len(k) for k, _ in rows)
+    line = "-" * (width + 3 + max(len(v) for _, v in rows))
+    return "\n".join([line, *(f"{k:<{width}}   {v}" for k, v in rows), line])
+
+
+def plot_losses(history, evals, path, title="") -> None:
+    import matplotlib
+    matplotlib.use("Agg")  # files only: no display needed
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    if history:
+        ax.plot([h["step"] for h in history], [h["loss"] for h in history], lw=1, alpha=0.8, label="train loss")
+    if evals:
+        ax.plot([e["step"] for e in evals], [e["eval_loss"] for e in evals], "o-", label="eval loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("cross-entropy (nats)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
