@@ -397,9 +397,14 @@ def _resolve(cfg):
     if cfg["scheduler"] is not None:
         params = cfg["scheduler"]["params"]
         if params.get("total_num_steps") == "auto":
-            params["total_num_steps"] = run["steps"]
+            params["total_num_steps"] = max(run["steps"], 1)
         if "warmup_max_lr" in params and params["warmup_max_lr"] is None:
             params["warmup_max_lr"] = cfg["optimizer"]["params"]["lr"]
+        from .optim import make_scheduler  # the schedule's own cross-key rules, reported as config errors
+        try:
+            make_scheduler(cfg["scheduler"], cfg["optimizer"]["params"]["lr"])
+        except ValueError as exc:
+            raise ConfigError("scheduler", str(exc)) from None
 
 
 def validate(cfg: dict) -> dict:
