@@ -5,7 +5,8 @@ Layout (DeepSpeed's: one directory per tag and a `latest` file naming the newest
     checkpoint/
       latest                        "global_step300"
       global_step300/
-        manifest.json               format, step, config, counters, loss scaler, parameter table, sha256 of files
+        manifest.json               format, step, config, counters, loss scaler, parameter table, sha256 of the
+                                    files and of the manifest itself
         model.safetensors           parameters by name, in their stored dtype (fp32/fp16/bf16)
         optimizer.safetensors       flat fp32 master weights and Adam moments
 
@@ -70,6 +71,7 @@ def save_checkpoint(root, state: dict, config: dict, *, extra: dict | None = Non
             "files": {name: _sha256(tmp / name) for name in ("model.safetensors", "optimizer.safetensors")},
             **(extra or {}),
         }
+        manifest["manifest_sha256"] = _manifest_digest(manifest)
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
         if final.exists():  # re-saving the same step: move the old one aside first, drop it after
             old = Path(tempfile.mkdtemp(dir=root, prefix=f".{tag}.old-"))
@@ -111,7 +113,15 @@ def read_manifest(path) -> tuple[Path, dict]:
         raise CheckpointError(f"unreadable manifest {tag_dir / 'manifest.json'}: {exc}") from None
     if manifest.get("format") != FORMAT:
         raise CheckpointError(f"{tag_dir / 'manifest.json'}: format {manifest.get('format')!r}, expected {FORMAT!r}")
+    if manifest.get("manifest_sha256") != _manifest_digest(manifest):
+        raise CheckpointError(f"{tag_dir / 'manifest.json'} is corrupt: its contents do not match its manifest_sha256")
     return tag_dir, manifest
+
+
+def _manifest_digest(manifest: dict) -> str:
+    """sha256 of the manifest's canonical JSON without this field: the manifest checks itself too."""
+    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
 def load_checkpoint(path, expected_params: dict[str, tuple] | None = None) -> tuple[dict, dict]:

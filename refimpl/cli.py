@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import fields
 
 from .backend import BackendError, available_backends
 from .checkpoint import CheckpointError, read_manifest
@@ -48,13 +49,30 @@ def _train_config(args) -> dict:
     _, manifest = read_manifest(args.resume)
     saved = manifest["config"]
     if args.config is None:
-        return load_config(None, overrides, base=saved)
+        cfg = load_config(None, overrides, base=saved)
+        _check_same_run(cfg, saved, args.resume, "--set")
+        return cfg
     cfg = load_config(args.config, overrides)
-    if cfg["model"] != saved["model"]:
-        diff = sorted(k for k in cfg["model"] if cfg["model"][k] != saved["model"].get(k))
-        raise CheckpointError(f"checkpoint {args.resume!r} is from a different model: model.{diff[0]} is "
-                              f"{saved['model'].get(diff[0])!r} there and {cfg['model'][diff[0]]!r} in {args.config}")
+    _check_same_run(cfg, saved, args.resume, args.config)
     return cfg
+
+
+def _check_same_run(cfg, saved, ckpt_path, source) -> None:
+    """A resumed run must have the checkpoint's model and precision; name every key that differs."""
+    from .model import ModelConfig
+    order = [f.name for f in fields(ModelConfig)]
+    diff = sorted((k for k in cfg["model"] if cfg["model"][k] != saved["model"].get(k)),
+                  key=lambda k: order.index(k) if k in order else len(order))
+    if diff:
+        k = diff[0]
+        also = f" (also differ: {', '.join('model.' + d for d in diff[1:])})" if diff[1:] else ""
+        raise CheckpointError(f"checkpoint {ckpt_path!r} is from a different model: model.{k} is "
+                              f"{saved['model'].get(k)!r} there and {cfg['model'][k]!r} in {source}{also}")
+    for section in ("fp16", "bf16"):
+        if cfg[section]["enabled"] != saved[section]["enabled"]:
+            raise CheckpointError(f"checkpoint {ckpt_path!r} was trained with {section}.enabled="
+                                  f"{str(saved[section]['enabled']).lower()}; resuming with "
+                                  f"{str(cfg[section]['enabled']).lower()} ({source}) is not supported")
 
 
 def main(argv=None) -> int:

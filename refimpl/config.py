@@ -286,7 +286,7 @@ DEFAULT_RUN = {
     "scheduler": {"type": "WarmupCosineLR",
                   "params": {"total_num_steps": "auto", "warmup_num_steps": 30, "warmup_type": "linear",
                              "cos_min_ratio": 0.1}},
-    "model": {"task": "lm", "n_layers": 2, "n_heads": 4, "d_model": 128, "max_seq_len": 128},
+    "model": {"task": "lm", "n_layers": 2, "n_heads": 8, "d_model": 128, "max_seq_len": 128},  # wide: 8 heads of 16
     "data": {"dataset": "stdlib_bytes", "seq_len": 128},
     "run": {"steps": 300},
 }

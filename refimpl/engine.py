@@ -61,7 +61,8 @@ class Engine:
     def backward(self, loss) -> None:
         """Backward of one micro-batch loss; its gradients join the flat fp32 accumulator."""
         scaled = loss * (self.loss_scale / self.gas)
-        scaled.backward()
+        with np.errstate(over="ignore", invalid="ignore"):  # fp16 overflow is expected; step() detects it
+            scaled.backward()
         self.grad_acc += self.flat.flat_grads(np.float32)
         self.model.zero_grad()
         self.micro_steps += 1

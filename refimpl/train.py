@@ -78,14 +78,17 @@ def evaluate(model, dataset, config) -> dict:
 
 def train(config: dict, out_dir=None, *, resume=None, progress: bool = True) -> dict:
     """Train as `config` says; returns the run summary. `resume`: a checkpoint path to continue from."""
-    be, dataset, model = build(config)  # bad config/data fails here, before anything is written
-    out = prepare_out_dir(out_dir or config["run"]["out"] or default_out_dir())
+    be, dataset, model = build(config)  # bad config, data or checkpoint fails before anything is written
     with use_backend(be):
         engine = Engine(model, config, be)
         if resume is not None:
             expected = {name: tuple(p.shape) for name, p in model.named_parameters()}
             state, _ = ckpt.load_checkpoint(resume, expected)
-            engine.load_state_dict(state)
+            try:
+                engine.load_state_dict(state)
+            except (ValueError, KeyError) as exc:
+                raise ckpt.CheckpointError(f"checkpoint {str(resume)!r} does not fit this run: {exc}") from None
+        out = prepare_out_dir(out_dir or config["run"]["out"] or default_out_dir())
         (out / "config.json").write_text(dumps(config))
         return _loop(config, out, be, dataset, model, engine, progress)
 

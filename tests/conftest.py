@@ -1,0 +1,25 @@
+"""Shared fixtures for tests/: a tiny training config that runs a step in milliseconds."""
+import pytest
+
+# A one-layer, 32-wide byte LM on 200 kB of stdlib source: a whole `refimpl train` run takes about a second.
+TINY_OVERRIDES = (
+    "model.n_layers=1", "model.d_model=32", "model.n_heads=2", "model.max_seq_len=32", "data.seq_len=32",
+    "train_micro_batch_size_per_gpu=4", "data.max_bytes=200000", "run.eval_batches=2", "run.eval_interval=5",
+    "scheduler.params.warmup_num_steps=2",
+)
+
+
+@pytest.fixture
+def tiny_config():
+    """tiny_config(*overrides) -> a resolved config: TINY_OVERRIDES, then `overrides` ("KEY.PATH=VALUE")."""
+    from refimpl.config import load_config
+
+    def make(*overrides):
+        return load_config(None, [*TINY_OVERRIDES, *overrides])
+    return make
+
+
+@pytest.fixture
+def tiny_set_args():
+    """The same tiny config as command-line arguments: ["--set", "model.n_layers=1", "--set", ...]."""
+    return [arg for o in TINY_OVERRIDES for arg in ("--set", o)]

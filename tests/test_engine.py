@@ -1,0 +1,253 @@
+"""Tests of refimpl/engine.py: the stage-0 mixed-precision engine (DeepSpeedEngine's step semantics).
+
+Each test drives `Engine` directly on the tiny Transformer of `refimpl.train.build` and checks a rule of
+DeepSpeed's training loop against a value computed independently here: gradient accumulation equals one
+big batch, an fp16 overflow skips the step and moves the loss scale as DeepSpeed's DynamicLossScaler does,
+low-precision params mirror the fp32 master, clipping follows torch's clip_grad_norm_ rule, and the logged LR
+follows the schedule.
+"""
+import json
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+from refimpl.backend import use_backend
+from refimpl.data import Batch
+from refimpl.engine import Engine
+from refimpl.kernels.optim import adam_step
+from refimpl.optim import lr_at
+from refimpl.train import build, train
+
+
+def make_engine(config):
+    be, dataset, model = build(config)
+    with use_backend(be):
+        engine = Engine(model, config, be)
+    return engine, dataset, model
+
+
+def micro_step(engine, model, batch):
+    """Forward + backward of one micro-batch; returns the (unscaled) loss."""
+    with use_backend(engine.backend):
+        loss, _ = model.loss(batch)
+        engine.backward(loss)
+    return loss.item()
+
+
+def full_step(engine, dataset, model, step):
+    """One optimizer step on the training batches of `step` (gas micro-batches); returns step()'s result."""
+    bs, T = engine.config["train_micro_batch_size_per_gpu"], engine.config["data"]["seq_len"]
+    for micro in range(engine.gas):
+        micro_step(engine, model, dataset.get_batch("train", step * engine.gas + micro, bs, T))
+    with use_backend(engine.backend):
+        return engine.step()
+
+
+def snapshot(engine) -> dict:
+    """Copies of every model state the optimizer step may touch."""
+    return {"params": engine.flat.buffer.copy(), "master": engine.master.copy(),
+            "exp_avg": engine.optimizer.exp_avg.copy(), "exp_avg_sq": engine.optimizer.exp_avg_sq.copy(),
+            "adam_step": engine.optimizer.step_count}
+
+
+def concat(a: Batch, b: Batch) -> Batch:
+    return Batch(ids=np.concatenate([a.ids, b.ids]), targets=np.concatenate([a.targets, b.targets]),
+                 labels=None, key_padding_mask=None)
+
+
+# ------------------------------------------------------------------------------- gradient accumulation
+
+def test_gradient_accumulation_equals_one_big_batch(tiny_config):
+    # scheduler=null: a constant lr, so the very first step moves the weights.
+    acc, ds, m_acc = make_engine(tiny_config("scheduler=null", "gradient_accumulation_steps=2",
+                                             "train_micro_batch_size_per_gpu=4"))
+    big, _, m_big = make_engine(tiny_config("scheduler=null", "gradient_accumulation_steps=1",
+                                            "train_micro_batch_size_per_gpu=8"))
+    np.testing.assert_array_equal(acc.master, big.master)   # same seed: same initial weights
+
+    b0, b1 = ds.get_batch("train", 0, 4, 32), ds.get_batch("train", 1, 4, 32)
+    micro_step(acc, m_acc, b0)
+    assert not acc.is_gradient_accumulation_boundary()
+    before = acc.master.copy()
+    assert acc.step() is True                      # not a boundary: nothing happens
+    np.testing.assert_array_equal(acc.master, before)
+    assert acc.global_steps == 0 and acc.optimizer.step_count == 0
+    micro_step(acc, m_acc, b1)
+    assert acc.is_gradient_accumulation_boundary()
+    micro_step(big, m_big, concat(b0, b1))
+
+    # mean over 2 micro-batches of 4 == mean over one batch of 8, up to fp32 summation order
+    np.testing.assert_allclose(acc.grad_acc, big.grad_acc, rtol=1e-4, atol=1e-7)
+    assert np.abs(acc.grad_acc).max() > 1e-3       # a real gradient, not zeros
+
+    acc.step()
+    big.step()
+    assert acc.global_steps == big.global_steps == 1
+    assert acc.micro_steps == 2 and big.micro_steps == 1
+    lr = acc.config["optimizer"]["params"]["lr"]
+    # Adam's first step is ~lr * sign(g): the two updates agree far below one step of lr.
+    np.testing.assert_allclose(acc.master, big.master, rtol=0, atol=1e-3 * lr)
+    np.testing.assert_allclose(acc.optimizer.exp_avg, big.optimizer.exp_avg, rtol=1e-4, atol=1e-9)
+    assert np.abs(acc.master - before).max() > 0.5 * lr   # and the step did move the weights
+    assert not acc.grad_acc.any() and not big.grad_acc.any()   # accumulators cleared for the next step
+
+
+# ------------------------------------------------------------------------------------ fp16 overflow
+
+def test_fp16_overflow_skips_step_and_follows_hysteresis(tiny_config):
+    # Linear warmup over 10 steps: every applied step has a different lr, so a schedule that advanced on a
+    # skipped step would be visible. Window 3 and hysteresis 2 make both rules show within 8 steps.
+    config = tiny_config("fp16.enabled=true", "fp16.initial_scale_power=8", "fp16.hysteresis=2",
+                         "fp16.loss_scale_window=3", "gradient_clipping=0",
+                         'scheduler={"type": "WarmupLR", "params": {"warmup_num_steps": 10, '
+                         '"warmup_type": "linear", "warmup_min_lr": 0.0001}}')
+    engine, ds, model = make_engine(config)
+    assert engine.flat.dtype == np.float16
+
+    # Poison one parameter's gradient on chosen steps: an inf gradient is what an fp16 overflow looks like.
+    poison = {"on": False}
+    name, victim = next(iter(model.named_parameters()))
+    victim.register_hook(lambda g: np.full_like(g, np.inf) if poison["on"] else None)
+
+    overflow_at = {2, 3, 7, 8}                      # 1-based steps
+    # DeepSpeed's DynamicLossScaler worked by hand for this pattern (init 2^8, hysteresis 2, window 3):
+    #  it0 clean; it1 overflow: hysteresis 2->1; it2 overflow: halve -> 128; it3, it4 clean;
+    #  it5 clean: 3 clean iterations since the overflow at it2 -> double -> 256, hysteresis back to 2;
+    #  it6 overflow: hysteresis 2->1; it7 overflow: halve -> 128; it8 clean.
+    expected_scale_used = [256, 256, 256, 128, 128, 128, 256, 256, 128]
+    sched, base_lr = config["scheduler"], config["optimizer"]["params"]["lr"]
+    applied = skipped = 0
+    for step, scale in enumerate(expected_scale_used, start=1):
+        before = snapshot(engine)
+        poison["on"] = step in overflow_at
+        assert engine.loss_scale == scale
+        ok = full_step(engine, ds, model, step - 1)
+        assert engine.last["loss_scale"] == scale
+        # the LR of an attempted step counts only the applied steps before it
+        assert engine.last["lr"] == pytest.approx(lr_at(applied, sched, base_lr), rel=1e-12)
+        after = snapshot(engine)
+        if step in overflow_at:
+            skipped += 1
+            assert ok is False and engine.last["overflow"] is True
+            for key in ("params", "master", "exp_avg", "exp_avg_sq"):
+                np.testing.assert_array_equal(after[key], before[key], err_msg=f"{key} changed on a skipped step")
+            assert after["adam_step"] == before["adam_step"] == applied
+        else:
+            applied += 1
+            assert ok is True and engine.last["overflow"] is False
+            assert np.isfinite(after["master"]).all()
+            assert not np.array_equal(after["master"], before["master"])
+            assert after["adam_step"] == applied
+        assert engine.global_steps == step
+        assert engine.skipped_steps == skipped
+        assert not engine.grad_acc.any()           # a skipped step's inf gradient is not carried over
+    assert engine.loss_scale == 128
+    assert engine.current_lr() == pytest.approx(lr_at(applied, sched, base_lr), rel=1e-12)
+    # the schedule really moves between applied steps (else the lr checks above would prove nothing)
+    assert lr_at(1, sched, base_lr) != lr_at(2, sched, base_lr)
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning",
+                            "ignore:invalid value encountered:RuntimeWarning")
+def test_fp16_huge_initial_scale_overflows_without_help(tiny_config):
+    # 2^40 * loss is far beyond fp16's 65504: the scaled backward overflows without any help.
+    engine, ds, model = make_engine(tiny_config("fp16.enabled=true", "fp16.initial_scale_power=40",
+                                                "fp16.hysteresis=1"))
+    before = snapshot(engine)
+    assert full_step(engine, ds, model, 0) is False
+    assert engine.skipped_steps == 1 and engine.loss_scale == 2.0 ** 39   # hysteresis 1: halve at once
+    np.testing.assert_array_equal(engine.master, before["master"])
+    assert engine.optimizer.step_count == 0
+
+
+# ------------------------------------------------------------------------------ low-precision params
+
+@pytest.mark.parametrize("precision, dtype", [("fp16", np.dtype(np.float16)),
+                                              ("bf16", np.dtype(ml_dtypes.bfloat16))])
+def test_low_precision_params_mirror_fp32_master(tiny_config, precision, dtype):
+    engine, ds, model = make_engine(tiny_config(f"{precision}.enabled=true", "scheduler=null",
+                                                "fp16.initial_scale_power=8"))
+    assert engine.flat.buffer.dtype == dtype and engine.master.dtype == np.float32
+    for name, p in model.named_parameters():
+        assert p.data.dtype == dtype, name
+        assert np.shares_memory(p.data, engine.flat.buffer), name   # a view into the flat buffer
+    initial = engine.master.copy()
+    for step in range(2):
+        assert full_step(engine, ds, model, step) is True
+    assert not np.array_equal(engine.master, initial)
+    # The stored params are the master rounded to nearest in their dtype ...
+    np.testing.assert_array_equal(engine.flat.buffer, engine.master.astype(dtype))
+    for name, p in model.named_parameters():
+        assert p.data.dtype == dtype, name
+    # ... so the upcast params are within half an ulp of the master (fp16: 2^-11, bf16: 2^-8 relative).
+    rel = {"fp16": 2.0 ** -11, "bf16": 2.0 ** -8}[precision]
+    up = engine.flat.buffer.astype(np.float32)
+    tiny = np.finfo(dtype).smallest_subnormal if precision == "fp16" else 0
+    assert np.all(np.abs(up - engine.master) <= rel * np.abs(engine.master) + tiny)
+
+
+# ----------------------------------------------------------------------------------------- clipping
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_clipping_scales_gradient_by_max_norm_over_norm(tiny_config, precision):
+    max_norm = 1e-3
+    # A large Adam eps makes the update depend on the gradient's size, so clipping is visible in it.
+    overrides = ["scheduler=null", f"gradient_clipping={max_norm}", "optimizer.params.eps=1e-4"]
+    if precision == "fp16":
+        overrides += ["fp16.enabled=true", "fp16.loss_scale=512"]     # static scale: unscale + clip together
+    engine, ds, model = make_engine(tiny_config(*overrides))
+    scale = engine.loss_scale
+    micro_step(engine, model, ds.get_batch("train", 0, 4, 32))
+    grad = engine.grad_acc.copy()                   # loss-scaled fp32 gradient
+    master = engine.master.copy()
+
+    norm = float(np.sqrt(np.sum(grad.astype(np.float64) ** 2))) / scale
+    assert norm > 100 * max_norm                    # clipping is active
+    coef = max_norm / (norm + 1e-6)                 # torch.nn.utils.clip_grad_norm_
+
+    opt = engine.config["optimizer"]["params"]
+
+    def adam(g):
+        p, m, v = master.copy(), np.zeros_like(master), np.zeros_like(master)
+        adam_step(p, g, m, v, lr=opt["lr"], beta1=opt["betas"][0], beta2=opt["betas"][1], eps=opt["eps"],
+                  weight_decay=opt["weight_decay"], step=1)
+        return p, m
+
+    clipped = (grad.astype(np.float64) / scale * coef).astype(np.float32)
+    expect_p, expect_m = adam(clipped)
+    unclipped_p, _ = adam((grad.astype(np.float64) / scale).astype(np.float32))
+
+    assert engine.step() is True
+    assert engine.last["grad_norm"] == pytest.approx(norm, rel=1e-6)
+    np.testing.assert_allclose(engine.optimizer.exp_avg, expect_m, rtol=1e-5, atol=1e-12)
+    np.testing.assert_allclose(engine.master, expect_p, rtol=1e-6, atol=1e-6 * opt["lr"])
+    # the reference is discriminating: without clipping the update is very different
+    assert np.abs(unclipped_p - expect_p).max() > 0.1 * opt["lr"]
+
+
+def test_no_clipping_below_max_norm(tiny_config):
+    engine, ds, model = make_engine(tiny_config("scheduler=null", "gradient_clipping=1e6",
+                                                "optimizer.params.eps=1e-4"))
+    micro_step(engine, model, ds.get_batch("train", 0, 4, 32))
+    grad, master = engine.grad_acc.copy(), engine.master.copy()
+    opt = engine.config["optimizer"]["params"]
+    m, v = np.zeros_like(master), np.zeros_like(master)
+    adam_step(master, grad, m, v, lr=opt["lr"], beta1=opt["betas"][0], beta2=opt["betas"][1], eps=opt["eps"],
+              weight_decay=opt["weight_decay"], step=1)
+    engine.step()
+    np.testing.assert_allclose(engine.master, master, rtol=1e-6, atol=1e-9)
+
+
+# --------------------------------------------------------------------------------------- LR per step
+
+def test_metrics_lr_follows_schedule(tiny_config, tmp_path):
+    config = tiny_config("run.steps=10")             # WarmupCosineLR, 2 warmup steps, total = run.steps
+    train(config, tmp_path / "run", progress=False)
+    steps = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in steps if "loss" in r]
+    assert [r["step"] for r in steps] == list(range(1, 11))
+    base_lr = config["optimizer"]["params"]["lr"]
+    for r in steps:
+        assert r["lr"] == pytest.approx(lr_at(r["step"] - 1, config["scheduler"], base_lr), rel=1e-12), r
+    assert len({r["lr"] for r in steps}) >= 8       # a schedule, not a constant
