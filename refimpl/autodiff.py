@@ -155,6 +155,9 @@ def _graph(root: Tensor) -> tuple[list[Function], dict[int, int]]:
         fn = stack.pop()
         if fn is None or id(fn) in seen:
             continue
+        if fn.sequence_nr < 0:
+            raise RuntimeError("backward() through a graph that was already freed; pass retain_graph=True "
+                               "to the first backward() to go through it twice")
         seen.add(id(fn))
         nodes.append(fn)
         for x in fn.inputs:
@@ -182,9 +185,6 @@ def backward(root: Tensor, grad=None, retain_graph=False) -> None:
     if root.is_leaf:
         _accumulate_leaf(root, grad)
         return
-    if root.creator.sequence_nr < 0:
-        raise RuntimeError("backward() through a graph that was already freed; pass retain_graph=True "
-                           "to the first backward() to go through it twice")
     nodes, leaf_uses = _graph(root)
     pending_leaf: dict[int, object] = {}
     root.creator.grad_outputs[root.output_index] = grad

@@ -119,7 +119,8 @@ class Sum(Function):
     def backward(self, g):
         if self.axis is not None and not self.keepdims:
             g = self.backend.xp.expand_dims(g, self.axis)
-        return self.backend.xp.broadcast_to(g, self.in_shape), None, None
+        xp = self.backend.xp
+        return xp.ascontiguousarray(xp.broadcast_to(g, self.in_shape)), None, None  # writable, not a view
 
 
 # ------------------------------------------------------------------------------------------ kernels
@@ -137,7 +138,7 @@ class Linear(Function):
         x2 = self.x.reshape(-1, self.x.shape[-1])                       # (N, in)
         g2 = g.reshape(-1, g.shape[-1])                                 # (N, out)
         dw = be.matmul(g2, x2, transpose_a=True).astype(self.weight.dtype, copy=False)  # (out, in)
-        db = g2.astype(np.float32).sum(axis=0).astype(g.dtype) if self.has_bias else None
+        db = g2.astype(np.promote_types(g.dtype, np.float32)).sum(axis=0).astype(g.dtype) if self.has_bias else None
         return dx, dw, db
 
 

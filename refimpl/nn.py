@@ -145,6 +145,11 @@ class _BackwardHookState:
 def _wrap(node_cls, state, values):
     """Pass the Tensors among `values` through one identity node; other values pass unchanged."""
     idx = [i for i, v in enumerate(values) if isinstance(v, Tensor)]
+    if not idx and node_cls is _PostBackwardHook:
+        # A module fed only arrays (token ids) still needs its post-backward node on the tape, so the
+        # node must sit on the path of its inputs: carry them as (gradient-free) Tensors through it.
+        values = tuple(Tensor(v) if hasattr(v, "shape") else v for v in values)
+        idx = [i for i, v in enumerate(values) if isinstance(v, Tensor)]
     if not idx:
         return values
     outs = node_cls.apply(state, *[values[i] for i in idx])

@@ -43,7 +43,8 @@ def test_defaults_resolve():
                                            "cos_min_ratio": 0.1, "warmup_type": "linear"}}
     assert cfg["model"]["task"] == "lm" and cfg["data"]["dataset"] == "stdlib_bytes"
     # derived values: d_model // n_heads, 4 * d_model, run.seed, micro * accumulation * world_size
-    assert cfg["model"]["d_head"] == 128 // 4 and cfg["model"]["d_ff"] == 4 * 128
+    m = cfg["model"]
+    assert m["d_head"] == m["d_model"] // m["n_heads"] and m["d_ff"] == 4 * m["d_model"]
     assert cfg["data"]["seed"] == cfg["run"]["seed"] == 1234
     assert cfg["train_batch_size"] == 16 * 1 * 1
     # DeepSpeed's fp16 defaults (deepspeed/runtime/constants.py)
@@ -90,13 +91,13 @@ def test_load_config_does_not_mutate_default_or_base(tmp_path):
 
 
 def test_derived_values_follow_later_layers():
-    cfg = load_config(overrides=["model.d_model=64", "run.steps=40", "run.seed=7"])
+    cfg = load_config(overrides=["model.d_model=64", "model.n_heads=4", "run.steps=40", "run.seed=7"])
     assert cfg["model"]["d_ff"] == 256 and cfg["model"]["d_head"] == 16
     assert cfg["scheduler"]["params"]["total_num_steps"] == 40 and cfg["data"]["seed"] == 7
 
 
 def test_d_head_decouples_width_from_d_model():
-    cfg = load_config(overrides=["model.d_model=130", "model.d_head=32"])
+    cfg = load_config(overrides=["model.d_model=130", "model.n_heads=4", "model.d_head=32"])
     assert cfg["model"]["d_head"] == 32 and cfg["model"]["n_heads"] == 4
 
 
