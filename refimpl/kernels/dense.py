@@ -139,7 +139,7 @@ def cross_entropy(logits, targets, ignore_index=-100):
     safe_t = xp.where(valid, targets, 0)
     nll = lse - xp.take_along_axis(z, safe_t[:, None], axis=-1)[:, 0]  # (N,)
     count = max(int(valid.sum()), 1)
-    loss = xp.where(valid, nll, 0.0).sum() / count
+    loss = xp.asarray(xp.where(valid, nll, 0.0).sum() / count, dtype=z.dtype)  # 0-d array, not a scalar
     return loss, lse
 
 
