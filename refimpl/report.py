@@ -44,7 +44,7 @@ def format_summary(summary: dict) -> str:
     return "\n".join([line, *(f"{k:<{width}}   {v}" for k, v in rows), line])
 
 
-def plot_losses(history, evals, path, title="") -> None:
+def plot_losses(history, evals, path, title="", uniform_loss=None) -> None:
     import matplotlib
     matplotlib.use("Agg")  # files only: no display needed
     import matplotlib.pyplot as plt
@@ -54,6 +54,8 @@ def plot_losses(history, evals, path, title="") -> None:
         ax.plot([h["step"] for h in history], [h["loss"] for h in history], lw=1, alpha=0.8, label="train loss")
     if evals:
         ax.plot([e["step"] for e in evals], [e["eval_loss"] for e in evals], "o-", label="eval loss")
+    if uniform_loss is not None:
+        ax.axhline(uniform_loss, color="gray", ls="--", lw=1, label="uniform guess")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("cross-entropy (nats)")
     ax.set_title(title)

@@ -128,5 +128,6 @@ def _loop(config, out, be, dataset, model, engine, progress) -> dict:
     if not (out / "checkpoint" / f"global_step{engine.global_steps}").exists():
         ckpt.save_checkpoint(out / "checkpoint", engine.state_dict(), config)
     from .report import plot_losses, summarize
-    plot_losses(history, evals, out / "loss.png", title=f"{config['model']['task']} on {config['data']['dataset']}")
+    plot_losses(history, evals, out / "loss.png", title=f"{config['model']['task']} on {config['data']['dataset']}",
+                uniform_loss=float(np.log(model.cfg.vocab_size if model.cfg.task == "lm" else model.cfg.n_classes)))
     return summarize(config, out, model, dataset, history, evals, engine, time.perf_counter() - t_start)

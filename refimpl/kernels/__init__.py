@@ -8,3 +8,13 @@ runs it on its own arrays (CuPy arrays run these same lines on the GPU).
 - attention.py  plain and tiled (FlashAttention) attention, forward and backward
 - optim.py      fused AdamW step, sum of squares, inf/nan check, cast
 """
+
+import numpy as _np
+
+
+def array_module(a):
+    """Chainer's get_array_module: cupy for CuPy arrays, numpy for everything else."""
+    if type(a).__module__.startswith("cupy"):
+        import cupy
+        return cupy
+    return _np

@@ -23,15 +23,12 @@ import math
 
 import numpy as np
 
+from . import array_module
+
 _FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
 
 
-def _xp(a):  # Chainer's get_array_module pattern: numpy for numpy arrays, cupy for cupy arrays
-    mod = type(a).__module__
-    if mod.startswith("cupy"):
-        import cupy
-        return cupy
-    return np
+_xp = array_module  # Chainer's get_array_module pattern (refimpl/kernels/__init__.py)
 
 
 # ----------------------------------------------------------------------------------------------- helpers

@@ -9,13 +9,10 @@ import math
 
 import numpy as np
 
+from . import array_module
 
-def _xp(a):
-    """Chainer's get_array_module: numpy for numpy arrays, cupy for cupy arrays."""
-    if type(a).__module__.startswith("cupy"):
-        import cupy
-        return cupy
-    return np
+
+_xp = array_module  # Chainer's get_array_module pattern (refimpl/kernels/__init__.py)
 
 
 def compute_dtype(dtype):

@@ -15,17 +15,14 @@ fold loss scale and clipping into ``combined_scale``).
 """
 import numpy as np
 
+from . import array_module
+
 # sum_squares upcasts to float64; doing it in blocks bounds that temporary to 8 MiB
 # instead of 2-4x the size of the (possibly huge) gradient shard.
 _SUM_SQUARES_BLOCK = 1 << 20
 
 
-def _xp(a):
-    """The array module of ``a``: cupy for CuPy arrays, numpy otherwise (Chainer's pattern)."""
-    if type(a).__module__.startswith("cupy"):
-        import cupy
-        return cupy
-    return np
+_xp = array_module  # Chainer's get_array_module pattern (refimpl/kernels/__init__.py)
 
 
 def _check_same_shape(name, arr, shape):
