@@ -1,17 +1,22 @@
 """Checkpoints: safetensors for arrays, a JSON manifest for everything else, never pickle.
 
-Layout (DeepSpeed's: one directory per tag and a `latest` file naming the newest tag):
+Layout (DeepSpeed's: one directory per tag, a `latest` file naming the newest tag, one optimizer file per rank):
 
     checkpoint/
-      latest                        "global_step300"
+      latest                                      "global_step300"
       global_step300/
-        manifest.json               format, step, config, counters, loss scaler, parameter table, sha256 of the
-                                    files and of the manifest itself
-        model.safetensors           parameters by name, in their stored dtype (fp32/fp16/bf16)
-        optimizer.safetensors       flat fp32 master weights and Adam moments
+        manifest.json                             step, config, counters, loss scaler, ZeRO stage and partition
+                                                  count, parameter table, sha256 of every file and of itself
+        model.safetensors                         whole low-precision parameters by name
+        zero_pp_rank_{r}_optim_states.safetensors rank r's fp32 partition: master, exp_avg, exp_avg_sq
 
-A tag directory is written under a temporary name and renamed into place, and `latest` is replaced
-atomically after that, so a crash never leaves a half-written checkpoint as the latest one.
+Every rank calls `save_checkpoint` together (stage 3 must all-gather the parameters); each writes its own
+partition into a temporary directory, rank 0 writes the rest and renames the directory into place, then
+replaces `latest` atomically: a crash never leaves a half-written checkpoint as the latest one.
+
+Because refimpl partitions every parameter the same way at every stage (refimpl/zero/partition.py), loading
+at a different world size is per-parameter arithmetic: unpartition with the old count, partition with the new
+(`load_checkpoint`), and `zero_to_fp32` is the same first half (DeepSpeed's zero_to_fp32.py).
 """
 from __future__ import annotations
 
@@ -25,11 +30,18 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
-FORMAT = "refimpl-checkpoint-v1"
+from .zero.partition import PartitionLayout
+
+FORMAT = "refimpl-checkpoint-v2"
+OPTIM_KEYS = ("master", "exp_avg", "exp_avg_sq")
 
 
 class CheckpointError(ValueError):
-    """A checkpoint that is missing, corrupt, or does not belong to this model."""
+    """A checkpoint that is missing, corrupt, or does not belong to this run."""
+
+
+def optim_file(rank: int) -> str:
+    return f"zero_pp_rank_{rank}_optim_states.safetensors"
 
 
 def _sha256(path: Path) -> str:
@@ -38,6 +50,12 @@ def _sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def _manifest_digest(manifest: dict) -> str:
+    """sha256 of the manifest's canonical JSON without this field: the manifest checks itself too."""
+    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -49,44 +67,87 @@ def _atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def save_checkpoint(root, state: dict, config: dict, *, extra: dict | None = None) -> Path:
-    """Write `state` (Engine.state_dict()) under root/global_step{N}/ and point root/latest at it."""
+def _agree(comm, error, what: str) -> None:
+    """Every rank learns which ranks failed `what`, and all raise together, so none waits forever: the rank
+    that failed raises its own error, the others a CheckpointError naming it."""
+    flags = np.zeros(comm.world_size, dtype=np.float64)
+    flags[comm.rank] = float(error is not None)
+    bad = np.nonzero(comm.all_reduce(flags))[0].tolist()
+    if error is not None:
+        raise error
+    if bad:
+        raise CheckpointError(f"{what} failed on rank(s) {bad}")
+
+
+# ---------------------------------------------------------------------------------------------- save
+def save_checkpoint(root, engine, config: dict) -> Path:
+    """Write the engine's state under root/global_step{N}/ and point root/latest at it. Collective."""
+    comm, zero, rank = engine.comm, engine.zero, engine.comm.rank
     root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
-    step = state["counters"]["global_steps"]
-    tag = f"global_step{step}"
-    final = root / tag
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{tag}.tmp-"))
+    tag = f"global_step{engine.global_steps}"
+    final, tmp = root / tag, root / f".{tag}.tmp"
+    params = {k: np.ascontiguousarray(engine.backend.to_numpy(v)) for k, v in zero.full_params().items()}
+    error = None
+    if rank == 0:
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)  # a leftover of a crashed save
+            tmp.mkdir()
+        except OSError as exc:
+            error = exc
+    _agree(comm, error, f"creating {tmp}")
     try:
-        save_file({k: np.ascontiguousarray(v) for k, v in state["params"].items()}, str(tmp / "model.safetensors"))
-        save_file(state["optimizer"], str(tmp / "optimizer.safetensors"))
-        manifest = {
-            "format": FORMAT,
-            "tag": tag,
-            "step": step,
-            "counters": state["counters"],
-            "loss_scaler": state["loss_scaler"],
-            "parameters": {k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in state["params"].items()},
-            "config": config,
-            "files": {name: _sha256(tmp / name) for name in ("model.safetensors", "optimizer.safetensors")},
-            **(extra or {}),
-        }
-        manifest["manifest_sha256"] = _manifest_digest(manifest)
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
-        if final.exists():  # re-saving the same step: move the old one aside first, drop it after
-            old = Path(tempfile.mkdtemp(dir=root, prefix=f".{tag}.old-"))
-            os.replace(final, old / tag)
-            os.replace(tmp, final)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    _atomic_write_text(root / "latest", tag)
+        if rank < zero.layout.num_partitions:  # stage 0 has one partition: rank 0 writes it
+            save_file({"master": engine.backend.to_numpy(zero.master).copy(),
+                       "exp_avg": engine.backend.to_numpy(engine.optimizer.exp_avg).copy(),
+                       "exp_avg_sq": engine.backend.to_numpy(engine.optimizer.exp_avg_sq).copy()},
+                      str(tmp / optim_file(rank)))
+    except BaseException as exc:  # reported to every rank by _agree, then re-raised on this one
+        error = exc
+    try:
+        _agree(comm, error, f"writing the optimizer partitions of {final}")  # all partitions are on disk now
+        if rank == 0:
+            try:
+                _finish(root, tmp, final, tag, params, engine, config)
+            except BaseException as exc:
+                error = exc
+        _agree(comm, error, f"finishing checkpoint {final}")
+    finally:
+        if rank == 0 and tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)  # never leave a half-written temporary behind
     return final
 
 
+def _finish(root, tmp, final, tag, params, engine, config) -> None:
+    zero = engine.zero
+    save_file(params, str(tmp / "model.safetensors"))
+    files = ["model.safetensors"] + [optim_file(r) for r in range(zero.layout.num_partitions)]
+    manifest = {
+        "format": FORMAT,
+        "tag": tag,
+        "step": engine.global_steps,
+        "counters": engine.counters(),
+        "loss_scaler": engine.loss_scaler.state_dict(),
+        "zero": {"stage": zero.stage, "world_size": engine.world_size, "partition_count": zero.layout.num_partitions},
+        # a list, not a mapping: the order of parameters defines the partition layout (JSON keys get sorted)
+        "parameters": [{"name": s.name, "shape": list(s.shape), "dtype": str(params[s.name].dtype)}
+                       for s in zero.layout.slots],
+        "config": config,
+        "files": {name: _sha256(tmp / name) for name in files},
+    }
+    manifest["manifest_sha256"] = _manifest_digest(manifest)
+    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    if final.exists():  # re-saving the same step: move the old one aside first, drop it after
+        old = Path(tempfile.mkdtemp(dir=root, prefix=f".{tag}.old-"))
+        os.replace(final, old / tag)
+        os.replace(tmp, final)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, final)
+    _atomic_write_text(root / "latest", tag)
+
+
+# ---------------------------------------------------------------------------------------------- load
 def resolve(path) -> Path:
     """A run directory, a checkpoint root (with `latest`) or a tag directory -> the tag directory."""
     p = Path(path)
@@ -118,36 +179,34 @@ def read_manifest(path) -> tuple[Path, dict]:
     return tag_dir, manifest
 
 
-def _manifest_digest(manifest: dict) -> str:
-    """sha256 of the manifest's canonical JSON without this field: the manifest checks itself too."""
-    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
-    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+def _verified(tag_dir: Path, manifest: dict, name: str) -> dict:
+    f = tag_dir / name
+    if name not in manifest["files"]:
+        raise CheckpointError(f"{tag_dir / 'manifest.json'} lists no file {name}")
+    if not f.is_file():
+        raise CheckpointError(f"checkpoint file {f} is missing")
+    if _sha256(f) != manifest["files"][name]:
+        raise CheckpointError(f"checkpoint file {f} is corrupt: its sha256 does not match the manifest")
+    return load_file(str(f))
 
 
-def load_checkpoint(path, expected_params: dict[str, tuple] | None = None) -> tuple[dict, dict]:
-    """Read and verify a checkpoint. Returns (state for Engine.load_state_dict, manifest).
-
-    expected_params: name -> shape of the model it will be loaded into; a mismatch is a CheckpointError
-    that names the first differing parameter."""
+def full_optimizer_state(path) -> tuple[dict, dict]:
+    """{"master"|"exp_avg"|"exp_avg_sq": {param name: full fp32 array}} from all partitions, and the manifest."""
     tag_dir, manifest = read_manifest(path)
-    if expected_params is not None:
-        _check_same_model(tag_dir, manifest["parameters"], expected_params)
-    for name, digest in manifest["files"].items():
-        f = tag_dir / name
-        if not f.is_file():
-            raise CheckpointError(f"checkpoint file {f} is missing")
-        if _sha256(f) != digest:
-            raise CheckpointError(f"checkpoint file {f} is corrupt: its sha256 does not match the manifest")
-    state = {
-        "params": load_file(str(tag_dir / "model.safetensors")),
-        "optimizer": load_file(str(tag_dir / "optimizer.safetensors")),
-        "counters": manifest["counters"],
-        "loss_scaler": manifest["loss_scaler"],
-    }
-    return state, manifest
+    count = manifest["zero"]["partition_count"]
+    layout = PartitionLayout([(p["name"], tuple(p["shape"])) for p in manifest["parameters"]], count)
+    shards = [_verified(tag_dir, manifest, optim_file(r)) for r in range(count)]
+    for r, shard in enumerate(shards):
+        for key in OPTIM_KEYS:
+            if key not in shard or shard[key].shape != (layout.partition_numel,):
+                raise CheckpointError(f"{tag_dir / optim_file(r)}: {key!r} missing or not of shape "
+                                      f"({layout.partition_numel},) as the manifest's layout requires")
+    full = {key: layout.unpartition(np.stack([s[key] for s in shards])) for key in OPTIM_KEYS}
+    return full, manifest
 
 
-def _check_same_model(tag_dir, saved: dict, expected: dict) -> None:
+def check_same_model(tag_dir, saved_list: list, expected: dict) -> None:
+    saved = {p["name"]: p for p in saved_list}
     for name, shape in expected.items():
         if name not in saved:
             raise CheckpointError(f"checkpoint {tag_dir} is from a different model: it has no parameter {name!r}")
@@ -158,3 +217,41 @@ def _check_same_model(tag_dir, saved: dict, expected: dict) -> None:
     if extra:
         raise CheckpointError(f"checkpoint {tag_dir} is from a different model: it has parameters this model "
                               f"lacks, e.g. {extra[0]!r}")
+    if [p["name"] for p in saved_list] != list(expected):
+        raise CheckpointError(f"checkpoint {tag_dir} lists the parameters in another order than this model")
+
+
+def load_checkpoint(path, engine) -> dict:
+    """Load a checkpoint into `engine`, resharding to its world size. Every rank calls it; returns the manifest."""
+    tag_dir, manifest = read_manifest(path)
+    check_same_model(tag_dir, manifest["parameters"], {s.name: s.shape for s in engine.zero.layout.slots})
+    if manifest["zero"]["stage"] != engine.zero.stage:
+        raise CheckpointError(f"checkpoint {tag_dir} was written at ZeRO stage {manifest['zero']['stage']}; this "
+                              f"run uses stage {engine.zero.stage} (resume with the same zero_optimization.stage)")
+    _verified(tag_dir, manifest, "model.safetensors")  # integrity; the parameters follow from the master weights
+    full, _ = full_optimizer_state(tag_dir)
+    engine.zero.load_full_state(engine.optimizer, full)
+    engine.load_counters(manifest["counters"], manifest["loss_scaler"])
+    return manifest
+
+
+def zero_to_fp32(path) -> dict:
+    """Whole fp32 master weights by parameter name, without padding (DeepSpeed's zero_to_fp32)."""
+    full, _ = full_optimizer_state(path)
+    return full["master"]
+
+
+def consolidate(path, out) -> Path:
+    """Write zero_to_fp32(path) as one safetensors file, via a temporary name."""
+    out = Path(out)
+    weights = {k: np.ascontiguousarray(v) for k, v in zero_to_fp32(path).items()}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.")
+    os.close(fd)
+    try:
+        save_file(weights, tmp)
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return out

@@ -2,6 +2,8 @@
 
     refimpl train [--config FILE] [--backend NAME] [--steps N] [--out DIR] [--set KEY.PATH=VALUE ...] [--resume DIR]
     refimpl backends
+    refimpl consolidate RUN_OR_CKPT OUT.safetensors
+    mpiexec -n 4 refimpl train ...          (real processes; the MPI world decides world_size)
 
 Bad input (config, data path, backend, checkpoint, run directory) is one clear line on stderr and exit code 2,
 never a traceback from deep inside.
@@ -13,7 +15,9 @@ import sys
 from dataclasses import fields
 
 from .backend import BackendError, available_backends
-from .checkpoint import CheckpointError, read_manifest
+from .checkpoint import CheckpointError, consolidate, read_manifest
+from .comm.base import CommError
+from .comm.mpi import launched_under_mpi
 from .config import ConfigError, load_config
 from .data import DataError
 from .train import RunDirError, train
@@ -32,17 +36,26 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
                    help="override one config value, e.g. --set optimizer.params.lr=1e-3 (repeatable)")
     t.add_argument("--resume", metavar="DIR", help="continue from a run, checkpoint or global_stepN directory")
+    t.add_argument("--world-size", type=int, metavar="N",
+                   help="data-parallel ranks, simulated as threads (under mpiexec the MPI world decides)")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     sub.add_parser("backends", help="list installed backends and whether each can run here")
+    c = sub.add_parser("consolidate", help="whole fp32 weights from a (partitioned) checkpoint (zero_to_fp32)")
+    c.add_argument("checkpoint", metavar="RUN_OR_CKPT", help="a run, checkpoint or global_stepN directory")
+    c.add_argument("output", metavar="OUT.safetensors")
     return p
 
 
-def _train_config(args) -> dict:
+def _train_config(args, mpi_world=None) -> dict:
     overrides = list(args.overrides)
     if args.steps is not None:
         overrides.append(f"run.steps={args.steps}")
     if args.backend is not None:
         overrides.append(f"backend={args.backend}")
+    if args.world_size is not None:
+        overrides.append(f"world_size={args.world_size}")
+    if mpi_world is not None:
+        overrides.append(f"world_size={mpi_world}")  # the MPI launch decides the world
     if args.resume is None:
         return load_config(args.config, overrides)
     # Resuming: the checkpoint's resolved config is the base; a --config must describe the same model.
@@ -68,6 +81,9 @@ def _check_same_run(cfg, saved, ckpt_path, source) -> None:
         also = f" (also differ: {', '.join('model.' + d for d in diff[1:])})" if diff[1:] else ""
         raise CheckpointError(f"checkpoint {ckpt_path!r} is from a different model: model.{k} is "
                               f"{saved['model'].get(k)!r} there and {cfg['model'][k]!r} in {source}{also}")
+    if cfg["zero_optimization"]["stage"] != saved["zero_optimization"]["stage"]:
+        raise CheckpointError(f"checkpoint {ckpt_path!r} was written at ZeRO stage {saved['zero_optimization']['stage']}; "
+                              f"resuming at stage {cfg['zero_optimization']['stage']} ({source}) is not supported")
     for section in ("fp16", "bf16"):
         if cfg[section]["enabled"] != saved[section]["enabled"]:
             raise CheckpointError(f"checkpoint {ckpt_path!r} was trained with {section}.enabled="
@@ -82,14 +98,28 @@ def main(argv=None) -> int:
             for name, why in available_backends().items():
                 print(f"{name:10s} {'ok' if why is None else 'unusable: ' + why}")
             return 0
-        config = _train_config(args)
+        if args.command == "consolidate":
+            out = consolidate(args.checkpoint, args.output)
+            print(f"wrote {out}")
+            return 0
+        comm = None
+        if launched_under_mpi():
+            from .comm.mpi import MPIComm
+            comm = MPIComm()
+        config = _train_config(args, None if comm is None else comm.world_size)
+        if comm is not None:
+            comm.timeout = config["run"]["comm_timeout"]
         from .report import format_summary
-        summary = train(config, args.out, resume=args.resume, progress=not args.no_progress)
-        print(format_summary(summary))
+        summary = train(config, args.out, resume=args.resume, progress=not args.no_progress, comm=comm)
+        if comm is None or comm.rank == 0:
+            print(format_summary(summary))
         return 0
     except USER_ERRORS as exc:
         print(f"refimpl: error: {exc}", file=sys.stderr)
         return 2
+    except CommError as exc:  # a rank failed or a collective timed out: the job ends, with the reason
+        print(f"refimpl: error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("refimpl: interrupted", file=sys.stderr)
         return 130

@@ -25,12 +25,11 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 __all__ = ["ConfigError", "DEFAULT_CONFIG", "SCHEMA", "load_config", "validate", "parse_override", "dumps",
-           "SUPPORTED_ZERO_STAGES", "SUPPORTED_OFFLOAD_DEVICES", "SUPPORTED_WORLD_SIZES"]
+           "SUPPORTED_ZERO_STAGES", "SUPPORTED_OFFLOAD_DEVICES"]
 
 # What this version implements of what DeepSpeed accepts. Widen these as the features land.
-SUPPORTED_ZERO_STAGES = (0,)           # DeepSpeed: 0, 1, 2, 3
+SUPPORTED_ZERO_STAGES = (0, 1, 2, 3)
 SUPPORTED_OFFLOAD_DEVICES = ("none",)  # DeepSpeed: "none", "cpu", "nvme"
-SUPPORTED_WORLD_SIZES = (1,)
 
 
 class ConfigError(ValueError):
@@ -245,7 +244,7 @@ SCHEMA = {
             "single_submit": Field(False, boolean), "overlap_events": Field(True, boolean),
             "use_gds": Field(False, boolean)},
     "backend": Field("numpy", string),                       # the backend registry checks the name at run time
-    "world_size": Field(1, integer(1)),                      # the supported set is SUPPORTED_WORLD_SIZES
+    "world_size": Field(1, integer(1)),                      # ranks; under mpiexec the MPI world decides
     "model": {
         "task": Field("lm", one_of("lm", "classify")),
         "n_layers": Field(2, integer(1)), "n_heads": Field(4, integer(1)), "d_model": Field(128, integer(1)),
@@ -277,6 +276,8 @@ SCHEMA = {
         "log_interval": Field(10, integer(1)),
         "checkpoint_interval": Field(None, nullable(integer(1))),   # null: only at the end
         "out": Field(None, nullable(string)),
+        # seconds a collective may wait for the other ranks before the job ends with an error
+        "comm_timeout": Field(300.0, number(0, lo_open=True)),
     },
 }
 
@@ -352,7 +353,6 @@ def _check_version_limits(cfg):
     """DeepSpeed features this version does not implement yet (widen the SUPPORTED_* constants)."""
     zero = cfg["zero_optimization"]
     _require_supported("zero_optimization.stage", zero["stage"], SUPPORTED_ZERO_STAGES, "ZeRO stage")
-    _require_supported("world_size", cfg["world_size"], SUPPORTED_WORLD_SIZES, "world_size")
     for name in ("offload_param", "offload_optimizer"):
         if zero[name] is None:
             continue
@@ -364,6 +364,9 @@ def _check_version_limits(cfg):
 
 def _resolve(cfg):
     """Rules across keys, and the derived values that ``null`` / ``"auto"`` stand for."""
+    if cfg["model"]["tie_embeddings"] and cfg["zero_optimization"]["stage"] == 3:
+        raise ConfigError("model.tie_embeddings", "is not supported with zero_optimization.stage 3 in this version "
+                                                  "(the tied head would use the embedding outside its module)")
     if cfg["fp16"]["enabled"] and cfg["bf16"]["enabled"]:
         raise ConfigError("fp16.enabled", "only one of fp16/bf16 may be enabled, and bf16.enabled is true too")
     micro, gas, ws = cfg["train_micro_batch_size_per_gpu"], cfg["gradient_accumulation_steps"], cfg["world_size"]

@@ -1,13 +1,16 @@
 """The training engine: one optimizer step of mixed-precision data-parallel training (DeepSpeedEngine).
 
-    for each micro-batch:  loss = model(batch);  backward(loss * loss_scale / gradient_accumulation_steps)
-                           grads of the low-precision params are added into a flat fp32 accumulator
-    at the boundary:       overflow?  -> skip the step, lower the loss scale (fp16)
-                           clip coefficient from the global gradient norm
-                           AdamW on the flat fp32 master weights, writing the low-precision params back
+    for each micro-batch:  loss = model(this rank's slice of the batch)
+                           backward(loss * loss_scale / gradient_accumulation_steps)
+                           the ZeRO stage handles the gradients (keep them, or reduce-scatter them now)
+    at the boundary:       this rank's fp32 gradient partition, summed over ranks
+                           overflow on any rank?  -> every rank skips the step, the loss scale drops (fp16)
+                           clip coefficient from the global gradient norm (shards' squares summed over ranks)
+                           AdamW on this rank's fp32 partition, writing the low-precision copy
+                           the ZeRO stage publishes the new parameters (all-gather, or nothing)
 
-This is ZeRO stage 0, the baseline every stage is measured against (ZeRO paper §5: "the baseline data
-parallel"): every rank holds all model states. Stages 1-3 partition exactly these flat buffers.
+The stage (refimpl/zero/stage{0,1,2,3}.py) decides what each rank stores and which collectives run; this file
+is the same for all of them, as in DeepSpeed where the engine wraps a ZeRO optimizer.
 """
 from __future__ import annotations
 
@@ -16,8 +19,9 @@ import math
 import ml_dtypes
 import numpy as np
 
+from .comm.local import LocalWorld
 from .optim import AdamW, clip_coefficient, lr_at, make_loss_scaler
-from .zero.flat import FlatParams
+from .zero import ZERO_STAGES
 
 
 def param_dtype(config: dict):
@@ -30,23 +34,28 @@ def param_dtype(config: dict):
 
 
 class Engine:
-    def __init__(self, model, config: dict, backend):
+    def __init__(self, model, config: dict, backend, comm=None):
         self.model, self.config, self.backend = model, config, backend
+        self.comm = comm if comm is not None else LocalWorld(1).comm(0)
+        self.rank, self.world_size = self.comm.rank, self.comm.world_size
         self.gas = config["gradient_accumulation_steps"]
-        self.flat = FlatParams(model.named_parameters(), backend, dtype=param_dtype(config))
-        self.low_precision = self.flat.dtype != np.float32
-        # fp32 master weights: a copy for fp16/bf16 params; the param buffer itself in fp32.
-        self.master = backend.cast(self.flat.buffer, np.float32) if self.low_precision else self.flat.buffer
+        self.dtype = param_dtype(config)
+        self.zero = ZERO_STAGES[config["zero_optimization"]["stage"]](model, config, backend, self.comm, self.dtype)
+        self.master = self.zero.master  # this rank's fp32 master partition (everything, at stage 0)
         opt = config["optimizer"]
         self.optimizer = AdamW(self.master, backend=backend, lr=opt["params"]["lr"],
                                betas=tuple(opt["params"]["betas"]), eps=opt["params"]["eps"],
                                weight_decay=opt["params"]["weight_decay"], adamw_mode=opt["type"] == "AdamW")
         self.loss_scaler = make_loss_scaler(config)
-        self.grad_acc = backend.zeros((self.flat.padded_numel,), np.float32)  # flat fp32 gradient
         self.micro_steps = 0
         self.global_steps = 0      # optimizer steps attempted (DeepSpeed's global_steps)
         self.skipped_steps = 0     # of which skipped for fp16 overflow
         self.last = {}             # facts about the last boundary step, for logging
+
+    @property
+    def flat(self):
+        """The flat buffer of whole low-precision parameters (stages 0-2)."""
+        return self.zero.flat
 
     @property
     def loss_scale(self) -> float:
@@ -59,63 +68,52 @@ class Engine:
                      self.config["optimizer"]["params"]["lr"])
 
     def backward(self, loss) -> None:
-        """Backward of one micro-batch loss; its gradients join the flat fp32 accumulator."""
+        """Backward of one micro-batch loss; the ZeRO stage takes the gradients from there."""
         scaled = loss * (self.loss_scale / self.gas)
         with np.errstate(over="ignore", invalid="ignore"):  # fp16 overflow is expected; step() detects it
             scaled.backward()
-        self.grad_acc += self.flat.flat_grads(np.float32)
-        self.model.zero_grad()
+            self.zero.after_backward()
         self.micro_steps += 1
 
     def is_gradient_accumulation_boundary(self) -> bool:
         return self.micro_steps % self.gas == 0
+
+    def _all_ranks(self, value: float, op: str) -> float:
+        return float(self.comm.all_reduce(np.array([value], dtype=np.float64), op=op)[0])
 
     def step(self) -> bool:
         """Apply the accumulated gradient if at a boundary. Returns False when the step was skipped."""
         if not self.is_gradient_accumulation_boundary():
             return True
         be, scale, lr = self.backend, self.loss_scale, self.current_lr()
-        overflow = be.has_inf_or_nan(self.grad_acc)
+        with np.errstate(over="ignore", invalid="ignore"):
+            grad = self.zero.reduce_gradients()             # (S,) fp32, summed over ranks, still loss-scaled
+            overflow = self._all_ranks(float(be.has_inf_or_nan(grad)), "max") > 0  # any rank: all skip
         self.global_steps += 1
         if overflow:
             self.skipped_steps += 1
             self.last = {"overflow": True, "grad_norm": math.inf, "lr": lr, "loss_scale": scale}
         else:
-            grad_norm = math.sqrt(be.sum_squares(self.grad_acc)) / scale
+            # the mean over ranks is folded into the divisor, with unscaling and clipping (one pass over grad)
+            divisor = scale * self.world_size
+            sq = be.sum_squares(grad)
+            if self.zero.partitioned:
+                sq = self._all_ranks(sq, "sum")
+            grad_norm = math.sqrt(sq) / divisor
             clip = clip_coefficient(grad_norm, self.config["gradient_clipping"])
-            # one divisor folds loss-scale unscaling and clipping, as DeepSpeed's fused Adam does
-            self.optimizer.step(self.grad_acc, lr=lr, grad_scale=scale / clip,
-                                out_lowp=self.flat.buffer if self.low_precision else None)
+            self.optimizer.step(grad, lr=lr, grad_scale=divisor / clip, out_lowp=self.zero.lowp_partition)
+            self.zero.publish_params()
             self.last = {"overflow": False, "grad_norm": grad_norm, "lr": lr, "loss_scale": scale}
         self.loss_scaler.update_scale(bool(overflow))
-        self.grad_acc[...] = 0
+        self.zero.zero_grads()
         return not overflow
 
     # ------------------------------------------------------------------------------------ state
-    def state_dict(self) -> dict:
-        """Everything a checkpoint needs beyond the config: host arrays and plain numbers."""
-        be = self.backend
-        opt = self.optimizer.state_dict()
-        return {
-            "params": {n: be.to_numpy(a).copy() for n, a in self.flat.unflatten(self.flat.buffer).items()},
-            "optimizer": {"master": be.to_numpy(self.master).copy(), "exp_avg": opt["exp_avg"],
-                          "exp_avg_sq": opt["exp_avg_sq"]},
-            "counters": {"global_steps": self.global_steps, "skipped_steps": self.skipped_steps,
-                         "micro_steps": self.micro_steps, "optimizer_step": opt["step"]},
-            "loss_scaler": self.loss_scaler.state_dict(),
-        }
+    def counters(self) -> dict:
+        return {"global_steps": self.global_steps, "skipped_steps": self.skipped_steps,
+                "micro_steps": self.micro_steps, "optimizer_step": self.optimizer.step_count}
 
-    def load_state_dict(self, state: dict) -> None:
-        be = self.backend
-        views = self.flat.unflatten(self.flat.buffer)
-        for name, arr in state["params"].items():
-            views[name][...] = be.asarray(arr)
-        master = state["optimizer"]["master"]
-        if master.shape != self.master.shape:
-            raise ValueError(f"optimizer master has {master.shape[0]} elements, model needs {self.master.shape[0]}")
-        self.master[...] = be.asarray(master)
-        c = state["counters"]
-        self.optimizer.load_state_dict({"exp_avg": state["optimizer"]["exp_avg"],
-                                        "exp_avg_sq": state["optimizer"]["exp_avg_sq"], "step": c["optimizer_step"]})
+    def load_counters(self, c: dict, loss_scaler: dict) -> None:
         self.global_steps, self.skipped_steps, self.micro_steps = c["global_steps"], c["skipped_steps"], c["micro_steps"]
-        self.loss_scaler.load_state_dict(state["loss_scaler"])
+        self.optimizer.step_count = c["optimizer_step"]
+        self.loss_scaler.load_state_dict(loss_scaler)

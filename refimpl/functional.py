@@ -128,16 +128,17 @@ class Linear(Function):
     """y = x @ W^T + b, W (out, in) as torch.nn.Linear stores it. x (..., in) -> y (..., out)."""
 
     def forward(self, x, weight, bias=None):
-        self.x, self.weight, self.has_bias = x, weight, bias is not None
+        self.x, self.has_bias = x, bias is not None  # the weight is re-read in backward (see Function.input_data)
         y = self.backend.matmul(x, weight, transpose_b=True)
         return y if bias is None else y + bias
 
     def backward(self, g):
         be = self.backend
-        dx = be.matmul(g, self.weight) if self.needs_input_grad[0] else None
+        weight = self.input_data(1)
+        dx = be.matmul(g, weight) if self.needs_input_grad[0] else None
         x2 = self.x.reshape(-1, self.x.shape[-1])                       # (N, in)
         g2 = g.reshape(-1, g.shape[-1])                                 # (N, out)
-        dw = be.matmul(g2, x2, transpose_a=True).astype(self.weight.dtype, copy=False)  # (out, in)
+        dw = be.matmul(g2, x2, transpose_a=True).astype(weight.dtype, copy=False)  # (out, in)
         db = g2.astype(np.promote_types(g.dtype, np.float32)).sum(axis=0).astype(g.dtype) if self.has_bias else None
         return dx, dw, db
 
@@ -169,11 +170,11 @@ class Softmax(Function):
 class LayerNorm(Function):
     def forward(self, x, weight, bias, eps=1e-5):
         y, self.mean, self.rstd = self.backend.layernorm(x, weight, bias, eps)
-        self.x, self.weight = x, weight
+        self.x = x
         return y
 
     def backward(self, g):
-        dx, dw, db = self.backend.layernorm_backward(g, self.x, self.weight, self.mean, self.rstd)
+        dx, dw, db = self.backend.layernorm_backward(g, self.x, self.input_data(1), self.mean, self.rstd)
         return dx, dw, db, None
 
 

@@ -12,7 +12,9 @@ def summarize(config, out, model, dataset, history, evals, engine, seconds) -> d
         "task": config["model"]["task"],
         "dataset": config["data"]["dataset"],
         "parameters": model.num_parameters(),
-        "param_dtype": str(engine.flat.dtype),
+        "param_dtype": str(engine.dtype),
+        "zero_stage": engine.zero.stage,
+        "world_size": engine.world_size,
         "steps": engine.global_steps,
         "skipped_steps": engine.skipped_steps,
         "first_loss": history[0]["loss"] if history else None,
@@ -22,11 +24,27 @@ def summarize(config, out, model, dataset, history, evals, engine, seconds) -> d
         "tokens_per_s": float(np.median([h["tokens_per_s"] for h in history])) if history else None,
         "seconds": seconds,
     }
+    summary.update(memory_and_traffic(engine))
     if config["model"]["task"] == "classify":
         summary["majority_class_accuracy"] = dataset.majority_class_fraction("val")
     else:
         summary["uniform_loss"] = float(np.log(256))
     return summary
+
+
+def memory_and_traffic(engine) -> dict:
+    """What ZeRO buys and what it costs, per rank: model-state bytes next to the stage-0 (data parallel) figure,
+    and the bytes each kind of collective moved (ring-algorithm volumes, ZeRO §7)."""
+    mine = engine.zero.model_state_bytes()
+    n, item = engine.zero.layout.numel, engine.dtype.itemsize
+    optimizer0 = (8 if engine.dtype == np.float32 else 12) * n   # fp32: the parameters are the master weights
+    out = {"model_state_bytes_per_rank": sum(mine.values()),
+           "stage0_model_state_bytes_per_rank": 2 * n * item + optimizer0}
+    out.update({f"bytes_{kind}_per_rank": b for kind, b in mine.items()})
+    for op, st in sorted(engine.comm.stats.items()):
+        if st["ring_bytes_sent"]:
+            out[f"{op}_bytes_sent_per_rank"] = st["ring_bytes_sent"]
+    return out
 
 
 def format_summary(summary: dict) -> str:

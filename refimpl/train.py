@@ -1,8 +1,11 @@
-"""The training loop behind `refimpl train`: config -> backend, data, model, engine -> run directory.
+"""The training loop behind `refimpl train`: config -> ranks -> backend, data, model, engine -> run directory.
 
-A run directory holds config.json (the resolved config), metrics.jsonl (one JSON object per step, plus
-evaluation lines), checkpoint/ (refimpl/checkpoint.py) and loss.png. The batch of every step is a pure
-function of (seed, step) and the LR a pure function of the step, so `--resume` continues a run exactly.
+Every rank runs `_train_rank` (SPMD): N simulated ranks are threads of this process (LocalComm), or real
+processes under `mpiexec` (MPIComm). Each rank builds the same model from the same seed, trains on its own
+slice of every global batch, and takes part in the collectives of its ZeRO stage; rank 0 writes the run
+directory: config.json (the resolved config), metrics.jsonl (one JSON object per step, plus evaluation
+lines), checkpoint/ (refimpl/checkpoint.py) and loss.png. The batch of every step is a pure function of
+(seed, step) and the LR a pure function of the step, so `--resume` continues a run exactly.
 """
 from __future__ import annotations
 
@@ -17,8 +20,9 @@ from tqdm import tqdm
 from . import checkpoint as ckpt
 from .autodiff import no_grad
 from .backend import get_backend, use_backend
+from .comm.local import LocalWorld, run_ranks
 from .config import ConfigError, dumps
-from .data import make_dataset
+from .data import Batch, make_dataset
 from .engine import Engine, param_dtype
 from .model import ModelConfig, Transformer
 
@@ -57,77 +61,114 @@ def build(config: dict):
     return be, dataset, model
 
 
-def evaluate(model, dataset, config) -> dict:
-    """Mean loss (and accuracy for classification) over run.eval_batches validation batches."""
-    bs, T = config["train_micro_batch_size_per_gpu"], config["data"]["seq_len"]
-    losses, correct, total = [], 0, 0
+def rank_slice(batch: Batch, rank: int, world_size: int) -> Batch:
+    """Rank r's rows of a global batch: data parallelism sees the same data as one rank with N times the batch."""
+    def cut(a):
+        return None if a is None else a[rank * len(a) // world_size:(rank + 1) * len(a) // world_size]
+    return Batch(ids=cut(batch.ids), targets=cut(batch.targets), labels=cut(batch.labels),
+                 key_padding_mask=cut(batch.key_padding_mask))
+
+
+def evaluate(model, dataset, config, comm) -> dict:
+    """Mean loss (and accuracy for classification) over run.eval_batches validation batches, all ranks."""
+    micro, T = config["train_micro_batch_size_per_gpu"], config["data"]["seq_len"]
+    loss_sum, correct, total = 0.0, 0, 0
     with no_grad():
         for i in range(config["run"]["eval_batches"]):
-            batch = dataset.get_batch("val", i, bs, T)
+            batch = rank_slice(dataset.get_batch("val", i, micro * comm.world_size, T), comm.rank, comm.world_size)
             loss, logits = model.loss(batch)
-            losses.append(loss.item())
+            loss_sum += loss.item()
             if batch.labels is not None:
                 pred = np.argmax(logits.numpy().astype(np.float32), axis=-1)
                 correct += int((pred == batch.labels).sum())
                 total += len(batch.labels)
-    out = {"eval_loss": float(np.mean(losses))}
-    if total:
-        out["eval_accuracy"] = correct / total
+    sums = comm.all_reduce(np.array([loss_sum, correct, total], dtype=np.float64))
+    out = {"eval_loss": float(sums[0] / (config["run"]["eval_batches"] * comm.world_size))}
+    if sums[2]:
+        out["eval_accuracy"] = float(sums[1] / sums[2])
     return out
 
 
-def train(config: dict, out_dir=None, *, resume=None, progress: bool = True) -> dict:
-    """Train as `config` says; returns the run summary. `resume`: a checkpoint path to continue from."""
-    be, dataset, model = build(config)  # bad config, data or checkpoint fails before anything is written
+def train(config: dict, out_dir=None, *, resume=None, progress: bool = True, comm=None) -> dict:
+    """Train as `config` says on config["world_size"] ranks (or the ranks of `comm`); returns rank 0's summary.
+
+    resume: a checkpoint path to continue from (any world size: it is resharded)."""
+    out = Path(out_dir or config["run"]["out"] or default_out_dir())
+    if resume is not None:
+        ckpt.read_manifest(resume)  # a bad path fails before anything is written
+    if comm is not None:  # real processes (MPI): this process is one rank
+        if comm.rank == 0:
+            prepare_out_dir(out)
+        comm.barrier()
+        return _train_rank(comm, config, out, resume, progress)
+    prepare_out_dir(out)
+    ws, timeout = config["world_size"], config["run"]["comm_timeout"]
+    if ws == 1:
+        return _train_rank(LocalWorld(1, timeout).comm(0), config, out, resume, progress)
+    return run_ranks(ws, _train_rank, config, out, resume, progress, timeout=timeout)[0]
+
+
+def _train_rank(comm, config, out, resume, progress) -> dict:
+    be, dataset, model = build(config)
     with use_backend(be):
-        engine = Engine(model, config, be)
+        engine = Engine(model, config, be, comm)
         if resume is not None:
-            expected = {name: tuple(p.shape) for name, p in model.named_parameters()}
-            state, _ = ckpt.load_checkpoint(resume, expected)
             try:
-                engine.load_state_dict(state)
+                ckpt.load_checkpoint(resume, engine)
             except (ValueError, KeyError) as exc:
+                if isinstance(exc, ckpt.CheckpointError):
+                    raise
                 raise ckpt.CheckpointError(f"checkpoint {str(resume)!r} does not fit this run: {exc}") from None
-        out = prepare_out_dir(out_dir or config["run"]["out"] or default_out_dir())
-        (out / "config.json").write_text(dumps(config))
-        return _loop(config, out, be, dataset, model, engine, progress)
+        if comm.rank == 0:
+            (out / "config.json").write_text(dumps(config))
+        return _loop(config, out, dataset, model, engine, progress and comm.rank == 0)
 
 
-def _loop(config, out, be, dataset, model, engine, progress) -> dict:
-    run = config["run"]
-    bs, gas, T = config["train_micro_batch_size_per_gpu"], engine.gas, config["data"]["seq_len"]
+def _loop(config, out, dataset, model, engine, progress) -> dict:
+    run, comm = config["run"], engine.comm
+    micro, gas, T, N = config["train_micro_batch_size_per_gpu"], engine.gas, config["data"]["seq_len"], comm.world_size
     start, steps = engine.global_steps, run["steps"]
-    history, evals = [], []
+    history, evals, last_saved = [], [], None
     t_start = time.perf_counter()
+    lead = comm.rank == 0
     bar = tqdm(range(start, steps), desc="train", unit="step", disable=not progress, dynamic_ncols=True)
-    with open(out / "metrics.jsonl", "a") as metrics:
+    metrics = open(out / "metrics.jsonl", "a") if lead else None
+    try:
         for step in bar:
             t0 = time.perf_counter()
-            losses = []
-            for micro in range(gas):
-                batch = dataset.get_batch("train", step * gas + micro, bs, T)
+            loss_sum = 0.0
+            for m in range(gas):
+                batch = rank_slice(dataset.get_batch("train", step * gas + m, micro * N, T), comm.rank, N)
                 loss, _ = model.loss(batch)
                 engine.backward(loss)
-                losses.append(loss.item())
+                loss_sum += loss.item()
             engine.step()
+            loss_mean = float(comm.all_reduce(np.array([loss_sum], np.float64))[0]) / (gas * N)
             dt = time.perf_counter() - t0
-            rec = {"step": step + 1, "loss": float(np.mean(losses)), "lr": engine.last["lr"],
+            rec = {"step": step + 1, "loss": loss_mean, "lr": engine.last["lr"],
                    "loss_scale": engine.last["loss_scale"], "grad_norm": engine.last["grad_norm"],
-                   "overflow": engine.last["overflow"], "tokens_per_s": bs * gas * T / dt}
+                   "overflow": engine.last["overflow"], "tokens_per_s": micro * gas * N * T / dt}
             history.append(rec)
-            metrics.write(json.dumps(rec) + "\n")
             if (step + 1) % run["eval_interval"] == 0 or step + 1 == steps:
-                ev = {"step": step + 1, **evaluate(model, dataset, config)}
-                evals.append(ev)
-                metrics.write(json.dumps(ev) + "\n")
-            metrics.flush()
-            if (step + 1) % run["log_interval"] == 0:
-                bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{rec['lr']:.2e}")
+                evals.append({"step": step + 1, **evaluate(model, dataset, config, comm)})
+            if lead:
+                metrics.write(json.dumps(rec) + "\n")
+                if evals and evals[-1]["step"] == step + 1:
+                    metrics.write(json.dumps(evals[-1]) + "\n")
+                metrics.flush()
+                if (step + 1) % run["log_interval"] == 0:
+                    bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{rec['lr']:.2e}")
             if run["checkpoint_interval"] and (step + 1) % run["checkpoint_interval"] == 0:
-                ckpt.save_checkpoint(out / "checkpoint", engine.state_dict(), config)
-    if not (out / "checkpoint" / f"global_step{engine.global_steps}").exists():
-        ckpt.save_checkpoint(out / "checkpoint", engine.state_dict(), config)
+                ckpt.save_checkpoint(out / "checkpoint", engine, config)
+                last_saved = engine.global_steps
+    finally:
+        if metrics is not None:
+            metrics.close()
+    if last_saved != engine.global_steps:
+        ckpt.save_checkpoint(out / "checkpoint", engine, config)
     from .report import plot_losses, summarize
-    plot_losses(history, evals, out / "loss.png", title=f"{config['model']['task']} on {config['data']['dataset']}",
-                uniform_loss=float(np.log(model.cfg.vocab_size if model.cfg.task == "lm" else model.cfg.n_classes)))
-    return summarize(config, out, model, dataset, history, evals, engine, time.perf_counter() - t_start)
+    summary = summarize(config, out, model, dataset, history, evals, engine, time.perf_counter() - t_start)
+    if lead:
+        plot_losses(history, evals, out / "loss.png", title=f"{config['model']['task']} on {config['data']['dataset']}",
+                    uniform_loss=float(np.log(model.cfg.vocab_size if model.cfg.task == "lm" else model.cfg.n_classes)))
+    return summary

@@ -305,12 +305,14 @@ def test_explicit_total_num_steps_is_kept_and_decay_uses_deepspeed_max_lr():
     (["scheduler.params.warmup_type=cosine"], "scheduler.params.warmup_type", ["'log'", "'linear'"]),
     (["data.dataset=imagenet"], "data.dataset", ["'stdlib_bytes'", "'listops'"]),
     # limits of this version
-    (["zero_optimization.stage=3"], "zero_optimization.stage", ["allowed: 0"]),
+    (["zero_optimization.stage=4"], "zero_optimization.stage", ["allowed: 0, 1, 2, 3"]),
     (["zero_optimization.stage=true"], "zero_optimization.stage", ["int"]),
     (["zero_optimization.offload_param.device=cpu"], "zero_optimization.offload_param.device", ["allowed: 'none'"]),
     (["zero_optimization.offload_optimizer.device=gpu"], "zero_optimization.offload_optimizer.device",
      ["'none'", "'cpu'", "'nvme'"]),
-    (["world_size=2"], "world_size", ["world_size must be 1 in this version"]),
+    (["world_size=0"], "world_size", [">= 1", "0"]),
+    (["run.comm_timeout=0"], "run.comm_timeout", ["> 0"]),
+    (["zero_optimization.stage=3", "model.tie_embeddings=true"], "model.tie_embeddings", ["stage 3"]),
     # rules across keys
     (["fp16.enabled=true", "bf16.enabled=true"], "fp16.enabled", ["only one of fp16/bf16"]),
     (["train_batch_size=100"], "train_batch_size", ["16 * 1 * 1 = 16", "100"]),

@@ -1,4 +1,19 @@
 """ZeRO: partitioning model states across data-parallel ranks (Rajbhandari et al. 2020; ZeRO-Infinity §5).
 
-flat.py  the flat, padded parameter buffer every stage partitions.
+    partition.py  which rank owns which elements of every parameter (one layout for all stages)
+    flat.py       whole low-precision parameters as views of one flat buffer (stages 0-2)
+    stage0.py     data parallelism: all-reduce gradients; every rank holds everything (the baseline)
+    stage1.py     + optimizer states partitioned (P_os)
+    stage2.py     + gradients partitioned, reduce-scattered in buckets during backward (P_os+g)
+    stage3.py     + parameters partitioned, gathered and released around each module (P_os+g+p)
+    prefetch.py   stage 3's trace-based all-gather prefetcher
 """
+from .stage0 import DataParallel
+from .stage1 import OptimizerStatePartitioning
+from .stage2 import GradientPartitioning
+from .stage3 import ParameterPartitioning, ZeroParamStatus
+
+ZERO_STAGES = {0: DataParallel, 1: OptimizerStatePartitioning, 2: GradientPartitioning, 3: ParameterPartitioning}
+
+__all__ = ["ZERO_STAGES", "DataParallel", "GradientPartitioning", "OptimizerStatePartitioning",
+           "ParameterPartitioning", "ZeroParamStatus"]

@@ -1,59 +1,42 @@
 """Flat parameter buffers: every parameter of a model as a view into one contiguous array.
 
-ZeRO partitions model states by flattening them (ZeRO paper §5; DeepSpeed's `flatten_dense_tensors_aligned`
-and `round_robin`-free contiguous layout): one buffer, padded to a multiple of world_size so that each rank
-owns an equal contiguous shard `buffer[rank * shard : (rank + 1) * shard]`. The optimizer then works on flat
-arrays (one fused kernel over all parameters) and gradients are gathered into a flat array of the same layout.
+Stages 0-2 keep whole low-precision parameters on every rank; refimpl keeps them in one flat buffer (DeepSpeed's
+`bit16_groups_flat`) so the fp32 master can alias it when training in fp32, gradients can be laid out alike,
+and a whole model's parameters are one array to write back or checksum.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
-
-
-@dataclass(frozen=True)
-class Slot:
-    """Where one parameter lives in the flat buffer."""
-    name: str
-    shape: tuple
-    offset: int
-    numel: int
 
 
 class FlatParams:
     """Re-home `named_params` into one flat buffer of `dtype`; each param.data becomes a view into it."""
 
-    def __init__(self, named_params, backend, dtype=None, world_size: int = 1):
+    def __init__(self, named_params, backend, dtype=None):
         named_params = list(named_params)
         self.backend = backend
+        self.names = [n for n, _ in named_params]
         self.params = [p for _, p in named_params]
         self.dtype = np.dtype(dtype or self.params[0].dtype)
-        self.slots, offset = [], 0
-        for name, p in named_params:
-            self.slots.append(Slot(name, tuple(p.shape), offset, p.size))
+        self.offsets, offset = [], 0
+        for p in self.params:
+            self.offsets.append(offset)
             offset += p.size
         self.numel = offset
-        self.world_size = world_size
-        self.padded_numel = -(-offset // world_size) * world_size  # round up: equal shards on every rank
-        self.buffer = backend.zeros((self.padded_numel,), self.dtype)
-        for slot, p in zip(self.slots, self.params):
-            view = self.buffer[slot.offset:slot.offset + slot.numel]
+        self.buffer = backend.zeros((self.numel,), self.dtype)
+        for off, p in zip(self.offsets, self.params):
+            view = self.buffer[off:off + p.size]
             view[...] = p.data.reshape(-1)
-            p.data = view.reshape(slot.shape)
-
-    @property
-    def shard_numel(self) -> int:
-        return self.padded_numel // self.world_size
+            p.data = view.reshape(p.shape)
 
     def flat_grads(self, dtype=np.float32):
-        """The parameters' .grad laid out like the buffer (zeros for params without grad and padding)."""
-        out = self.backend.zeros((self.padded_numel,), dtype)
-        for slot, p in zip(self.slots, self.params):
+        """The parameters' .grad laid out like the buffer (zeros for params without a gradient)."""
+        out = self.backend.zeros((self.numel,), dtype)
+        for off, p in zip(self.offsets, self.params):
             if p.grad is not None:
-                out[slot.offset:slot.offset + slot.numel] = p.grad.reshape(-1)
+                out[off:off + p.size] = p.grad.reshape(-1)
         return out
 
     def unflatten(self, flat) -> dict:
-        """name -> view of `flat` with the parameter's shape (padding dropped)."""
-        return {s.name: flat[s.offset:s.offset + s.numel].reshape(s.shape) for s in self.slots}
+        """name -> view of `flat` with the parameter's shape."""
+        return {n: flat[o:o + p.size].reshape(p.shape) for n, o, p in zip(self.names, self.offsets, self.params)}

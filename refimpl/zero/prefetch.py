@@ -1,0 +1,107 @@
+"""The stage-3 parameter coordinator: trace the order modules run in, then gather ahead of it.
+
+ZeRO-Infinity §6.2 (overlap-centric design) and DeepSpeed's `PartitionedParameterCoordinator`: the first
+pass (forward + backward of one micro-batch) records the sequence of modules whose parameters were fetched.
+Later passes replay it: when module i is fetched, the all-gathers of the parameters of modules i+1, i+2, ...
+are issued asynchronously, up to `stage3_prefetch_bucket_size` elements ahead, so that they overlap the
+compute of module i. Two more knobs, with DeepSpeed's meanings:
+- `stage3_max_live_parameters`: never hold more gathered elements than this (prefetch stops short);
+- `stage3_max_reuse_distance`: after a module, keep a parameter whole if the trace says it is needed again
+  within this many elements of other fetches (e.g. the last layer, whose backward follows its forward).
+If a pass deviates from the trace (different control flow), the trace is dropped with one warning, that pass
+fetches on demand, and the next pass records a new trace.
+"""
+from __future__ import annotations
+
+import warnings
+
+from ..autodiff import is_grad_enabled
+
+
+class PartitionedParameterCoordinator:
+    def __init__(self, zero, zcfg: dict):
+        self.zero = zero
+        self.prefetch_bucket_size = zcfg["stage3_prefetch_bucket_size"]
+        self.max_live_parameters = zcfg["stage3_max_live_parameters"]
+        self.max_reuse_distance = zcfg["stage3_max_reuse_distance"]
+        self.trace: list = []          # modules in fetch order during one pass
+        self.recording = True          # first pass: record; later passes: replay
+        self.step_id = 0               # position in the trace during replay
+        self.warned = False
+        self.stats = {"fetches": 0, "prefetched": 0, "waited_on_demand": 0, "trace_invalidations": 0}
+
+    @staticmethod
+    def _params(module):
+        return [p for p in module._parameters.values() if p is not None and not p.ds_persist]
+
+    # --------------------------------------------------------------------------------------- fetch
+    def fetch_sub_module(self, module, forward: bool) -> None:
+        self.stats["fetches"] += 1
+        if not is_grad_enabled():      # evaluation: forward only, not the pass the trace describes
+            self.zero.fetch(self._params(module))
+            return
+        if self.recording:
+            self.trace.append(module)
+        elif self.step_id >= len(self.trace) or self.trace[self.step_id] is not module:
+            self._invalidate(module)
+        else:
+            self._prefetch_after(self.step_id)
+            self.step_id += 1
+        params = self._params(module)
+        self.stats["waited_on_demand"] += sum(p.ds_status.name == "NOT_AVAILABLE" for p in params)
+        self.zero.fetch(params)
+
+    def _prefetch_after(self, i: int) -> None:
+        """Issue all-gathers for the modules after trace position i, within the two budgets."""
+        budget, live = self.prefetch_bucket_size, self.zero.gathered_numel()
+        for module in self.trace[i + 1:]:
+            for p in self._params(module):
+                if p.ds_status.name != "NOT_AVAILABLE":
+                    continue
+                if p.ds_numel > budget or live + p.ds_numel > self.max_live_parameters:
+                    return
+                self.zero.all_gather_async(p)
+                self.stats["prefetched"] += 1
+                budget -= p.ds_numel
+                live += p.ds_numel
+
+    def _invalidate(self, module) -> None:
+        self.stats["trace_invalidations"] += 1
+        if not self.warned:
+            where = f"position {self.step_id} of {len(self.trace)}"
+            warnings.warn(f"ZeRO-3 prefetch trace invalidated at {where}: module {type(module).__name__} ran out of "
+                          f"the recorded order; fetching on demand and re-recording the trace on the next pass",
+                          RuntimeWarning, stacklevel=3)
+            self.warned = True
+        self.recording, self.trace, self.step_id = None, [], 0  # None: neither record nor replay this pass
+
+    # ------------------------------------------------------------------------------------- release
+    def release_sub_module(self, module, forward: bool) -> None:
+        keep = self._reused_soon(module) if self.recording is False and is_grad_enabled() else set()
+        for p in self._params(module):
+            if id(p) not in keep:
+                self.zero.release(p)
+
+    def _reused_soon(self, module) -> set:
+        """ids of `module`'s parameters that the trace fetches again within max_reuse_distance elements."""
+        i = self.step_id - 1   # the position fetch_sub_module consumed for this module
+        mine = {id(p): p for p in self._params(module)}
+        keep, distance = set(), 0
+        for later in self.trace[i + 1:]:
+            if distance >= self.max_reuse_distance or not mine:
+                break
+            for p in self._params(later):
+                if id(p) in mine:
+                    keep.add(id(p))
+                    del mine[id(p)]
+            distance += sum(p.ds_numel for p in self._params(later))
+        return keep
+
+    def end_of_pass(self) -> None:
+        """After backward: release everything, and switch to replaying the trace just recorded."""
+        self.zero.release_all()
+        if self.recording is None:          # invalidated during this pass: record the next one
+            self.recording = True
+        elif self.recording:
+            self.recording = False
+        self.step_id = 0

@@ -1,0 +1,93 @@
+"""ZeRO stage 0: plain data parallelism, the baseline every stage is measured against (ZeRO §3, §5).
+
+Every rank holds every model state: low-precision parameters (2Ψ bytes in fp16), their gradients (2Ψ) and
+the fp32 optimizer states (master weights, Adam's m and v: 12Ψ) — K = 12 in the paper's notation, 16Ψ per
+rank in all. After backward the ranks all-reduce their gradients (2Ψ of traffic per rank, ring algorithm),
+so every rank takes the same optimizer step on the same numbers.
+
+The stage classes share one shape, which the engine (refimpl/engine.py) drives:
+    after_backward()        once per micro-batch, after loss.backward()
+    reduce_gradients()      at the accumulation boundary: this rank's fp32 gradient partition, summed over ranks
+    master / lowp_partition what AdamW updates, and where it writes the low-precision copy
+    publish_params()        after the update: make the new parameters visible to the model
+    zero_grads(), model_state_bytes(), full_state()/load_full_state() for checkpoints
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .flat import FlatParams
+from .partition import PartitionLayout
+
+
+class DataParallel:
+    stage = 0
+    partitioned = False  # does each rank own only a slice of the optimizer state?
+
+    def __init__(self, model, config: dict, backend, comm, dtype):
+        self.model, self.config, self.backend, self.comm = model, config, backend, comm
+        self.dtype = np.dtype(dtype)
+        self.rank, self.world_size = comm.rank, comm.world_size
+        named = list(model.named_parameters())
+        self.layout = PartitionLayout([(n, p.shape) for n, p in named], self.num_partitions)
+        self.params = {n: p for n, p in named}
+        self._init_params_and_master()
+
+    @property
+    def num_partitions(self) -> int:
+        return 1
+
+    def _init_params_and_master(self):
+        # Whole parameters in one flat buffer; with one partition the buffer *is* the partition layout.
+        self.flat = FlatParams(self.params.items(), self.backend, self.dtype)
+        if self.dtype == np.float32:
+            self.master, self.lowp_partition = self.flat.buffer, None  # fp32: the master is the model
+        else:
+            self.master, self.lowp_partition = self.backend.cast(self.flat.buffer, np.float32), self.flat.buffer
+
+    # -------------------------------------------------------------------------------------- backward
+    def after_backward(self) -> None:
+        """Gradients stay in each parameter's .grad (autodiff accumulates micro-batches there)."""
+
+    def reduce_gradients(self):
+        """All-reduce the whole gradient: every rank gets the sum over ranks (fp32)."""
+        return self.comm.all_reduce(self.flat.flat_grads(np.float32))
+
+    def zero_grads(self) -> None:
+        self.model.zero_grad()
+
+    # ---------------------------------------------------------------------------------------- update
+    def publish_params(self) -> None:
+        """Nothing to do: AdamW wrote straight into the flat buffer the parameters are views of."""
+
+    # ------------------------------------------------------------------------------------ accounting
+    def model_state_bytes(self) -> dict:
+        """Bytes of model states this rank holds, by kind (ZeRO §3.1's Ψ arithmetic, from what is allocated)."""
+        S = self.layout.partition_numel
+        master = 0 if self.lowp_partition is None and not self.partitioned else 4 * S  # fp32 stage 0: aliased
+        return {"params": self._param_bytes(), "grads": self._grad_bytes(), "optimizer": master + 8 * S}
+
+    def _param_bytes(self) -> int:
+        return self.layout.numel * self.dtype.itemsize   # whole parameters on every rank
+
+    def _grad_bytes(self) -> int:
+        return self.layout.numel * self.dtype.itemsize   # whole gradients in each .grad
+
+    # ----------------------------------------------------------------------------------- checkpoints
+    def full_state(self, optimizer) -> dict:
+        """name -> full fp32 arrays of master, exp_avg, exp_avg_sq (what a checkpoint stores per parameter)."""
+        return {key: self.layout.unpartition(self.comm.all_gather(arr) if self.partitioned else arr)
+                for key, arr in (("master", self.master), ("exp_avg", optimizer.exp_avg),
+                                 ("exp_avg_sq", optimizer.exp_avg_sq))}
+
+    def load_full_state(self, optimizer, full: dict) -> None:
+        """Inverse of full_state: cut this rank's partition out of full per-parameter arrays."""
+        for key, arr in (("master", self.master), ("exp_avg", optimizer.exp_avg), ("exp_avg_sq", optimizer.exp_avg_sq)):
+            arr[...] = self.layout.partition({k: self.backend.asarray(v) for k, v in full[key].items()}, self.rank)
+        if self.lowp_partition is not None:
+            self.lowp_partition[...] = self.backend.cast(self.master, self.dtype)
+        self.publish_params()
+
+    def full_params(self) -> dict:
+        """name -> the whole low-precision parameter (for model.safetensors)."""
+        return self.flat.unflatten(self.flat.buffer)

@@ -1,0 +1,61 @@
+"""ZeRO stage 2, gradient partitioning (P_os+g, ZeRO §5.2).
+
+On top of stage 1, gradients are partitioned too: as soon as a parameter's gradient is complete in backward
+(its post-accumulate-grad hook), it joins a bucket; a full bucket (`reduce_bucket_size` elements) is
+reduce-scattered, each rank adds the rows it owns into its gradient partition, and the whole gradients are
+freed. Per rank: whole parameters 2Ψ + gradient partition 2Ψ/N + optimizer partition 12Ψ/N.
+Reduction happens during backward, micro-batch by micro-batch, which is what lets it overlap compute.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .stage1 import OptimizerStatePartitioning
+
+
+class GradientPartitioning(OptimizerStatePartitioning):
+    stage = 2
+
+    def _init_params_and_master(self):
+        super()._init_params_and_master()
+        # gradient partition in the parameters' dtype (DeepSpeed keeps fp16 grads; reductions run in fp32)
+        self.grad_partition = self.backend.zeros((self.layout.partition_numel,), self.dtype)
+        self.bucket_size = self.config["zero_optimization"]["reduce_bucket_size"]
+        self._bucket: list[str] = []
+        self._bucket_numel = 0
+        for name, p in self.params.items():
+            p.register_post_accumulate_grad_hook(lambda p, name=name: self._grad_ready(name))
+
+    def _grad_ready(self, name: str) -> None:
+        self._bucket.append(name)
+        self._bucket_numel += self.params[name].size
+        if self._bucket_numel >= self.bucket_size:
+            self._reduce_bucket()
+
+    def _reduce_bucket(self) -> None:
+        """Reduce-scatter the bucket's gradients; accumulate this rank's rows; free the whole gradients."""
+        if not self._bucket:
+            return
+        slots = [self.layout.by_name[n] for n in self._bucket]
+        rows = self.layout.to_rows({n: self.params[n].grad for n in self._bucket}, dtype=np.float32, slots=slots)
+        mine = self.comm.reduce_scatter(rows.reshape(-1))           # (sum of chunks,) fp32
+        col = 0
+        for s in slots:
+            view = self.layout.view(self.grad_partition, s)
+            view[...] = (view.astype(np.float32) + mine[col:col + s.chunk]).astype(self.dtype)
+            col += s.chunk
+            self.params[s.name].grad = None                          # the whole gradient is gone
+        self._bucket, self._bucket_numel = [], 0
+
+    def after_backward(self) -> None:
+        self._reduce_bucket()  # the last, partly filled bucket
+
+    def reduce_gradients(self):
+        return self.backend.cast(self.grad_partition, np.float32)
+
+    def zero_grads(self) -> None:
+        self.grad_partition[...] = 0
+        self.model.zero_grad()
+
+    def _grad_bytes(self) -> int:
+        return self.layout.partition_numel * self.dtype.itemsize

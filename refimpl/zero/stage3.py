@@ -1,0 +1,121 @@
+"""ZeRO stage 3, parameter partitioning (P_os+g+p, ZeRO §5.3; ZeRO-Infinity §5).
+
+On top of stage 2, the low-precision parameters are partitioned as well: rank r stores only its chunk of
+every parameter (`ds_tensor`, a view into its partition), so model states per rank are 16Ψ/N. A module's
+parameters are gathered (all-gather, Ψ in total per pass) just before the module runs and released right
+after, in forward and again in backward, through the module hooks of refimpl/nn.py — DeepSpeed's
+`parameter_offload.py`. Each parameter carries DeepSpeed's status: NOT_AVAILABLE (only the chunk is here),
+INFLIGHT (an all-gather is under way), AVAILABLE (whole). Parameters with fewer elements than
+`stage3_param_persistence_threshold` stay whole all the time (gathering them costs more in latency than
+they save in memory). Which parameters to gather ahead of time is the job of the coordinator
+(refimpl/zero/prefetch.py).
+"""
+from __future__ import annotations
+
+import enum
+
+import numpy as np
+
+from .prefetch import PartitionedParameterCoordinator
+from .stage2 import GradientPartitioning
+
+
+class ZeroParamStatus(enum.Enum):
+    NOT_AVAILABLE = 1   # only this rank's chunk exists here
+    INFLIGHT = 2        # an all-gather has been issued
+    AVAILABLE = 3       # the whole parameter is in p.data
+
+
+class ParameterPartitioning(GradientPartitioning):
+    stage = 3
+
+    def _init_params_and_master(self):
+        zcfg = self.config["zero_optimization"]
+        full = {n: p.data for n, p in self.params.items()}
+        self.master = self.layout.partition(full, self.rank, dtype=np.float32)
+        self.lowp_partition = self.backend.cast(self.master, self.dtype)  # the only copy of the parameters
+        self.grad_partition = self.backend.zeros((self.layout.partition_numel,), self.dtype)
+        self.bucket_size = zcfg["reduce_bucket_size"]
+        self._bucket, self._bucket_numel = [], 0
+        threshold = zcfg["stage3_param_persistence_threshold"]
+        self._empty = self.backend.zeros((0,), self.dtype)
+        for name, p in self.params.items():
+            slot = self.layout.by_name[name]
+            p.ds_name, p.ds_shape, p.ds_numel = name, slot.shape, slot.numel
+            p.ds_tensor = self.layout.view(self.lowp_partition, slot)   # this rank's chunk (a view)
+            p.ds_persist = slot.numel < threshold
+            p.ds_status = ZeroParamStatus.AVAILABLE
+            p.ds_handle = None
+            p.register_post_accumulate_grad_hook(lambda p, name=name: self._grad_ready(name))
+            if not p.ds_persist:
+                self.release(p)
+        self.coordinator = PartitionedParameterCoordinator(self, zcfg)
+        self._register_module_hooks()
+
+    # ------------------------------------------------------------------------------- gather / release
+    def all_gather_async(self, p) -> None:
+        """Issue the all-gather of p's chunks; p is INFLIGHT until `wait_for` installs the result."""
+        p.ds_handle = self.comm.all_gather_async(p.ds_tensor)
+        p.ds_status = ZeroParamStatus.INFLIGHT
+
+    def wait_for(self, p) -> None:
+        gathered = p.ds_handle.wait()                                # (N * chunk,)
+        p.data = gathered[:p.ds_numel].reshape(p.ds_shape)
+        p.ds_handle, p.ds_status = None, ZeroParamStatus.AVAILABLE
+
+    def fetch(self, params) -> None:
+        """Make `params` whole: start the missing all-gathers, then wait for every one in flight."""
+        for p in params:
+            if p.ds_status is ZeroParamStatus.NOT_AVAILABLE:
+                self.all_gather_async(p)
+        for p in params:
+            if p.ds_status is ZeroParamStatus.INFLIGHT:
+                self.wait_for(p)
+
+    def release(self, p) -> None:
+        """Drop the whole parameter; only this rank's chunk remains."""
+        if p.ds_persist or p.ds_status is not ZeroParamStatus.AVAILABLE:
+            return
+        p.data = self._empty
+        p.ds_status = ZeroParamStatus.NOT_AVAILABLE
+
+    def release_all(self) -> None:
+        for p in self.params.values():
+            if p.ds_status is ZeroParamStatus.INFLIGHT:
+                self.wait_for(p)  # never leave a collective dangling
+            self.release(p)
+
+    def _register_module_hooks(self) -> None:
+        c = self.coordinator
+        for module in self.model.modules():
+            if not module._parameters:
+                continue
+            module.register_forward_pre_hook(lambda m, args: c.fetch_sub_module(m, forward=True))
+            module.register_forward_hook(lambda m, args, out: c.release_sub_module(m, forward=True))
+            module.register_full_backward_pre_hook(lambda m, g: c.fetch_sub_module(m, forward=False))
+            module.register_full_backward_hook(lambda m, gi, go: c.release_sub_module(m, forward=False))
+
+    # -------------------------------------------------------------------------------------- engine API
+    def after_backward(self) -> None:
+        super().after_backward()
+        self.coordinator.end_of_pass()
+
+    def publish_params(self) -> None:
+        """AdamW wrote the new chunks into lowp_partition (ds_tensor views); re-gather persistent params."""
+        persistent = [p for p in self.params.values() if p.ds_persist]
+        handles = [self.comm.all_gather_async(p.ds_tensor) for p in persistent]
+        for p, h in zip(persistent, handles):
+            p.data = h.wait()[:p.ds_numel].reshape(p.ds_shape)
+
+    def full_params(self) -> dict:
+        gathered = self.comm.all_gather(self.lowp_partition)
+        return self.layout.unpartition(gathered)
+
+    def _param_bytes(self) -> int:
+        persistent = sum(p.ds_numel for p in self.params.values() if p.ds_persist)
+        return (self.layout.partition_numel + persistent) * self.dtype.itemsize
+
+    def gathered_numel(self) -> int:
+        """Elements of whole (non-persistent) parameters currently held: what max_live_parameters bounds."""
+        return sum(p.ds_numel for p in self.params.values()
+                   if not p.ds_persist and p.ds_status is not ZeroParamStatus.NOT_AVAILABLE)
