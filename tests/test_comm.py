@@ -344,6 +344,7 @@ def _decode(d):
     return np.frombuffer(bytes.fromhex(d["hex"]), dtype=dtype).reshape(d["shape"])
 
 
+@pytest.mark.mpi
 def test_mpi_matches_localcomm_bitwise(tmp_path):
     code, out, err = _run_worker("collectives", tmp_path)
     assert code == 0, f"worker failed:\n{out}\n{err}"
@@ -362,6 +363,7 @@ def test_mpi_matches_localcomm_bitwise(tmp_path):
     assert_bitwise_equal(local[1]["all_gather_shard_async"], np.concatenate([x0["shard"], x1["shard"]]))
 
 
+@pytest.mark.mpi
 def test_mpi_mismatched_sizes_raise_on_both_ranks(tmp_path):
     code, out, err = _run_worker("mismatch", tmp_path)
     assert code == 0, f"worker failed:\n{out}\n{err}"
@@ -371,6 +373,7 @@ def test_mpi_mismatched_sizes_raise_on_both_ranks(tmp_path):
             and "shape=(3,)" in message
 
 
+@pytest.mark.mpi
 def test_mpi_skipped_collective_aborts_the_job(tmp_path):
     code, out, err = _run_worker("skip", tmp_path, limit=60)     # rank 1 sleeps 600 s: only Abort ends it
     assert code != 0
