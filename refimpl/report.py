@@ -11,7 +11,7 @@ def summarize(config, out, model, dataset, history, evals, engine, seconds) -> d
         "backend": config["backend"],
         "task": config["model"]["task"],
         "dataset": config["data"]["dataset"],
-        "parameters": model.num_parameters(),
+        "parameters": engine.zero.layout.numel,  # (stage 3 params are partitioned: count the layout)
         "param_dtype": str(engine.dtype),
         "zero_stage": engine.zero.stage,
         "world_size": engine.world_size,
