@@ -1,10 +1,15 @@
-"""Tests of refimpl/engine.py: the stage-0 mixed-precision engine (DeepSpeedEngine's step semantics).
+"""Tests of refimpl/engine.py: the mixed-precision engine (DeepSpeedEngine's step semantics) at every ZeRO stage.
 
 Each test drives `Engine` directly on the tiny Transformer of `refimpl.train.build` and checks a rule of
 DeepSpeed's training loop against a value computed independently here: gradient accumulation equals one
 big batch, an fp16 overflow skips the step and moves the loss scale as DeepSpeed's DynamicLossScaler does,
 low-precision params mirror the fp32 master, clipping follows torch's clip_grad_norm_ rule, and the logged LR
 follows the schedule.
+
+The accumulation, overflow and clipping rules are the engine's, not the stage's, so those tests run at ZeRO
+stages 0-3 (refimpl/zero/stage{0,1,2,3}.py) with one rank. With one partition the partition layout is every
+parameter flattened in model order, so `engine.master`, Adam's moments and the stage's gradient partition
+line up element for element with a whole-model reference computed here.
 """
 import json
 
@@ -18,6 +23,17 @@ from refimpl.engine import Engine
 from refimpl.kernels.optim import adam_step
 from refimpl.optim import lr_at
 from refimpl.train import build, train
+
+STAGES = [0, 1, 2, 3]
+
+
+def stage_overrides(stage: int) -> list:
+    """Config overrides for ZeRO `stage`. At stage 3 a persistence threshold of 0 partitions every parameter
+    (the tiny model's are all below the default 1e5 elements, which would keep them whole)."""
+    out = [f"zero_optimization.stage={stage}"]
+    if stage == 3:
+        out.append("zero_optimization.stage3_param_persistence_threshold=0")
+    return out
 
 
 def make_engine(config):
@@ -44,11 +60,29 @@ def full_step(engine, dataset, model, step):
         return engine.step()
 
 
+def pending_grad(engine) -> np.ndarray:
+    """A copy of the fp32 gradient partition the next step() would apply (loss-scaled, summed over ranks).
+    Stages 0-1 keep it in each parameter's .grad, stages 2-3 in the stage's gradient partition."""
+    with use_backend(engine.backend):
+        return np.array(engine.backend.to_numpy(engine.zero.reduce_gradients()), dtype=np.float32, copy=True)
+
+
+def whole_params(engine) -> np.ndarray:
+    """Every low-precision parameter, whole and flattened in model order (stage 3 gathers them)."""
+    with use_backend(engine.backend):
+        full = engine.zero.full_params()
+    return np.concatenate([np.array(engine.backend.to_numpy(full[s.name])).reshape(-1)
+                           for s in engine.zero.layout.slots])
+
+
 def snapshot(engine) -> dict:
     """Copies of every model state the optimizer step may touch."""
-    return {"params": engine.flat.buffer.copy(), "master": engine.master.copy(),
+    snap = {"params": whole_params(engine), "master": engine.master.copy(),
             "exp_avg": engine.optimizer.exp_avg.copy(), "exp_avg_sq": engine.optimizer.exp_avg_sq.copy(),
             "adam_step": engine.optimizer.step_count}
+    if engine.zero.lowp_partition is not None:
+        snap["lowp_partition"] = engine.zero.lowp_partition.copy()
+    return snap
 
 
 def concat(a: Batch, b: Batch) -> Batch:
@@ -58,12 +92,14 @@ def concat(a: Batch, b: Batch) -> Batch:
 
 # ------------------------------------------------------------------------------- gradient accumulation
 
-def test_gradient_accumulation_equals_one_big_batch(tiny_config):
+@pytest.mark.parametrize("stage", STAGES)
+def test_gradient_accumulation_equals_one_big_batch(tiny_config, stage):
     # scheduler=null: a constant lr, so the very first step moves the weights.
     acc, ds, m_acc = make_engine(tiny_config("scheduler=null", "gradient_accumulation_steps=2",
-                                             "train_micro_batch_size_per_gpu=4"))
+                                             "train_micro_batch_size_per_gpu=4", *stage_overrides(stage)))
     big, _, m_big = make_engine(tiny_config("scheduler=null", "gradient_accumulation_steps=1",
-                                            "train_micro_batch_size_per_gpu=8"))
+                                            "train_micro_batch_size_per_gpu=8", *stage_overrides(stage)))
+    assert acc.zero.stage == big.zero.stage == stage
     np.testing.assert_array_equal(acc.master, big.master)   # same seed: same initial weights
 
     b0, b1 = ds.get_batch("train", 0, 4, 32), ds.get_batch("train", 1, 4, 32)
@@ -78,8 +114,10 @@ def test_gradient_accumulation_equals_one_big_batch(tiny_config):
     micro_step(big, m_big, concat(b0, b1))
 
     # mean over 2 micro-batches of 4 == mean over one batch of 8, up to fp32 summation order
-    np.testing.assert_allclose(acc.grad_acc, big.grad_acc, rtol=1e-4, atol=1e-7)
-    assert np.abs(acc.grad_acc).max() > 1e-3       # a real gradient, not zeros
+    g_acc, g_big = pending_grad(acc), pending_grad(big)
+    assert g_acc.shape == g_big.shape == acc.master.shape
+    np.testing.assert_allclose(g_acc, g_big, rtol=1e-4, atol=1e-7)
+    assert np.abs(g_acc).max() > 1e-3              # a real gradient, not zeros
 
     acc.step()
     big.step()
@@ -90,20 +128,25 @@ def test_gradient_accumulation_equals_one_big_batch(tiny_config):
     np.testing.assert_allclose(acc.master, big.master, rtol=0, atol=1e-3 * lr)
     np.testing.assert_allclose(acc.optimizer.exp_avg, big.optimizer.exp_avg, rtol=1e-4, atol=1e-9)
     assert np.abs(acc.master - before).max() > 0.5 * lr   # and the step did move the weights
-    assert not acc.grad_acc.any() and not big.grad_acc.any()   # accumulators cleared for the next step
+    # the model's parameters (gathered, at stage 3) are the new master
+    np.testing.assert_array_equal(whole_params(acc), acc.master)
+    assert not pending_grad(acc).any() and not pending_grad(big).any()   # gradients cleared for the next step
 
 
 # ------------------------------------------------------------------------------------ fp16 overflow
 
-def test_fp16_overflow_skips_step_and_follows_hysteresis(tiny_config):
+@pytest.mark.parametrize("stage", STAGES)
+def test_fp16_overflow_skips_step_and_follows_hysteresis(tiny_config, stage):
     # Linear warmup over 10 steps: every applied step has a different lr, so a schedule that advanced on a
     # skipped step would be visible. Window 3 and hysteresis 2 make both rules show within 8 steps.
     config = tiny_config("fp16.enabled=true", "fp16.initial_scale_power=8", "fp16.hysteresis=2",
                          "fp16.loss_scale_window=3", "gradient_clipping=0",
                          'scheduler={"type": "WarmupLR", "params": {"warmup_num_steps": 10, '
-                         '"warmup_type": "linear", "warmup_min_lr": 0.0001}}')
+                         '"warmup_type": "linear", "warmup_min_lr": 0.0001}}', *stage_overrides(stage))
     engine, ds, model = make_engine(config)
-    assert engine.flat.dtype == np.float16
+    assert engine.dtype == np.float16 and whole_params(engine).dtype == np.float16
+    if stage < 3:
+        assert engine.flat.dtype == np.float16
 
     # Poison one parameter's gradient on chosen steps: an inf gradient is what an fp16 overflow looks like.
     poison = {"on": False}
@@ -130,7 +173,7 @@ def test_fp16_overflow_skips_step_and_follows_hysteresis(tiny_config):
         if step in overflow_at:
             skipped += 1
             assert ok is False and engine.last["overflow"] is True
-            for key in ("params", "master", "exp_avg", "exp_avg_sq"):
+            for key in before.keys() - {"adam_step"}:
                 np.testing.assert_array_equal(after[key], before[key], err_msg=f"{key} changed on a skipped step")
             assert after["adam_step"] == before["adam_step"] == applied
         else:
@@ -138,26 +181,29 @@ def test_fp16_overflow_skips_step_and_follows_hysteresis(tiny_config):
             assert ok is True and engine.last["overflow"] is False
             assert np.isfinite(after["master"]).all()
             assert not np.array_equal(after["master"], before["master"])
+            np.testing.assert_array_equal(after["params"], after["master"].astype(np.float16))
             assert after["adam_step"] == applied
         assert engine.global_steps == step
         assert engine.skipped_steps == skipped
-        assert not engine.grad_acc.any()           # a skipped step's inf gradient is not carried over
+        assert not pending_grad(engine).any()      # a skipped step's inf gradient is not carried over
     assert engine.loss_scale == 128
     assert engine.current_lr() == pytest.approx(lr_at(applied, sched, base_lr), rel=1e-12)
     # the schedule really moves between applied steps (else the lr checks above would prove nothing)
     assert lr_at(1, sched, base_lr) != lr_at(2, sched, base_lr)
 
 
+@pytest.mark.parametrize("stage", STAGES)
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning",
                             "ignore:invalid value encountered:RuntimeWarning")
-def test_fp16_huge_initial_scale_overflows_without_help(tiny_config):
+def test_fp16_huge_initial_scale_overflows_without_help(tiny_config, stage):
     # 2^40 * loss is far beyond fp16's 65504: the scaled backward overflows without any help.
     engine, ds, model = make_engine(tiny_config("fp16.enabled=true", "fp16.initial_scale_power=40",
-                                                "fp16.hysteresis=1"))
+                                                "fp16.hysteresis=1", *stage_overrides(stage)))
     before = snapshot(engine)
     assert full_step(engine, ds, model, 0) is False
     assert engine.skipped_steps == 1 and engine.loss_scale == 2.0 ** 39   # hysteresis 1: halve at once
     np.testing.assert_array_equal(engine.master, before["master"])
+    np.testing.assert_array_equal(whole_params(engine), before["params"])
     assert engine.optimizer.step_count == 0
 
 
@@ -168,6 +214,7 @@ def test_fp16_huge_initial_scale_overflows_without_help(tiny_config):
 def test_low_precision_params_mirror_fp32_master(tiny_config, precision, dtype):
     engine, ds, model = make_engine(tiny_config(f"{precision}.enabled=true", "scheduler=null",
                                                 "fp16.initial_scale_power=8"))
+    assert engine.zero.stage == 0
     assert engine.flat.buffer.dtype == dtype and engine.master.dtype == np.float32
     for name, p in model.named_parameters():
         assert p.data.dtype == dtype, name
@@ -189,17 +236,19 @@ def test_low_precision_params_mirror_fp32_master(tiny_config, precision, dtype):
 
 # ----------------------------------------------------------------------------------------- clipping
 
+@pytest.mark.parametrize("stage", STAGES)
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
-def test_clipping_scales_gradient_by_max_norm_over_norm(tiny_config, precision):
+def test_clipping_scales_gradient_by_max_norm_over_norm(tiny_config, precision, stage):
     max_norm = 1e-3
     # A large Adam eps makes the update depend on the gradient's size, so clipping is visible in it.
-    overrides = ["scheduler=null", f"gradient_clipping={max_norm}", "optimizer.params.eps=1e-4"]
+    overrides = ["scheduler=null", f"gradient_clipping={max_norm}", "optimizer.params.eps=1e-4",
+                 *stage_overrides(stage)]
     if precision == "fp16":
         overrides += ["fp16.enabled=true", "fp16.loss_scale=512"]     # static scale: unscale + clip together
     engine, ds, model = make_engine(tiny_config(*overrides))
     scale = engine.loss_scale
     micro_step(engine, model, ds.get_batch("train", 0, 4, 32))
-    grad = engine.grad_acc.copy()                   # loss-scaled fp32 gradient
+    grad = pending_grad(engine)                     # loss-scaled fp32 gradient
     master = engine.master.copy()
 
     norm = float(np.sqrt(np.sum(grad.astype(np.float64) ** 2))) / scale
@@ -226,11 +275,12 @@ def test_clipping_scales_gradient_by_max_norm_over_norm(tiny_config, precision):
     assert np.abs(unclipped_p - expect_p).max() > 0.1 * opt["lr"]
 
 
-def test_no_clipping_below_max_norm(tiny_config):
+@pytest.mark.parametrize("stage", STAGES)
+def test_no_clipping_below_max_norm(tiny_config, stage):
     engine, ds, model = make_engine(tiny_config("scheduler=null", "gradient_clipping=1e6",
-                                                "optimizer.params.eps=1e-4"))
+                                                "optimizer.params.eps=1e-4", *stage_overrides(stage)))
     micro_step(engine, model, ds.get_batch("train", 0, 4, 32))
-    grad, master = engine.grad_acc.copy(), engine.master.copy()
+    grad, master = pending_grad(engine), engine.master.copy()
     opt = engine.config["optimizer"]["params"]
     m, v = np.zeros_like(master), np.zeros_like(master)
     adam_step(master, grad, m, v, lr=opt["lr"], beta1=opt["betas"][0], beta2=opt["betas"][1], eps=opt["eps"],
