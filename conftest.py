@@ -1,7 +1,11 @@
 """Hypothesis profiles shared by tests/ and spec_tests/ (select with HYPOTHESIS_PROFILE)."""
 import os
 
-from hypothesis import HealthCheck, settings
+# Simulated ranks are threads; with a multi-threaded BLAS each would spawn one BLAS thread per core, and on a
+# 2-core machine they fight. Must be set before numpy is first imported.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+from hypothesis import HealthCheck, settings  # noqa: E402
 
 settings.register_profile(
     "ci", max_examples=15, deadline=None, derandomize=True,

@@ -3,7 +3,7 @@
     for each micro-batch:  loss = model(this rank's slice of the batch)
                            backward(loss * loss_scale / gradient_accumulation_steps)
                            the ZeRO stage handles the gradients (keep them, or reduce-scatter them now)
-    at the boundary:       this rank's fp32 gradient partition, summed over ranks
+    at the boundary:       this rank's fp32 gradient partition, averaged over ranks
                            overflow on any rank?  -> every rank skips the step, the loss scale drops (fp16)
                            clip coefficient from the global gradient norm (shards' squares summed over ranks)
                            AdamW on this rank's fp32 partition, writing the low-precision copy
@@ -87,21 +87,20 @@ class Engine:
             return True
         be, scale, lr = self.backend, self.loss_scale, self.current_lr()
         with np.errstate(over="ignore", invalid="ignore"):
-            grad = self.zero.reduce_gradients()             # (S,) fp32, summed over ranks, still loss-scaled
+            grad = self.zero.reduce_gradients()             # (S,) fp32, mean over ranks, still loss-scaled
             overflow = self._all_ranks(float(be.has_inf_or_nan(grad)), "max") > 0  # any rank: all skip
         self.global_steps += 1
         if overflow:
             self.skipped_steps += 1
             self.last = {"overflow": True, "grad_norm": math.inf, "lr": lr, "loss_scale": scale}
         else:
-            # the mean over ranks is folded into the divisor, with unscaling and clipping (one pass over grad)
-            divisor = scale * self.world_size
             sq = be.sum_squares(grad)
             if self.zero.partitioned:
                 sq = self._all_ranks(sq, "sum")
-            grad_norm = math.sqrt(sq) / divisor
+            grad_norm = math.sqrt(sq) / scale
             clip = clip_coefficient(grad_norm, self.config["gradient_clipping"])
-            self.optimizer.step(grad, lr=lr, grad_scale=divisor / clip, out_lowp=self.zero.lowp_partition)
+            # unscaling and clipping folded into one divisor (one pass over the gradient)
+            self.optimizer.step(grad, lr=lr, grad_scale=scale / clip, out_lowp=self.zero.lowp_partition)
             self.zero.publish_params()
             self.last = {"overflow": False, "grad_norm": grad_norm, "lr": lr, "loss_scale": scale}
         self.loss_scaler.update_scale(bool(overflow))

@@ -60,8 +60,9 @@ def reduce_in_rank_order(arrays, op="sum"):
     accumulate = np.float32 if op == "sum" and _is_float(dtype) and dtype.itemsize < 4 else dtype
     combine = {"sum": np.add, "max": np.maximum, "min": np.minimum}[op]
     acc = np.array(arrays[0], dtype=accumulate, copy=True)
-    for a in arrays[1:]:
-        acc = combine(acc, np.asarray(a, dtype=accumulate))
+    with np.errstate(over="ignore", invalid="ignore"):  # inf/nan are data here (fp16 overflow detection)
+        for a in arrays[1:]:
+            acc = combine(acc, np.asarray(a, dtype=accumulate))
     return acc.astype(dtype, copy=False)
 
 

@@ -42,6 +42,8 @@ class PartitionedParameterCoordinator:
             return
         if self.recording:
             self.trace.append(module)
+        elif self.recording is None:   # off the trace this pass: fetch on demand, record again next pass
+            pass
         elif self.step_id >= len(self.trace) or self.trace[self.step_id] is not module:
             self._invalidate(module)
         else:

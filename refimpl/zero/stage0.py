@@ -7,7 +7,7 @@ so every rank takes the same optimizer step on the same numbers.
 
 The stage classes share one shape, which the engine (refimpl/engine.py) drives:
     after_backward()        once per micro-batch, after loss.backward()
-    reduce_gradients()      at the accumulation boundary: this rank's fp32 gradient partition, summed over ranks
+    reduce_gradients()      at the accumulation boundary: this rank's fp32 gradient partition, mean over ranks
     master / lowp_partition what AdamW updates, and where it writes the low-precision copy
     publish_params()        after the update: make the new parameters visible to the model
     zero_grads(), model_state_bytes(), full_state()/load_full_state() for checkpoints
@@ -50,8 +50,8 @@ class DataParallel:
         """Gradients stay in each parameter's .grad (autodiff accumulates micro-batches there)."""
 
     def reduce_gradients(self):
-        """All-reduce the whole gradient: every rank gets the sum over ranks (fp32)."""
-        return self.comm.all_reduce(self.flat.flat_grads(np.float32))
+        """All-reduce the whole gradient: every rank gets the mean over ranks (fp32)."""
+        return self.comm.all_reduce(self.flat.flat_grads(np.float32)) / np.float32(self.world_size)
 
     def zero_grads(self) -> None:
         self.model.zero_grad()

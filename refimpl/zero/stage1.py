@@ -32,7 +32,8 @@ class OptimizerStatePartitioning(DataParallel):
         grads = {n: (p.grad if p.grad is not None else self.backend.zeros(p.shape, self.dtype))
                  for n, p in self.params.items()}
         rows = self.layout.to_rows(grads, dtype=np.float32)        # (N, S)
-        return self.comm.reduce_scatter(rows.reshape(-1))          # (S,) this rank's partition
+        mine = self.comm.reduce_scatter(rows.reshape(-1))          # (S,) this rank's partition, summed
+        return mine / np.float32(self.world_size)                  # the mean, as every stage returns
 
     def publish_params(self) -> None:
         """All-gather the updated low-precision partitions and write the whole parameters back."""

@@ -38,7 +38,8 @@ class GradientPartitioning(OptimizerStatePartitioning):
             return
         slots = [self.layout.by_name[n] for n in self._bucket]
         rows = self.layout.to_rows({n: self.params[n].grad for n in self._bucket}, dtype=np.float32, slots=slots)
-        mine = self.comm.reduce_scatter(rows.reshape(-1))           # (sum of chunks,) fp32
+        # the mean over ranks before it is stored: a sum could overflow the fp16 partition N times sooner
+        mine = self.comm.reduce_scatter(rows.reshape(-1)) / np.float32(self.world_size)  # (sum of chunks,) fp32
         col = 0
         for s in slots:
             view = self.layout.view(self.grad_partition, s)
