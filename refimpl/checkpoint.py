@@ -98,10 +98,7 @@ def save_checkpoint(root, engine, config: dict) -> Path:
     _agree(comm, error, f"creating {tmp}")
     try:
         if rank < zero.layout.num_partitions:  # stage 0 has one partition: rank 0 writes it
-            save_file({"master": engine.backend.to_numpy(zero.master).copy(),
-                       "exp_avg": engine.backend.to_numpy(engine.optimizer.exp_avg).copy(),
-                       "exp_avg_sq": engine.backend.to_numpy(engine.optimizer.exp_avg_sq).copy()},
-                      str(tmp / optim_file(rank)))
+            save_file(engine.optimizer.partitions(), str(tmp / optim_file(rank)))
     except BaseException as exc:  # reported to every rank by _agree, then re-raised on this one
         error = exc
     try:

@@ -77,6 +77,22 @@ class AdamW:
             eps=self.eps, weight_decay=self.weight_decay, step=self.step_count,
             grad_scale=grad_scale, adamw_mode=self.adamw_mode, out_lowp=out_lowp)
 
+    def partitions(self) -> dict:
+        """Host copies of this rank's fp32 partitions: master weights and both moments (for checkpoints)."""
+        to_np = self.backend.to_numpy
+        return {"master": np.array(to_np(self.master), dtype=np.float32, copy=True),
+                "exp_avg": np.array(to_np(self.exp_avg), dtype=np.float32, copy=True),
+                "exp_avg_sq": np.array(to_np(self.exp_avg_sq), dtype=np.float32, copy=True)}
+
+    def load_partitions(self, parts: dict) -> None:
+        """Overwrite master weights and moments in place (the model's parameters may be views of master)."""
+        for key in ("master", "exp_avg", "exp_avg_sq"):
+            dst = getattr(self, key)
+            if parts[key].shape != dst.shape:
+                raise ValueError(f"AdamW.load_partitions: {key!r} has shape {parts[key].shape}, the partition "
+                                 f"has shape {dst.shape}")
+            dst[...] = self.backend.asarray(parts[key])
+
     _STATE_KEYS = ("exp_avg", "exp_avg_sq", "step")
 
     def state_dict(self) -> dict:

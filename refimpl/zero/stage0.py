@@ -77,15 +77,14 @@ class DataParallel:
     def full_state(self, optimizer) -> dict:
         """name -> full fp32 arrays of master, exp_avg, exp_avg_sq (what a checkpoint stores per parameter)."""
         return {key: self.layout.unpartition(self.comm.all_gather(arr) if self.partitioned else arr)
-                for key, arr in (("master", self.master), ("exp_avg", optimizer.exp_avg),
-                                 ("exp_avg_sq", optimizer.exp_avg_sq))}
+                for key, arr in optimizer.partitions().items()}
 
     def load_full_state(self, optimizer, full: dict) -> None:
         """Inverse of full_state: cut this rank's partition out of full per-parameter arrays."""
-        for key, arr in (("master", self.master), ("exp_avg", optimizer.exp_avg), ("exp_avg_sq", optimizer.exp_avg_sq)):
-            arr[...] = self.layout.partition({k: self.backend.asarray(v) for k, v in full[key].items()}, self.rank)
-        if self.lowp_partition is not None:
-            self.lowp_partition[...] = self.backend.cast(self.master, self.dtype)
+        parts = {key: self.layout.partition(full[key], self.rank) for key in ("master", "exp_avg", "exp_avg_sq")}
+        optimizer.load_partitions(parts)
+        if self.lowp_partition is not None:  # the low-precision parameters are always the rounded master
+            self.lowp_partition[...] = self.backend.cast(self.backend.asarray(parts["master"]), self.dtype)
         self.publish_params()
 
     def full_params(self) -> dict:

@@ -1,0 +1,130 @@
+"""The ledger: every transfer between tiers and every compute interval, with bytes, rank and time.
+
+ZeRO-Infinity's claim (§6, overlap-centric design) is that moving model states between NVMe, host and device
+costs little because the transfers hide under compute. The ledger makes that checkable: each rank records
+    transfer  src tier -> dst tier, bytes, start, end, label     (nvme->host, host->device, device->host, ...)
+    compute   start, end, label                                  (forward, backward, optimizer step)
+    alloc     tier, +/- bytes                                    (current and peak bytes per tier)
+and `summary()` reports, per step: bytes and achieved GB/s per tier pair, transfer time hidden under compute vs
+exposed, and the peak bytes held in each tier. `write_jsonl` and `plot_timeline` put it on disk.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import threading
+import time
+from collections import defaultdict
+
+TIERS = ("device", "host", "nvme")
+
+
+class Ledger:
+    def __init__(self, rank: int = 0, clock=time.perf_counter):
+        self.rank, self.clock = rank, clock
+        self.t0 = clock()
+        self.events: list[dict] = []
+        self.step = 0
+        self.used = defaultdict(int)     # tier -> bytes held now
+        self.peak = defaultdict(int)     # tier -> most bytes held at once (since the last reset)
+        self._lock = threading.Lock()    # I/O threads record too
+
+    def _now(self) -> float:
+        return self.clock() - self.t0
+
+    # ----------------------------------------------------------------------------------------- record
+    def add(self, kind: str, start: float, end: float, **fields) -> None:
+        with self._lock:
+            self.events.append({"kind": kind, "rank": self.rank, "step": self.step, "start": start, "end": end,
+                                **fields})
+
+    @contextlib.contextmanager
+    def transfer(self, src: str, dst: str, nbytes: int, label: str = ""):
+        start = self._now()
+        yield
+        self.add("transfer", start, self._now(), src=src, dst=dst, nbytes=int(nbytes), label=label)
+
+    @contextlib.contextmanager
+    def compute(self, label: str):
+        start = self._now()
+        yield
+        self.add("compute", start, self._now(), label=label)
+
+    def alloc(self, tier: str, nbytes: int) -> None:
+        with self._lock:
+            self.used[tier] += int(nbytes)
+            self.peak[tier] = max(self.peak[tier], self.used[tier])
+
+    def free(self, tier: str, nbytes: int) -> None:
+        with self._lock:
+            self.used[tier] -= int(nbytes)
+
+    def next_step(self) -> None:
+        self.step += 1
+
+    # ---------------------------------------------------------------------------------------- summary
+    def summary(self, step: int | None = None) -> dict:
+        """Per tier pair: bytes, seconds, GB/s; hidden vs exposed transfer seconds; peak bytes per tier."""
+        events = [e for e in self.events if step is None or e["step"] == step]
+        computes = _union([(e["start"], e["end"]) for e in events if e["kind"] == "compute"])
+        pairs: dict[str, dict] = {}
+        for e in events:
+            if e["kind"] != "transfer":
+                continue
+            p = pairs.setdefault(f"{e['src']}->{e['dst']}", {"bytes": 0, "seconds": 0.0, "hidden_s": 0.0})
+            p["bytes"] += e["nbytes"]
+            p["seconds"] += e["end"] - e["start"]
+            p["hidden_s"] += _overlap((e["start"], e["end"]), computes)
+        for p in pairs.values():
+            p["GB_per_s"] = p["bytes"] / p["seconds"] / 1e9 if p["seconds"] > 0 else None
+            p["exposed_s"] = p["seconds"] - p["hidden_s"]
+        return {"rank": self.rank, "pairs": pairs, "compute_s": sum(b - a for a, b in computes),
+                "peak_bytes": dict(self.peak)}
+
+    def write_jsonl(self, path) -> None:
+        with open(path, "a") as f:
+            for e in self.events:
+                f.write(json.dumps(e) + "\n")
+
+
+def _union(intervals):
+    """Merge overlapping intervals: the time during which some compute ran."""
+    out = []
+    for a, b in sorted(intervals):
+        if out and a <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], b)
+        else:
+            out.append([a, b])
+    return out
+
+
+def _overlap(interval, merged) -> float:
+    a, b = interval
+    return sum(max(0.0, min(b, y) - max(a, x)) for x, y in merged)
+
+
+def plot_timeline(events, path, title="") -> None:
+    """Tiers as lanes over time: one lane per transfer direction and one for compute, per rank."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lanes = sorted({(e["rank"], "compute" if e["kind"] == "compute" else f"{e['src']}->{e['dst']}")
+                    for e in events if e["kind"] in ("compute", "transfer")})
+    index = {lane: i for i, lane in enumerate(lanes)}
+    colors = {"compute": "tab:green", "nvme->host": "tab:purple", "host->nvme": "tab:pink",
+              "host->device": "tab:blue", "device->host": "tab:orange"}
+    fig, ax = plt.subplots(figsize=(10, 0.45 * len(lanes) + 1.5), dpi=110)
+    for e in events:
+        if e["kind"] not in ("compute", "transfer"):
+            continue
+        name = "compute" if e["kind"] == "compute" else f"{e['src']}->{e['dst']}"
+        ax.broken_barh([(e["start"], max(e["end"] - e["start"], 1e-6))], (index[(e["rank"], name)] - 0.4, 0.8),
+                       color=colors.get(name, "tab:gray"))
+    ax.set_yticks(range(len(lanes)), [f"rank {r}: {n}" for r, n in lanes])
+    ax.set_xlabel("seconds")
+    ax.set_title(title or "tier traffic and compute")
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
