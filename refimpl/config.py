@@ -29,7 +29,9 @@ __all__ = ["ConfigError", "DEFAULT_CONFIG", "SCHEMA", "load_config", "validate",
 
 # What this version implements of what DeepSpeed accepts. Widen these as the features land.
 SUPPORTED_ZERO_STAGES = (0, 1, 2, 3)
-SUPPORTED_OFFLOAD_DEVICES = ("none",)  # DeepSpeed: "none", "cpu", "nvme"
+# offload devices implemented so far, per section (DeepSpeed: "none", "cpu", "nvme" for both)
+SUPPORTED_OFFLOAD_DEVICES = {"offload_param": ("none",), "offload_optimizer": ("none", "cpu", "nvme")}
+OFFLOAD_MIN_STAGE = {"offload_param": 3, "offload_optimizer": 1}   # DeepSpeed's rules
 
 
 class ConfigError(ValueError):
@@ -357,9 +359,12 @@ def _check_version_limits(cfg):
         if zero[name] is None:
             continue
         path = f"zero_optimization.{name}"
-        _require_supported(f"{path}.device", zero[name]["device"], SUPPORTED_OFFLOAD_DEVICES, "offload device")
+        _require_supported(f"{path}.device", zero[name]["device"], SUPPORTED_OFFLOAD_DEVICES[name], "offload device")
         if zero[name]["device"] == "nvme" and zero[name]["nvme_path"] is None:
             raise ConfigError(f"{path}.nvme_path", "is required when device is 'nvme'")
+        if zero[name]["device"] != "none" and zero["stage"] < OFFLOAD_MIN_STAGE[name]:
+            raise ConfigError(f"{path}.device", f"{zero[name]['device']!r} needs zero_optimization.stage >= "
+                                                f"{OFFLOAD_MIN_STAGE[name]}, got stage {zero['stage']}")
 
 
 def _resolve(cfg):

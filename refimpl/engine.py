@@ -15,11 +15,14 @@ is the same for all of them, as in DeepSpeed where the engine wraps a ZeRO optim
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import ml_dtypes
 import numpy as np
 
 from .comm.local import LocalWorld
+from .memory.ledger import Ledger
+from .memory.optimizer_offload import OffloadedAdamW
 from .optim import AdamW, clip_coefficient, lr_at, make_loss_scaler
 from .zero import ZERO_STAGES
 
@@ -41,16 +44,35 @@ class Engine:
         self.gas = config["gradient_accumulation_steps"]
         self.dtype = param_dtype(config)
         self.zero = ZERO_STAGES[config["zero_optimization"]["stage"]](model, config, backend, self.comm, self.dtype)
-        self.master = self.zero.master  # this rank's fp32 master partition (everything, at stage 0)
-        opt = config["optimizer"]
-        self.optimizer = AdamW(self.master, backend=backend, lr=opt["params"]["lr"],
-                               betas=tuple(opt["params"]["betas"]), eps=opt["params"]["eps"],
-                               weight_decay=opt["params"]["weight_decay"], adamw_mode=opt["type"] == "AdamW")
+        self.ledger = Ledger(self.rank)
+        self.optimizer = self._make_optimizer()
+        self.master = self.zero.master  # this rank's fp32 master partition on the device (None when offloaded)
         self.loss_scaler = make_loss_scaler(config)
         self.micro_steps = 0
         self.global_steps = 0      # optimizer steps attempted (DeepSpeed's global_steps)
         self.skipped_steps = 0     # of which skipped for fp16 overflow
         self.last = {}             # facts about the last boundary step, for logging
+
+    def _make_optimizer(self):
+        """AdamW on the device, or on the host with its states in host memory or NVMe files (ZeRO-Offload)."""
+        opt, zcfg = self.config["optimizer"], self.config["zero_optimization"]
+        kw = dict(backend=self.backend, lr=opt["params"]["lr"], betas=tuple(opt["params"]["betas"]),
+                  eps=opt["params"]["eps"], weight_decay=opt["params"]["weight_decay"],
+                  adamw_mode=opt["type"] == "AdamW")
+        off = zcfg["offload_optimizer"]
+        if off is None or off["device"] == "none":
+            return AdamW(self.zero.master, **kw)
+        store = None
+        if off["device"] == "nvme":
+            from .memory.nvme import NVMeStore
+            aio = self.config["aio"]
+            path = Path(off["nvme_path"]) / f"zero_stage_{zcfg['stage']}" / "optimizer" / f"rank{self.rank}"
+            store = NVMeStore(path, block_size=aio["block_size"], queue_depth=aio["queue_depth"],
+                              intra_op_parallelism=aio["intra_op_parallelism"])
+        optimizer = OffloadedAdamW(self.zero.master, device=off["device"], sub_group_size=zcfg["sub_group_size"],
+                                   ledger=self.ledger, store=store, buffer_count=off["buffer_count"], **kw)
+        self.zero.master = None  # the fp32 master now lives in the host or NVMe tier only
+        return optimizer
 
     @property
     def flat(self):

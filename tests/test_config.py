@@ -417,10 +417,12 @@ def test_file_typo_is_reported_with_full_path(tmp_path):
 
 def test_widening_supported_sets(monkeypatch):
     monkeypatch.setattr(config, "SUPPORTED_ZERO_STAGES", (0, 1, 2, 3))
-    monkeypatch.setattr(config, "SUPPORTED_OFFLOAD_DEVICES", ("none", "cpu", "nvme"))
+    monkeypatch.setattr(config, "SUPPORTED_OFFLOAD_DEVICES", {"offload_param": ("none", "cpu", "nvme"),
+                                                              "offload_optimizer": ("none", "cpu", "nvme")})
     cfg = load_config(overrides=["zero_optimization.stage=3", "zero_optimization.offload_param.device=cpu"])
     assert cfg["zero_optimization"]["stage"] == 3 and cfg["zero_optimization"]["offload_param"]["device"] == "cpu"
     with pytest.raises(ConfigError, match=r"^zero_optimization\.offload_optimizer\.nvme_path: .*nvme"):
-        load_config(overrides=["zero_optimization.offload_optimizer.device=nvme"])
-    cfg = load_config(overrides=['zero_optimization.offload_optimizer={"device": "nvme", "nvme_path": "/tmp/x"}'])
+        load_config(overrides=["zero_optimization.stage=1", "zero_optimization.offload_optimizer.device=nvme"])
+    cfg = load_config(overrides=["zero_optimization.stage=1",
+                                 'zero_optimization.offload_optimizer={"device": "nvme", "nvme_path": "/tmp/x"}'])
     assert cfg["zero_optimization"]["offload_optimizer"]["nvme_path"] == "/tmp/x"
