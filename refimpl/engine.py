@@ -122,7 +122,11 @@ class Engine:
             grad_norm = math.sqrt(sq) / scale
             clip = clip_coefficient(grad_norm, self.config["gradient_clipping"])
             # unscaling and clipping folded into one divisor (one pass over the gradient)
-            self.optimizer.step(grad, lr=lr, grad_scale=scale / clip, out_lowp=self.zero.lowp_partition)
+            if isinstance(self.optimizer, AdamW):   # (the offloaded optimizer records its own sub-groups)
+                with self.ledger.compute("optimizer step"):
+                    self.optimizer.step(grad, lr=lr, grad_scale=scale / clip, out_lowp=self.zero.lowp_partition)
+            else:
+                self.optimizer.step(grad, lr=lr, grad_scale=scale / clip, out_lowp=self.zero.lowp_partition)
             self.zero.publish_params()
             self.last = {"overflow": False, "grad_norm": grad_norm, "lr": lr, "loss_scale": scale}
         self.loss_scaler.update_scale(bool(overflow))

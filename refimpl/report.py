@@ -41,6 +41,14 @@ def memory_and_traffic(engine) -> dict:
     out = {"model_state_bytes_per_rank": sum(mine.values()),
            "stage0_model_state_bytes_per_rank": 2 * n * item + optimizer0}
     out.update({f"bytes_{kind}_per_rank": b for kind, b in mine.items()})
+    tiers = engine.ledger.summary()
+    for pair, t in sorted(tiers["pairs"].items()):
+        out[f"{pair} bytes"] = t["bytes"]
+        if t["GB_per_s"] is not None:
+            out[f"{pair} GB/s"] = t["GB_per_s"]
+        out[f"{pair} hidden / exposed s"] = f"{t['hidden_s']:.3f} / {t['exposed_s']:.3f}"
+    for tier, peak in sorted(tiers["peak_bytes"].items()):
+        out[f"peak {tier} bytes"] = peak
     for op, st in sorted(engine.comm.stats.items()):
         if st["ring_bytes_sent"]:
             out[f"{op}_bytes_sent_per_rank"] = st["ring_bytes_sent"]
@@ -56,7 +64,7 @@ def format_summary(summary: dict) -> str:
             value = f"{value:,.4f}" if abs(value) < 1e4 else f"{value:,.0f}"
         elif isinstance(value, int):
             value = f"{value:,}"
-        rows.append((key.replace("_", " "), str(value)))
+        rows.append((key.replace("_", " ") if "->" not in key else key, str(value)))
     width = max(len(k) for k, _ in rows)
     line = "-" * (width + 3 + max(len(v) for _, v in rows))
     return "\n".join([line, *(f"{k:<{width}}   {v}" for k, v in rows), line])

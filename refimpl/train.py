@@ -108,6 +108,25 @@ def train(config: dict, out_dir=None, *, resume=None, progress: bool = True, com
     return run_ranks(ws, _train_rank, config, out, resume, progress, timeout=timeout)[0]
 
 
+def _write_ledger(out, engine) -> None:
+    """Every rank writes its ledger part; rank 0 joins them into ledger.jsonl and draws timeline.png."""
+    from .memory.ledger import plot_timeline
+    part = out / f".ledger.rank{engine.rank}.jsonl"
+    engine.ledger.write_jsonl(part)
+    engine.comm.barrier()
+    if engine.rank == 0:
+        events = []
+        for r in range(engine.world_size):
+            p = out / f".ledger.rank{r}.jsonl"
+            events += [json.loads(line) for line in p.read_text().splitlines()]
+            p.unlink()
+        with open(out / "ledger.jsonl", "w") as f:
+            for e in sorted(events, key=lambda e: (e["start"], e["rank"])):
+                f.write(json.dumps(e) + "\n")
+        plot_timeline(events, out / "timeline.png", title=f"{engine.world_size} rank(s), ZeRO stage {engine.zero.stage}")
+    engine.comm.barrier()
+
+
 def _train_rank(comm, config, out, resume, progress) -> dict:
     be, dataset, model = build(config)
     with use_backend(be):
@@ -139,10 +158,12 @@ def _loop(config, out, dataset, model, engine, progress) -> dict:
             loss_sum = 0.0
             for m in range(gas):
                 batch = rank_slice(dataset.get_batch("train", step * gas + m, micro * N, T), comm.rank, N)
-                loss, _ = model.loss(batch)
-                engine.backward(loss)
+                with engine.ledger.compute("forward+backward"):
+                    loss, _ = model.loss(batch)
+                    engine.backward(loss)
                 loss_sum += loss.item()
             engine.step()
+            engine.ledger.next_step()
             loss_mean = float(comm.all_reduce(np.array([loss_sum], np.float64))[0]) / (gas * N)
             dt = time.perf_counter() - t0
             rec = {"step": step + 1, "loss": loss_mean, "lr": engine.last["lr"],
@@ -168,6 +189,7 @@ def _loop(config, out, dataset, model, engine, progress) -> dict:
         ckpt.save_checkpoint(out / "checkpoint", engine, config)
     from .report import plot_losses, summarize
     summary = summarize(config, out, model, dataset, history, evals, engine, time.perf_counter() - t_start)
+    _write_ledger(out, engine)
     if lead:
         plot_losses(history, evals, out / "loss.png", title=f"{config['model']['task']} on {config['data']['dataset']}",
                     uniform_loss=float(np.log(model.cfg.vocab_size if model.cfg.task == "lm" else model.cfg.n_classes)))

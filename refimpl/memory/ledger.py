@@ -2,11 +2,14 @@
 
 ZeRO-Infinity's claim (§6, overlap-centric design) is that moving model states between NVMe, host and device
 costs little because the transfers hide under compute. The ledger makes that checkable: each rank records
-    transfer  src tier -> dst tier, bytes, start, end, label     (nvme->host, host->device, device->host, ...)
-    compute   start, end, label                                  (forward, backward, optimizer step)
+    transfer  src tier -> dst tier, bytes, start, end, label     (from issue to completion)
+    wait      src tier -> dst tier, start, end                   (the compute thread blocked on a transfer)
+    compute   start, end, label                                  (forward+backward, optimizer sub-groups)
     alloc     tier, +/- bytes                                    (current and peak bytes per tier)
-and `summary()` reports, per step: bytes and achieved GB/s per tier pair, transfer time hidden under compute vs
-exposed, and the peak bytes held in each tier. `write_jsonl` and `plot_timeline` put it on disk.
+A transfer's *exposed* time is the time the compute thread spent waiting for it; the rest of its duration was
+*hidden* (it ran while something else did). A synchronous copy is all exposed. `summary()` reports, per step:
+bytes and achieved GB/s per tier pair, hidden vs exposed seconds, and the peak bytes held in each tier.
+`write_jsonl` and `plot_timeline` put it on disk.
 """
 from __future__ import annotations
 
@@ -40,9 +43,19 @@ class Ledger:
 
     @contextlib.contextmanager
     def transfer(self, src: str, dst: str, nbytes: int, label: str = ""):
+        """A synchronous transfer: the caller waits for all of it."""
         start = self._now()
         yield
-        self.add("transfer", start, self._now(), src=src, dst=dst, nbytes=int(nbytes), label=label)
+        end = self._now()
+        self.add("transfer", start, end, src=src, dst=dst, nbytes=int(nbytes), label=label)
+        self.add("wait", start, end, src=src, dst=dst, label=label)
+
+    @contextlib.contextmanager
+    def wait(self, src: str, dst: str, label: str = ""):
+        """The compute thread blocks on an asynchronous transfer (recorded separately with `add`)."""
+        start = self._now()
+        yield
+        self.add("wait", start, self._now(), src=src, dst=dst, label=label)
 
     @contextlib.contextmanager
     def compute(self, label: str):
@@ -69,15 +82,20 @@ class Ledger:
         computes = _union([(e["start"], e["end"]) for e in events if e["kind"] == "compute"])
         pairs: dict[str, dict] = {}
         for e in events:
-            if e["kind"] != "transfer":
+            if e["kind"] not in ("transfer", "wait"):
                 continue
-            p = pairs.setdefault(f"{e['src']}->{e['dst']}", {"bytes": 0, "seconds": 0.0, "hidden_s": 0.0})
-            p["bytes"] += e["nbytes"]
-            p["seconds"] += e["end"] - e["start"]
-            p["hidden_s"] += _overlap((e["start"], e["end"]), computes)
+            p = pairs.setdefault(f"{e['src']}->{e['dst']}", {"bytes": 0, "busy": [], "waits": []})
+            if e["kind"] == "transfer":
+                p["bytes"] += e["nbytes"]
+                p["busy"].append((e["start"], e["end"]))
+            else:
+                p["waits"].append((e["start"], e["end"]))
         for p in pairs.values():
+            busy, waits = _union(p.pop("busy")), _union(p.pop("waits"))
+            p["seconds"] = sum(b - a for a, b in busy)           # wall time with this pair's I/O in flight
+            p["exposed_s"] = min(p["seconds"], sum(b - a for a, b in waits))
+            p["hidden_s"] = p["seconds"] - p["exposed_s"]
             p["GB_per_s"] = p["bytes"] / p["seconds"] / 1e9 if p["seconds"] > 0 else None
-            p["exposed_s"] = p["seconds"] - p["hidden_s"]
         return {"rank": self.rank, "pairs": pairs, "compute_s": sum(b - a for a, b in computes),
                 "peak_bytes": dict(self.peak)}
 
@@ -96,11 +114,6 @@ def _union(intervals):
         else:
             out.append([a, b])
     return out
-
-
-def _overlap(interval, merged) -> float:
-    a, b = interval
-    return sum(max(0.0, min(b, y) - max(a, x)) for x, y in merged)
 
 
 def plot_timeline(events, path, title="") -> None:

@@ -99,8 +99,9 @@ class OffloadedAdamW:
                 reads[i + 1] = self._read_group(i + 1)          # read ahead while this group computes
             bufs, handles, start = reads.pop(i)
             nbytes = 3 * (hi - lo) * 4
-            for h in handles:
-                h.wait()
+            with self.ledger.wait("nvme", "host", f"optimizer sub-group {i}"):
+                for h in handles:
+                    h.wait()
             self.ledger.add("transfer", start, self.ledger._now(), src="nvme", dst="host", nbytes=nbytes,
                             label=f"optimizer sub-group {i}")
             with self.ledger.compute(f"adam sub-group {i}"):
@@ -114,8 +115,9 @@ class OffloadedAdamW:
             self._finish_write(*writes.pop(0))
 
     def _finish_write(self, start, nbytes, i, handles) -> None:
-        for h in handles:
-            h.wait()
+        with self.ledger.wait("host", "nvme", f"optimizer sub-group {i}"):
+            for h in handles:
+                h.wait()
         self.ledger.add("transfer", start, self.ledger._now(), src="host", dst="nvme", nbytes=nbytes,
                         label=f"optimizer sub-group {i}")
 
