@@ -31,14 +31,24 @@ def is_grad_enabled() -> bool:
 
 
 @contextlib.contextmanager
-def no_grad():
-    """Run without recording: no node is kept, outputs do not require grad (evaluation, optimizer)."""
+def set_grad_enabled(mode: bool):
+    """Record (True) or not (False) inside the block, on this thread."""
     prev = is_grad_enabled()
-    _state.grad_enabled = False
+    _state.grad_enabled = bool(mode)
     try:
         yield
     finally:
         _state.grad_enabled = prev
+
+
+def no_grad():
+    """Run without recording: no node is kept, outputs do not require grad (evaluation, optimizer)."""
+    return set_grad_enabled(False)
+
+
+def enable_grad():
+    """Record again inside a no_grad region (activation checkpointing's recompute in backward)."""
+    return set_grad_enabled(True)
 
 
 class Tensor:

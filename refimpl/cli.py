@@ -3,6 +3,7 @@
     refimpl train [--config FILE] [--backend NAME] [--steps N] [--out DIR] [--set KEY.PATH=VALUE ...] [--resume DIR]
     refimpl backends
     refimpl consolidate RUN_OR_CKPT OUT.safetensors
+    refimpl estimate --params 3B [--gpus N --nodes M ...]
     mpiexec -n 4 refimpl train ...          (real processes; the MPI world decides world_size)
 
 Bad input (config, data path, backend, checkpoint, run directory) is one clear line on stderr and exit code 2,
@@ -20,9 +21,11 @@ from .comm.base import CommError
 from .comm.mpi import launched_under_mpi
 from .config import ConfigError, load_config
 from .data import DataError
+from .memory.nvme import SwapError
+from .memory.param_offload import BufferPoolError
 from .train import RunDirError, train
 
-USER_ERRORS = (ConfigError, DataError, BackendError, CheckpointError, RunDirError)
+USER_ERRORS = (ConfigError, DataError, BackendError, CheckpointError, RunDirError, SwapError, BufferPoolError)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -43,6 +46,10 @@ def _parser() -> argparse.ArgumentParser:
     c = sub.add_parser("consolidate", help="whole fp32 weights from a (partitioned) checkpoint (zero_to_fp32)")
     c.add_argument("checkpoint", metavar="RUN_OR_CKPT", help="a run, checkpoint or global_stepN directory")
     c.add_argument("output", metavar="OUT.safetensors")
+    from . import estimate
+    e = sub.add_parser("estimate", help="memory and bandwidth arithmetic of ZeRO / ZeRO-Infinity for a model size",
+                       description=estimate.DESCRIPTION)
+    estimate.add_arguments(e)
     return p
 
 
@@ -98,6 +105,9 @@ def main(argv=None) -> int:
             for name, why in available_backends().items():
                 print(f"{name:10s} {'ok' if why is None else 'unusable: ' + why}")
             return 0
+        if args.command == "estimate":
+            from . import estimate
+            return estimate.run(args)
         if args.command == "consolidate":
             out = consolidate(args.checkpoint, args.output)
             print(f"wrote {out}")

@@ -30,7 +30,7 @@ __all__ = ["ConfigError", "DEFAULT_CONFIG", "SCHEMA", "load_config", "validate",
 # What this version implements of what DeepSpeed accepts. Widen these as the features land.
 SUPPORTED_ZERO_STAGES = (0, 1, 2, 3)
 # offload devices implemented so far, per section (DeepSpeed: "none", "cpu", "nvme" for both)
-SUPPORTED_OFFLOAD_DEVICES = {"offload_param": ("none",), "offload_optimizer": ("none", "cpu", "nvme")}
+SUPPORTED_OFFLOAD_DEVICES = {"offload_param": ("none", "cpu", "nvme"), "offload_optimizer": ("none", "cpu", "nvme")}
 OFFLOAD_MIN_STAGE = {"offload_param": 3, "offload_optimizer": 1}   # DeepSpeed's rules
 
 
@@ -260,6 +260,8 @@ SCHEMA = {
         "layernorm_eps": Field(1e-5, number(0, lo_open=True)),
         "init_std": Field(0.02, number(0, lo_open=True)),
         "tie_embeddings": Field(False, boolean),
+        # recompute each block in backward from its input (activation checkpointing; see activation_checkpointing.*)
+        "checkpoint_activations": Field(False, boolean),
     },
     "data": {
         "dataset": Field("stdlib_bytes", one_of("stdlib_bytes", "listops")),

@@ -43,8 +43,9 @@ class Engine:
         self.rank, self.world_size = self.comm.rank, self.comm.world_size
         self.gas = config["gradient_accumulation_steps"]
         self.dtype = param_dtype(config)
-        self.zero = ZERO_STAGES[config["zero_optimization"]["stage"]](model, config, backend, self.comm, self.dtype)
         self.ledger = Ledger(self.rank)
+        self.zero = ZERO_STAGES[config["zero_optimization"]["stage"]](model, config, backend, self.comm, self.dtype,
+                                                                     ledger=self.ledger)
         self.optimizer = self._make_optimizer()
         self.master = self.zero.master  # this rank's fp32 master partition on the device (None when offloaded)
         self.loss_scaler = make_loss_scaler(config)
@@ -122,12 +123,13 @@ class Engine:
             grad_norm = math.sqrt(sq) / scale
             clip = clip_coefficient(grad_norm, self.config["gradient_clipping"])
             # unscaling and clipping folded into one divisor (one pass over the gradient)
+            out_lowp = self.zero.lowp_output()
             if isinstance(self.optimizer, AdamW):   # (the offloaded optimizer records its own sub-groups)
                 with self.ledger.compute("optimizer step"):
-                    self.optimizer.step(grad, lr=lr, grad_scale=scale / clip, out_lowp=self.zero.lowp_partition)
+                    self.optimizer.step(grad, lr=lr, grad_scale=scale / clip, out_lowp=out_lowp)
             else:
-                self.optimizer.step(grad, lr=lr, grad_scale=scale / clip, out_lowp=self.zero.lowp_partition)
-            self.zero.publish_params()
+                self.optimizer.step(grad, lr=lr, grad_scale=scale / clip, out_lowp=out_lowp)
+            self.zero.publish_params(out_lowp)
             self.last = {"overflow": False, "grad_norm": grad_norm, "lr": lr, "loss_scale": scale}
         self.loss_scaler.update_scale(bool(overflow))
         self.zero.zero_grads()

@@ -16,6 +16,7 @@ from dataclasses import dataclass, fields
 import numpy as np
 
 from . import functional as F
+from .activation_checkpointing import checkpoint
 from .attention import MultiHeadAttention
 from .nn import MLP, Embedding, LayerNorm, Linear, Module, ModuleList
 
@@ -36,6 +37,8 @@ class ModelConfig:
     layernorm_eps: float = 1e-5
     init_std: float = 0.02
     tie_embeddings: bool = False
+    checkpoint_activations: bool = False  # recompute each Block in backward (activation checkpointing)
+    cpu_checkpointing: bool = False       # ... keeping the blocks' inputs in host memory meanwhile
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
@@ -96,7 +99,10 @@ class Transformer(Module):
         positions = np.broadcast_to(np.arange(T), (B, T))
         x = self.tok_emb(ids) + self.pos_emb(self._as_ids(positions))   # (B, T, C)
         for block in self.blocks:
-            x = block(x, key_padding_mask)
+            if self.cfg.checkpoint_activations:
+                x = checkpoint(block, x, key_padding_mask, cpu_checkpointing=self.cfg.cpu_checkpointing)
+            else:
+                x = block(x, key_padding_mask)
         x = self.ln_f(x)
         if self.cfg.task == "classify":
             return self.head(x[:, 0])                                   # (B, n_classes)

@@ -53,6 +53,7 @@ def build(config: dict):
     mcfg["vocab_size"] = mcfg["vocab_size"] or dataset.vocab_size
     if mcfg["task"] == "classify":
         mcfg["n_classes"] = mcfg["n_classes"] or dataset.n_classes
+    mcfg["cpu_checkpointing"] = config["activation_checkpointing"]["cpu_checkpointing"]
     if mcfg["vocab_size"] < dataset.vocab_size:
         raise ConfigError("model.vocab_size", f"must be >= the dataset's vocabulary ({dataset.vocab_size}), "
                                               f"got {mcfg['vocab_size']}")

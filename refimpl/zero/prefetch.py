@@ -54,7 +54,10 @@ class PartitionedParameterCoordinator:
         self.zero.fetch(params)
 
     def _prefetch_after(self, i: int) -> None:
-        """Issue all-gathers for the modules after trace position i, within the two budgets."""
+        """Issue all-gathers for the modules after trace position i, within the two budgets; and start moving
+        the chunks of the modules after those up from NVMe (the paper's nvme->host for i+2, i+3)."""
+        for module in self.trace[i + 2:i + 4]:
+            self.zero.swap_in_ahead(self._params(module))
         budget, live = self.prefetch_bucket_size, self.zero.gathered_numel()
         for module in self.trace[i + 1:]:
             for p in self._params(module):

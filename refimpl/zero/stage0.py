@@ -24,8 +24,10 @@ class DataParallel:
     stage = 0
     partitioned = False  # does each rank own only a slice of the optimizer state?
 
-    def __init__(self, model, config: dict, backend, comm, dtype):
+    def __init__(self, model, config: dict, backend, comm, dtype, ledger=None):
+        from ..memory.ledger import Ledger
         self.model, self.config, self.backend, self.comm = model, config, backend, comm
+        self.ledger = ledger if ledger is not None else Ledger(comm.rank)  # tier traffic is recorded here
         self.dtype = np.dtype(dtype)
         self.rank, self.world_size = comm.rank, comm.world_size
         named = list(model.named_parameters())
@@ -57,7 +59,11 @@ class DataParallel:
         self.model.zero_grad()
 
     # ---------------------------------------------------------------------------------------- update
-    def publish_params(self) -> None:
+    def lowp_output(self):
+        """Where AdamW writes the updated low-precision partition (None: it updates the fp32 params in place)."""
+        return self.lowp_partition
+
+    def publish_params(self, updated=None) -> None:
         """Nothing to do: AdamW wrote straight into the flat buffer the parameters are views of."""
 
     # ------------------------------------------------------------------------------------ accounting
@@ -83,9 +89,10 @@ class DataParallel:
         """Inverse of full_state: cut this rank's partition out of full per-parameter arrays."""
         parts = {key: self.layout.partition(full[key], self.rank) for key in ("master", "exp_avg", "exp_avg_sq")}
         optimizer.load_partitions(parts)
-        if self.lowp_partition is not None:  # the low-precision parameters are always the rounded master
-            self.lowp_partition[...] = self.backend.cast(self.backend.asarray(parts["master"]), self.dtype)
-        self.publish_params()
+        out = self.lowp_output()
+        if out is not None:  # the low-precision parameters are always the rounded master
+            out[...] = self.backend.cast(self.backend.asarray(parts["master"]), self.dtype)
+        self.publish_params(out)
 
     def full_params(self) -> dict:
         """name -> the whole low-precision parameter (for model.safetensors)."""

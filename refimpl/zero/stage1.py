@@ -35,7 +35,7 @@ class OptimizerStatePartitioning(DataParallel):
         mine = self.comm.reduce_scatter(rows.reshape(-1))          # (S,) this rank's partition, summed
         return mine / np.float32(self.world_size)                  # the mean, as every stage returns
 
-    def publish_params(self) -> None:
+    def publish_params(self, updated=None) -> None:
         """All-gather the updated low-precision partitions and write the whole parameters back."""
         gathered = self.comm.all_gather(self.lowp_partition)       # (N * S,)
         views = self.flat.unflatten(self.flat.buffer)

@@ -13,6 +13,7 @@ they save in memory). Which parameters to gather ahead of time is the job of the
 from __future__ import annotations
 
 import enum
+from pathlib import Path
 
 import numpy as np
 
@@ -34,6 +35,9 @@ class ParameterPartitioning(GradientPartitioning):
         full = {n: p.data for n, p in self.params.items()}
         self.master = self.layout.partition(full, self.rank, dtype=np.float32)
         self.lowp_partition = self.backend.cast(self.master, self.dtype)  # the only copy of the parameters
+        self.swapper = self._make_swapper(zcfg)
+        if self.swapper is not None:
+            self.lowp_partition = None   # offloaded: the partition lives in the host or NVMe tier only
         self.grad_partition = self.backend.zeros((self.layout.partition_numel,), self.dtype)
         self.bucket_size = zcfg["reduce_bucket_size"]
         self._bucket, self._bucket_numel = [], 0
@@ -42,7 +46,8 @@ class ParameterPartitioning(GradientPartitioning):
         for name, p in self.params.items():
             slot = self.layout.by_name[name]
             p.ds_name, p.ds_shape, p.ds_numel = name, slot.shape, slot.numel
-            p.ds_tensor = self.layout.view(self.lowp_partition, slot)   # this rank's chunk (a view)
+            p.ds_slot = slot
+            p.ds_tensor = None if self.swapper else self.layout.view(self.lowp_partition, slot)  # this rank's chunk
             p.ds_persist = slot.numel < threshold
             p.ds_status = ZeroParamStatus.AVAILABLE
             p.ds_handle = None
@@ -52,10 +57,37 @@ class ParameterPartitioning(GradientPartitioning):
         self.coordinator = PartitionedParameterCoordinator(self, zcfg)
         self._register_module_hooks()
 
+    def _make_swapper(self, zcfg):
+        off = zcfg["offload_param"]
+        if off is None or off["device"] == "none":
+            return None
+        from ..memory.param_offload import ParamSwapper
+        store = None
+        if off["device"] == "nvme":
+            from ..memory.nvme import NVMeStore
+            aio = self.config["aio"]
+            path = Path(off["nvme_path"]) / "zero_stage_3" / "params" / f"rank{self.rank}"
+            store = NVMeStore(path, block_size=aio["block_size"], queue_depth=aio["queue_depth"],
+                              intra_op_parallelism=aio["intra_op_parallelism"])
+        return ParamSwapper(self.layout, self.rank, self.dtype, device=off["device"], backend=self.backend,
+                            ledger=self.ledger, initial_partition=self.lowp_partition, store=store,
+                            buffer_count=off["buffer_count"], buffer_size=off["buffer_size"])
+
     # ------------------------------------------------------------------------------- gather / release
+    def _chunk(self, p):
+        """This rank's chunk of p on the device (bandwidth-centric: only our own shard crosses the tiers)."""
+        return p.ds_tensor if self.swapper is None else self.swapper.to_device(p.ds_slot)
+
+    def swap_in_ahead(self, params) -> None:
+        """Start moving these parameters' chunks up from NVMe (the prefetcher calls this for modules ahead)."""
+        if self.swapper is not None:
+            for p in params:
+                if p.ds_status is ZeroParamStatus.NOT_AVAILABLE and not self.swapper.swap_in_async(p.ds_slot):
+                    return
+
     def all_gather_async(self, p) -> None:
         """Issue the all-gather of p's chunks; p is INFLIGHT until `wait_for` installs the result."""
-        p.ds_handle = self.comm.all_gather_async(p.ds_tensor)
+        p.ds_handle = self.comm.all_gather_async(self._chunk(p))
         p.ds_status = ZeroParamStatus.INFLIGHT
 
     def wait_for(self, p) -> None:
@@ -100,15 +132,22 @@ class ParameterPartitioning(GradientPartitioning):
         super().after_backward()
         self.coordinator.end_of_pass()
 
-    def publish_params(self) -> None:
-        """AdamW wrote the new chunks into lowp_partition (ds_tensor views); re-gather persistent params."""
+    def lowp_output(self):
+        """Where AdamW writes the new low-precision partition: the device partition, or the host tier."""
+        return self.lowp_partition if self.swapper is None else self.swapper.partition_for_update()
+
+    def publish_params(self, updated=None) -> None:
+        """AdamW wrote the new chunks (into ds_tensor views, or the offload tier); re-gather persistent params."""
+        if self.swapper is not None and updated is not None:
+            self.swapper.commit(updated)
         persistent = [p for p in self.params.values() if p.ds_persist]
-        handles = [self.comm.all_gather_async(p.ds_tensor) for p in persistent]
+        handles = [self.comm.all_gather_async(self._chunk(p)) for p in persistent]
         for p, h in zip(persistent, handles):
             p.data = h.wait()[:p.ds_numel].reshape(p.ds_shape)
 
     def full_params(self) -> dict:
-        gathered = self.comm.all_gather(self.lowp_partition)
+        mine = self.lowp_partition if self.swapper is None else self.backend.asarray(self.swapper.full_partition())
+        gathered = self.comm.all_gather(mine)
         return self.layout.unpartition(gathered)
 
     def _param_bytes(self) -> int:
