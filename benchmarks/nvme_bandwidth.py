@@ -1,0 +1,161 @@
+"""NVMe tier bandwidth: NVMeStore's write and read GB/s against `dd` with O_DIRECT on the same filesystem, same run.
+
+ZeRO-Infinity §6 (DeepNVMe) claims the NVMe tier runs near the disk's peak. Here the peak is what `dd` reaches with
+O_DIRECT and 1 MiB requests (queue depth 1), measured before and after every sweep; the table gives each NVMeStore
+setting (DeepSpeed ``aio`` knobs: block_size x queue_depth x intra_op_parallelism) as GB/s (10^9 bytes/s) and as a
+ratio to the mean of the two dd runs. Host arrays are plain numpy (O_DIRECT copies them through aligned bounce
+buffers) or 4096-aligned (``aligned_empty``: no copy for full blocks). The page cache is dropped between each write
+and its read where permitted (root), and the output says whether it was. Write times include NVMeStore's crc32 (it
+overlaps the I/O); the buffered row's write time includes flush() (fsync), or it would time the page cache.
+
+    python3 benchmarks/nvme_bandwidth.py --gib 2 [--repeat 3] [--path DIR] [--out table.md]
+"""
+import argparse
+import datetime
+import os
+import platform
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+from tqdm import tqdm
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from refimpl.memory.nvme import NVMeStore, aligned_empty  # noqa: E402
+
+MiB = 1 << 20
+# (block_size, queue_depth, intra_op_parallelism, direct, host buffer 4096-aligned); the second row is DeepSpeed's
+# default aio section. An aligned host buffer lets O_DIRECT skip the bounce copy (as DeepSpeed's aligned swap buffers).
+SETTINGS = [(MiB, 1, 1, True, False), (MiB, 8, 1, True, False), (256 * 1024, 8, 1, True, False),
+            (4 * MiB, 8, 1, True, False), (MiB, 32, 1, True, False), (MiB, 8, 2, True, False),
+            (MiB, 1, 1, True, True), (MiB, 8, 1, True, True), (4 * MiB, 8, 1, True, True), (MiB, 8, 1, False, False)]
+
+
+def drop_caches():
+    """Empty the page cache so a read comes from the disk; False where not permitted (not root, a container)."""
+    os.sync()
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def dd(args):
+    """Run dd and return the seconds it reports (the wall time if its report can't be parsed)."""
+    t = time.perf_counter()
+    r = subprocess.run(["dd", *args], capture_output=True, text=True, check=True)
+    m = re.search(r"copied, ([0-9.]+) s", r.stderr)
+    return float(m.group(1)) if m else time.perf_counter() - t
+
+
+def filesystem(path):
+    out = subprocess.run(["df", "-T", path], capture_output=True, text=True).stdout.splitlines()[-1].split()
+    return f"{out[1]} ({out[0]})"
+
+
+def measure_dd(folder, n_mib):
+    """dd's O_DIRECT write then read of n_mib MiB: (write GB/s, read GB/s, page cache dropped in between)."""
+    f, nbytes = os.path.join(folder, "dd.bin"), n_mib * MiB
+    w = dd(["if=/dev/zero", f"of={f}", "bs=1M", f"count={n_mib}", "oflag=direct"])
+    dropped = drop_caches()
+    r = dd([f"if={f}", "of=/dev/null", "bs=1M", "iflag=direct"])
+    os.unlink(f)
+    return nbytes / w / 1e9, nbytes / r / 1e9, dropped
+
+
+def measure_store(folder, setting, array, out):
+    """NVMeStore's write then read of `array` with one setting: (write GB/s, read GB/s, page cache dropped)."""
+    block_size, queue_depth, threads, direct, _ = setting
+    with NVMeStore(os.path.join(folder, "store"), block_size=block_size, queue_depth=queue_depth,
+                   intra_op_parallelism=threads, direct=direct) as store:
+        store.allocate("a", array.nbytes)
+        t = time.perf_counter()
+        store.write("a", array).wait()
+        if not direct:
+            store.flush()
+        w = time.perf_counter() - t
+        dropped = drop_caches()
+        t = time.perf_counter()
+        store.read("a", out).wait()
+        r = time.perf_counter() - t
+        store.verify("a", out)                          # the bytes came back (outside the timed region)
+        store.free("a")
+    return array.nbytes / w / 1e9, array.nbytes / r / 1e9, dropped
+
+
+def cell(values):
+    """The median, and the range when there are several runs (a virtual disk's figures vary a lot)."""
+    med = float(np.median(values))
+    return f"{med:.2f}" if len(values) == 1 else f"{med:.2f} ({min(values):.2f}-{max(values):.2f})"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--path", default=".", help="a folder on the filesystem to measure (default: the current one)")
+    ap.add_argument("--gib", type=float, default=2.0, help="GiB per transfer (default 2)")
+    ap.add_argument("--repeat", type=int, default=3, help="sweeps; the table gives medians and ranges (default 3)")
+    ap.add_argument("--out", help="also write the Markdown table to this file")
+    args = ap.parse_args(argv)
+    n_mib = max(1, int(args.gib * 1024))
+    nbytes = n_mib * MiB
+    folder = tempfile.mkdtemp(prefix="nvme-bench-", dir=args.path)
+    free = shutil.disk_usage(folder).free
+    if free < 2 * nbytes:
+        shutil.rmtree(folder)
+        sys.exit(f"{folder}: needs {2 * nbytes} bytes free, has {free}")
+    # Not zeros: a filesystem or virtual disk could shortcut zero pages (dd writes zeros; we note it below).
+    # np.empty memory is not 4096-aligned: the rows with an aligned host buffer use aligned_empty copies.
+    plain = {"array": np.tile(np.frombuffer(os.urandom(MiB), np.uint8), n_mib), "out": np.ones(nbytes, np.uint8)}
+    aligned = {name: aligned_empty(nbytes) for name in plain}
+    for name in plain:
+        aligned[name][:] = plain[name]              # also touches every page, so no row pays for first-touch faults
+    runs = {key: [] for key in ["dd", *SETTINGS]}   # key -> [(write GB/s, read GB/s, dropped)]
+    try:
+        with tqdm(total=args.repeat * (2 + len(SETTINGS)), desc="nvme bandwidth", unit="transfer pair") as steps:
+            for _ in range(args.repeat):            # dd at both ends of every sweep: the disk drifts
+                for key in ["dd", *SETTINGS, "dd"]:
+                    if key == "dd":
+                        runs[key].append(measure_dd(folder, n_mib))
+                    else:
+                        runs[key].append(measure_store(folder, key, *(aligned if key[4] else plain).values()))
+                    steps.update(1)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+    dd_w, dd_r = (float(np.median([run[i] for run in runs["dd"]])) for i in (0, 1))
+    lines = ["| tool | block_size | queue_depth | threads | O_DIRECT | host buffer | write GB/s | read GB/s "
+             "| write / dd | read / dd |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for key, results in runs.items():
+        w, r = ([run[i] for run in results] for i in (0, 1))
+        ratios = f"| {np.median(w) / dd_w:.2f} | {np.median(r) / dd_r:.2f} |"
+        if key == "dd":
+            lines.append(f"| dd | 1 MiB | 1 | 1 | yes | dd's own | {cell(w)} | {cell(r)} {ratios}")
+            continue
+        block_size, queue_depth, threads, direct, is_aligned = key
+        size = f"{block_size // MiB} MiB" if block_size >= MiB else f"{block_size // 1024} KiB"
+        buffer = "aligned, no copy" if is_aligned else ("numpy, bounce copy" if direct else "numpy")
+        lines.append(f"| NVMeStore | {size} | {queue_depth} | {threads} | {'yes' if direct else 'no'} | {buffer} "
+                     f"| {cell(w)} | {cell(r)} {ratios}")
+    dropped = all(run[2] for results in runs.values() for run in results)
+    machine = (f"{datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}; {platform.machine()}, "
+               f"nproc {len(os.sched_getaffinity(0))}, Linux {platform.release()}; filesystem {filesystem(args.path)}; "
+               f"{nbytes / 2**30:g} GiB per transfer, median (min-max) of {args.repeat} sweeps "
+               f"(dd: {len(runs['dd'])} runs, before and after each sweep); page cache dropped between write and read: "
+               f"{'yes' if dropped else 'no (not permitted)'}; dd writes zeros, NVMeStore random bytes")
+    command = "python3 " + " ".join(shlex.quote(a) for a in [os.path.relpath(__file__), *sys.argv[1:]])
+    text = "\n".join(lines + ["", machine, f"command: `{command}`"])
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
