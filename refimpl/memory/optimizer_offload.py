@@ -17,6 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..kernels import optim as reference_kernels
+from .nvme import aligned_empty
 
 KEYS = ("master", "exp_avg", "exp_avg_sq")
 
@@ -85,7 +86,8 @@ class OffloadedAdamW:
 
     def _read_group(self, i: int) -> tuple[dict, list, float]:
         lo, hi = self.groups[i]
-        bufs = {key: np.empty(hi - lo, np.float32) for key in KEYS}
+        # 4096-aligned host buffers: O_DIRECT reads land in them without a bounce copy
+        bufs = {key: aligned_empty((hi - lo) * 4).view(np.float32) for key in KEYS}
         start = self.ledger._now()
         handles = [self.store.read(self._key(key, i), bufs[key]) for key in KEYS]
         return bufs, handles, start
