@@ -21,11 +21,13 @@ from .comm.base import CommError
 from .comm.mpi import launched_under_mpi
 from .config import ConfigError, load_config
 from .data import DataError
+from .memory.ledger import TierBudgetError
 from .memory.nvme import SwapError
 from .memory.param_offload import BufferPoolError
 from .train import RunDirError, train
 
-USER_ERRORS = (ConfigError, DataError, BackendError, CheckpointError, RunDirError, SwapError, BufferPoolError)
+USER_ERRORS = (ConfigError, DataError, BackendError, CheckpointError, RunDirError, SwapError, BufferPoolError,
+               TierBudgetError)
 
 
 def _parser() -> argparse.ArgumentParser:

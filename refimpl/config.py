@@ -19,6 +19,7 @@ import copy
 import difflib
 import json
 import math
+import re
 import os
 import tomllib
 from dataclasses import dataclass
@@ -82,6 +83,20 @@ def size(lo=0):
     def check(path, v):
         return integer(lo)(path, int(v) if isinstance(v, float) and v.is_integer() else v)
     return check
+
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def byte_size(path, v):
+    """Bytes as an int or a string with a unit: 268435456, "256MB", "1.5 GiB" (MB = 10^6, MiB = 2^20)."""
+    if isinstance(v, str):
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", v)
+        if not m or m.group(2).upper() not in _UNITS:
+            raise ConfigError(path, f"must be a byte count like 268435456, \"256MB\" or \"1.5GiB\", got {_show(v)}")
+        v = int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+    return size(1)(path, v)
 
 
 def number(lo=None, hi=None, lo_open=False, hi_open=False):
@@ -247,6 +262,9 @@ SCHEMA = {
             "use_gds": Field(False, boolean)},
     "backend": Field("numpy", string),                       # the backend registry checks the name at run time
     "world_size": Field(1, integer(1)),                      # ranks; under mpiexec the MPI world decides
+    # byte budgets per rank (refimpl's own section): null = unlimited. On CPU backends the "device" is a RAM
+    # region, so memory.device_bytes=256MB makes a laptop play a 256 MB GPU (model states + gathered parameters)
+    "memory": {"device_bytes": Field(None, nullable(byte_size)), "host_bytes": Field(None, nullable(byte_size))},
     "model": {
         "task": Field("lm", one_of("lm", "classify")),
         "n_layers": Field(2, integer(1)), "n_heads": Field(4, integer(1)), "d_model": Field(128, integer(1)),

@@ -43,11 +43,13 @@ class Engine:
         self.rank, self.world_size = self.comm.rank, self.comm.world_size
         self.gas = config["gradient_accumulation_steps"]
         self.dtype = param_dtype(config)
-        self.ledger = Ledger(self.rank)
+        self.ledger = Ledger(self.rank, limits={"device": config["memory"]["device_bytes"],
+                                                "host": config["memory"]["host_bytes"]})
         self.zero = ZERO_STAGES[config["zero_optimization"]["stage"]](model, config, backend, self.comm, self.dtype,
                                                                      ledger=self.ledger)
         self.optimizer = self._make_optimizer()
         self.master = self.zero.master  # this rank's fp32 master partition on the device (None when offloaded)
+        self.ledger.alloc("device", self._device_model_state_bytes(), "the model states kept on the device")
         self.loss_scaler = make_loss_scaler(config)
         self.micro_steps = 0
         self.global_steps = 0      # optimizer steps attempted (DeepSpeed's global_steps)
@@ -74,6 +76,15 @@ class Engine:
                                    ledger=self.ledger, store=store, buffer_count=off["buffer_count"], **kw)
         self.zero.master = None  # the fp32 master now lives in the host or NVMe tier only
         return optimizer
+
+    def _device_model_state_bytes(self) -> int:
+        """Model-state bytes this rank keeps on the device: what model_state_bytes counts, less what is offloaded."""
+        b = self.zero.model_state_bytes()
+        params = b["params"]
+        if getattr(self.zero, "swapper", None) is not None:   # stage 3, offload_param: only persistent params stay
+            params -= self.zero.layout.partition_numel * self.dtype.itemsize
+        optimizer = 0 if self.zero.master is None else b["optimizer"]
+        return params + b["grads"] + optimizer
 
     @property
     def flat(self):

@@ -13,7 +13,7 @@ from refimpl.config import DEFAULT_CONFIG, ConfigError, dumps, load_config, pars
 TOP_LEVEL = {"train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
              "gradient_clipping", "steps_per_print", "wall_clock_breakdown", "optimizer", "scheduler", "fp16",
              "bf16", "zero_optimization", "activation_checkpointing", "aio", "backend", "world_size", "model",
-             "data", "run"}
+             "data", "run", "memory"}
 
 
 def get(cfg, dotted):

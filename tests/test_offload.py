@@ -129,3 +129,54 @@ def test_param_buffer_too_small_names_the_budget(tmp_path):
     with pytest.raises(MemoryError, match=r"buffer_size=10 elements .* largest parameter chunk"):
         run(tmp_path, 3, 1, "none", f'zero_optimization.offload_param={{"device": "nvme", '
                                     f'"nvme_path": "{tmp_path / "swap"}", "buffer_size": 10}}')
+
+
+# ------------------------------------------------------------------------------------------ byte budgets
+def _stage3_config(tmp_path, *extra):
+    swap = tmp_path / "swap"
+    return load_config(None, [*TINY, "zero_optimization.stage=3", f"train_micro_batch_size_per_gpu={B}",
+                              f'zero_optimization.offload_param={{"device": "nvme", "nvme_path": "{swap}"}}',
+                              f'zero_optimization.offload_optimizer={{"device": "nvme", "nvme_path": "{swap}"}}',
+                              *extra])
+
+
+def _device_needs(tmp_path):
+    """(bytes of model states left on the device, bytes of the largest gathered parameter), from an engine
+    built without a budget: the static part is what the grads partition needs (everything else offloaded)."""
+    from refimpl.engine import Engine
+    from refimpl.train import build
+    cfg = _stage3_config(tmp_path / "probe")
+    be, _, model = build(cfg)
+    engine = Engine(model, cfg, be)
+    static = engine.ledger.used["device"]
+    assert static == engine.zero.layout.partition_numel * 4          # fp32 gradient partition only
+    largest = max(s.numel for s in engine.zero.layout.slots) * 4      # one rank: a chunk is the whole parameter
+    return static, largest
+
+
+def test_device_budget_too_small_for_the_model_states(tmp_path):
+    static, _ = _device_needs(tmp_path)
+    with pytest.raises(MemoryError, match=rf"memory.device_bytes={static - 1:,} is too small .* model states "
+                                          rf"kept on the device needs {static:,} bytes"):
+        train(_stage3_config(tmp_path, f"memory.device_bytes={static - 1}"), tmp_path / "run", progress=False)
+
+
+def test_device_budget_too_small_for_one_layer_names_the_parameter(tmp_path):
+    static, largest = _device_needs(tmp_path)
+    with pytest.raises(MemoryError, match=r"memory.device_bytes=.* gathering parameter \S+ needs"):
+        train(_stage3_config(tmp_path, f"memory.device_bytes={static + largest - 4}"), tmp_path / "run",
+              progress=False)
+
+
+def test_device_budget_is_never_exceeded_and_numbers_do_not_change(tmp_path):
+    static, largest = _device_needs(tmp_path)
+    budget = static + 2 * largest                  # room for about two layers at once: prefetch must hold back
+    out = tmp_path / "budget" / "run"
+    summary = train(_stage3_config(tmp_path / "budget", f"memory.device_bytes={budget}"), out, progress=False)
+    assert static + largest <= summary["peak device bytes"] <= budget
+    free = tmp_path / "free" / "run"
+    train(_stage3_config(tmp_path / "free"), free, progress=False)
+
+    def losses(o):
+        return [json.loads(line)["loss"] for line in (o / "metrics.jsonl").read_text().splitlines() if "overflow" in line]
+    assert losses(out) == losses(free)

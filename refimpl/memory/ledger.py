@@ -22,9 +22,14 @@ from collections import defaultdict
 TIERS = ("device", "host", "nvme")
 
 
+class TierBudgetError(MemoryError):
+    """A tier's byte budget cannot hold what must be in it at once; names the budget and the bytes needed."""
+
+
 class Ledger:
-    def __init__(self, rank: int = 0, clock=time.perf_counter):
+    def __init__(self, rank: int = 0, clock=time.perf_counter, limits: dict | None = None):
         self.rank, self.clock = rank, clock
+        self.limits = {k: v for k, v in (limits or {}).items() if v is not None}  # tier -> byte budget
         self.t0 = clock()
         self.events: list[dict] = []
         self.step = 0
@@ -63,8 +68,17 @@ class Ledger:
         yield
         self.add("compute", start, self._now(), label=label)
 
-    def alloc(self, tier: str, nbytes: int) -> None:
+    def fits(self, tier: str, nbytes: int) -> bool:
+        return tier not in self.limits or self.used[tier] + nbytes <= self.limits[tier]
+
+    def alloc(self, tier: str, nbytes: int, what: str = "") -> None:
+        """Count nbytes into `tier`; over its budget -> TierBudgetError naming budget, need and holder."""
         with self._lock:
+            if not self.fits(tier, nbytes):
+                raise TierBudgetError(
+                    f"memory.{tier}_bytes={self.limits[tier]:,} is too small on rank {self.rank}: {what or 'an allocation'} "
+                    f"needs {int(nbytes):,} bytes with {self.used[tier]:,} already held "
+                    f"(at least {self.used[tier] + int(nbytes):,} bytes needed)")
             self.used[tier] += int(nbytes)
             self.peak[tier] = max(self.peak[tier], self.used[tier])
 

@@ -45,7 +45,7 @@ class OffloadedAdamW:
         if device == "cpu":
             self.host = {"master": host_master, "exp_avg": np.zeros_like(host_master),
                          "exp_avg_sq": np.zeros_like(host_master)}
-            ledger.alloc("host", 3 * host_master.nbytes)
+            ledger.alloc("host", 3 * host_master.nbytes, "the offloaded optimizer states (offload_optimizer=cpu)")
         else:
             self.buffer_count = max(2, int(buffer_count) // 1)
             for i, (lo, hi) in enumerate(self.groups):
@@ -55,7 +55,7 @@ class OffloadedAdamW:
                         "exp_avg_sq": np.zeros(hi - lo, np.float32)}
                 for key in KEYS:
                     self.store.write(self._key(key, i), init[key]).wait()
-            ledger.alloc("nvme", 3 * host_master.nbytes)
+            ledger.alloc("nvme", 3 * host_master.nbytes, "the offloaded optimizer states")
 
     def _key(self, key: str, group: int) -> str:
         return f"{self.name}.{key}.sg{group}"

@@ -30,7 +30,7 @@ class ParamSwapper:
         host = np.array(backend.to_numpy(initial_partition), dtype=self.dtype, copy=True)
         if device == "cpu":
             self.host = host                                   # the host tier holds the whole partition
-            ledger.alloc("host", host.nbytes)
+            ledger.alloc("host", host.nbytes, "the parameter partition (offload_param=cpu)")
         else:
             largest = max(s.chunk for s in layout.slots)
             if largest > self.buffer_size:
@@ -40,7 +40,7 @@ class ParamSwapper:
             for s in layout.slots:
                 self.store.allocate(self._key(s), s.chunk * self.dtype.itemsize)
             self.commit(host)
-            ledger.alloc("nvme", host.nbytes)
+            ledger.alloc("nvme", host.nbytes, "the parameter partition")
 
     def _key(self, slot) -> str:
         return f"param.{slot.name}"
@@ -50,10 +50,11 @@ class ParamSwapper:
         """Start reading `slot`'s chunk from NVMe into a pool buffer; False when the pool is full."""
         if self.device == "cpu" or slot.name in self.inflight:
             return True
-        if len(self.inflight) >= self.buffer_count:
+        nbytes = slot.chunk * self.dtype.itemsize
+        if len(self.inflight) >= self.buffer_count or not self.ledger.fits("host", nbytes):
             return False
-        buf = aligned_empty(slot.chunk * self.dtype.itemsize).view(self.dtype)  # O_DIRECT without a bounce copy
-        self.ledger.alloc("host", buf.nbytes)
+        buf = aligned_empty(nbytes).view(self.dtype)  # 4096-aligned: O_DIRECT reads it without a bounce copy
+        self.ledger.alloc("host", nbytes, f"the swap buffer of {slot.name}")
         self.inflight[slot.name] = (buf, self.store.read(self._key(slot), buf), self.ledger._now())
         return True
 
@@ -63,8 +64,11 @@ class ParamSwapper:
             chunk = self.layout.view(self.host, slot)
         else:
             if slot.name not in self.inflight and not self.swap_in_async(slot):
-                self._drain_one()
-                self.swap_in_async(slot)
+                while self.inflight:        # make room: finish the reads issued ahead
+                    self._drain_one()
+                if not self.swap_in_async(slot):
+                    nbytes = slot.chunk * self.dtype.itemsize
+                    self.ledger.alloc("host", nbytes, f"the swap buffer of {slot.name}")  # raises, naming the budget
             buf, handle, start = self.inflight.pop(slot.name)
             with self.ledger.wait("nvme", "host", slot.name):
                 handle.wait()

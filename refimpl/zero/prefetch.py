@@ -24,6 +24,7 @@ class PartitionedParameterCoordinator:
         self.prefetch_bucket_size = zcfg["stage3_prefetch_bucket_size"]
         self.max_live_parameters = zcfg["stage3_max_live_parameters"]
         self.max_reuse_distance = zcfg["stage3_max_reuse_distance"]
+        self.in_use: dict[int, int] = {}   # id(param) -> modules running that use it (never evicted)
         self.trace: list = []          # modules in fetch order during one pass
         self.recording = True          # first pass: record; later passes: replay
         self.step_id = 0               # position in the trace during replay
@@ -38,6 +39,8 @@ class PartitionedParameterCoordinator:
     def fetch_sub_module(self, module, forward: bool) -> None:
         self.stats["fetches"] += 1
         if not is_grad_enabled():      # evaluation: forward only, not the pass the trace describes
+            for p in self._params(module):
+                self.in_use[id(p)] = self.in_use.get(id(p), 0) + 1
             self.zero.fetch(self._params(module))
             return
         if self.recording:
@@ -51,6 +54,8 @@ class PartitionedParameterCoordinator:
             self.step_id += 1
         params = self._params(module)
         self.stats["waited_on_demand"] += sum(p.ds_status.name == "NOT_AVAILABLE" for p in params)
+        for p in params:
+            self.in_use[id(p)] = self.in_use.get(id(p), 0) + 1
         self.zero.fetch(params)
 
     def _prefetch_after(self, i: int) -> None:
@@ -65,6 +70,8 @@ class PartitionedParameterCoordinator:
                     continue
                 if p.ds_numel > budget or live + p.ds_numel > self.max_live_parameters:
                     return
+                if not self.zero.ledger.fits("device", self.zero.gathered_bytes(p)):
+                    return   # the device budget has no room to gather ahead
                 self.zero.all_gather_async(p)
                 self.stats["prefetched"] += 1
                 budget -= p.ds_numel
@@ -84,8 +91,21 @@ class PartitionedParameterCoordinator:
     def release_sub_module(self, module, forward: bool) -> None:
         keep = self._reused_soon(module) if self.recording is False and is_grad_enabled() else set()
         for p in self._params(module):
+            self.in_use[id(p)] = max(0, self.in_use.get(id(p), 0) - 1)
             if id(p) not in keep:
                 self.zero.release(p)
+
+    def evict(self, need: int) -> None:
+        """Make room on the device: release whole parameters that no running module uses (kept for reuse or
+        prefetched), until `need` more bytes fit or nothing else can go."""
+        for p in self.zero.params.values():
+            if self.zero.ledger.fits("device", need):
+                return
+            if p.ds_persist or self.in_use.get(id(p), 0) or p.ds_status.name == "NOT_AVAILABLE":
+                continue
+            if p.ds_status.name == "INFLIGHT":
+                self.zero.wait_for(p)   # a prefetched gather: complete it, then drop it
+            self.zero.release(p)
 
     def _reused_soon(self, module) -> set:
         """ids of `module`'s parameters that the trace fetches again within max_reuse_distance elements."""
@@ -104,6 +124,7 @@ class PartitionedParameterCoordinator:
 
     def end_of_pass(self) -> None:
         """After backward: release everything, and switch to replaying the trace just recorded."""
+        self.in_use.clear()
         self.zero.release_all()
         if self.recording is None:          # invalidated during this pass: record the next one
             self.recording = True

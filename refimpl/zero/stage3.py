@@ -52,8 +52,8 @@ class ParameterPartitioning(GradientPartitioning):
             p.ds_status = ZeroParamStatus.AVAILABLE
             p.ds_handle = None
             p.register_post_accumulate_grad_hook(lambda p, name=name: self._grad_ready(name))
-            if not p.ds_persist:
-                self.release(p)
+            if not p.ds_persist:   # partitioned from the start (the whole model was only built to be cut)
+                p.data, p.ds_status = self._empty, ZeroParamStatus.NOT_AVAILABLE
         self.coordinator = PartitionedParameterCoordinator(self, zcfg)
         self._register_module_hooks()
 
@@ -85,8 +85,15 @@ class ParameterPartitioning(GradientPartitioning):
                 if p.ds_status is ZeroParamStatus.NOT_AVAILABLE and not self.swapper.swap_in_async(p.ds_slot):
                     return
 
+    def gathered_bytes(self, p) -> int:
+        return p.ds_slot.chunk * self.world_size * self.dtype.itemsize
+
     def all_gather_async(self, p) -> None:
         """Issue the all-gather of p's chunks; p is INFLIGHT until `wait_for` installs the result."""
+        need = self.gathered_bytes(p)
+        if not self.ledger.fits("device", need):
+            self.coordinator.evict(need)   # drop parameters kept only for reuse, then try again
+        self.ledger.alloc("device", need, f"gathering parameter {p.ds_name}")
         p.ds_handle = self.comm.all_gather_async(self._chunk(p))
         p.ds_status = ZeroParamStatus.INFLIGHT
 
@@ -110,6 +117,7 @@ class ParameterPartitioning(GradientPartitioning):
             return
         p.data = self._empty
         p.ds_status = ZeroParamStatus.NOT_AVAILABLE
+        self.ledger.free("device", self.gathered_bytes(p))
 
     def release_all(self) -> None:
         for p in self.params.values():
