@@ -19,7 +19,7 @@ from .backend import BackendError, available_backends
 from .checkpoint import CheckpointError, consolidate, read_manifest
 from .comm.base import CommError
 from .comm.mpi import launched_under_mpi
-from .config import ConfigError, load_config
+from .config import CLI_DEFAULT_CONFIG, ConfigError, load_config
 from .data import DataError
 from .memory.ledger import TierBudgetError
 from .memory.nvme import SwapError
@@ -65,8 +65,8 @@ def _train_config(args, mpi_world=None) -> dict:
         overrides.append(f"world_size={args.world_size}")
     if mpi_world is not None:
         overrides.append(f"world_size={mpi_world}")  # the MPI launch decides the world
-    if args.resume is None:
-        return load_config(args.config, overrides)
+    if args.resume is None:   # no file: the embedded default run, ZeRO-Infinity (config.INFINITY_RUN)
+        return load_config(args.config, overrides, base=CLI_DEFAULT_CONFIG if args.config is None else None)
     # Resuming: the checkpoint's resolved config is the base; a --config must describe the same model.
     _, manifest = read_manifest(args.resume)
     saved = manifest["config"]

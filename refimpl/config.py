@@ -313,6 +313,18 @@ DEFAULT_RUN = {
     "data": {"dataset": "stdlib_bytes", "seq_len": 128},
     "run": {"steps": 300},
 }
+# What `refimpl train` runs when no --config file is given: the default run above as ZeRO-Infinity. Four simulated
+# ranks at stage 3 (every parameter partitioned), parameters and optimizer states on the NVMe tier in the run
+# directory (a relative nvme_path is taken inside the run directory), and a 2 MB "device" per rank.
+INFINITY_RUN = {
+    "world_size": 4,
+    "train_micro_batch_size_per_gpu": 4,          # x 4 ranks: the same global batch of 16 as the single-rank run
+    "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0,
+                          "offload_param": {"device": "nvme", "nvme_path": "swap"},
+                          "offload_optimizer": {"device": "nvme", "nvme_path": "swap"}},
+    "memory": {"device_bytes": "2MB"},
+    "run": {"steps": 200},
+}
 TASK_DATASET = {"lm": "stdlib_bytes", "classify": "listops"}
 
 
@@ -538,3 +550,4 @@ def _schema_defaults(schema):
 # The schema defaults with the default run on top. Derived keys stay null / "auto" here, so that a later
 # layer changing d_model or run.steps still gets consistent d_ff and total_num_steps.
 DEFAULT_CONFIG: dict = _deep_merge(_schema_defaults(SCHEMA), DEFAULT_RUN)
+CLI_DEFAULT_CONFIG: dict = _deep_merge(DEFAULT_CONFIG, INFINITY_RUN)   # the base of `refimpl train` without --config

@@ -90,11 +90,26 @@ def evaluate(model, dataset, config, comm) -> dict:
     return out
 
 
+def _swap_paths_in(config: dict, out: Path) -> dict:
+    """A relative offload nvme_path means a folder inside the run directory (the default run's "swap")."""
+    zero = config["zero_optimization"]
+    if not any(zero[k] and zero[k]["nvme_path"] and not Path(zero[k]["nvme_path"]).is_absolute()
+               for k in ("offload_param", "offload_optimizer")):
+        return config
+    config = json.loads(json.dumps(config))  # a copy; the caller's config is not changed
+    for k in ("offload_param", "offload_optimizer"):
+        sec = config["zero_optimization"][k]
+        if sec and sec["nvme_path"] and not Path(sec["nvme_path"]).is_absolute():
+            sec["nvme_path"] = str((out / sec["nvme_path"]).resolve())
+    return config
+
+
 def train(config: dict, out_dir=None, *, resume=None, progress: bool = True, comm=None) -> dict:
     """Train as `config` says on config["world_size"] ranks (or the ranks of `comm`); returns rank 0's summary.
 
     resume: a checkpoint path to continue from (any world size: it is resharded)."""
     out = Path(out_dir or config["run"]["out"] or default_out_dir())
+    config = _swap_paths_in(config, out)
     if resume is not None:
         ckpt.read_manifest(resume)  # a bad path fails before anything is written
     if comm is not None:  # real processes (MPI): this process is one rank

@@ -19,7 +19,16 @@ def tiny_config():
     return make
 
 
+# `refimpl train` without --config starts from the ZeRO-Infinity default run (config.INFINITY_RUN); these put the
+# command line back on config.DEFAULT_CONFIG's values, so CLI runs and load_config(None, ...) agree.
+PLAIN_RUN = (
+    "world_size=1", "zero_optimization.stage=0", "zero_optimization.stage3_param_persistence_threshold=100000",
+    "zero_optimization.offload_param=null", "zero_optimization.offload_optimizer=null", "memory.device_bytes=null",
+    "run.steps=300",
+)
+
+
 @pytest.fixture
 def tiny_set_args():
     """The same tiny config as command-line arguments: ["--set", "model.n_layers=1", "--set", ...]."""
-    return [arg for o in TINY_OVERRIDES for arg in ("--set", o)]
+    return [arg for o in (*PLAIN_RUN, *TINY_OVERRIDES) for arg in ("--set", o)]
