@@ -104,6 +104,8 @@ class OffloadedAdamW:
             with self.ledger.wait("nvme", "host", f"optimizer sub-group {i}"):
                 for h in handles:
                     h.wait()
+            for key in KEYS:                      # a swap file changed behind our back is an error, not data
+                self.store.verify(self._key(key, i), bufs[key])
             self.ledger.add("transfer", start, self.ledger._now(), src="nvme", dst="host", nbytes=nbytes,
                             label=f"optimizer sub-group {i}")
             with self.ledger.compute(f"adam sub-group {i}"):
@@ -130,7 +132,7 @@ class OffloadedAdamW:
         out = {key: np.empty(self.numel, np.float32) for key in KEYS}
         for i, (lo, hi) in enumerate(self.groups):
             for key in KEYS:
-                self.store.read(self._key(key, i), out[key][lo:hi]).wait()
+                self.store.read_sync(self._key(key, i), out[key][lo:hi])   # verified
         return out
 
     def load_partitions(self, parts: dict) -> None:

@@ -72,6 +72,7 @@ class ParamSwapper:
             buf, handle, start = self.inflight.pop(slot.name)
             with self.ledger.wait("nvme", "host", slot.name):
                 handle.wait()
+            self.store.verify(self._key(slot), buf)   # a swap file changed behind our back is an error, not data
             self.ledger.add("transfer", start, self.ledger._now(), src="nvme", dst="host", nbytes=buf.nbytes,
                             label=slot.name)
             self.ledger.free("host", buf.nbytes)
@@ -116,5 +117,5 @@ class ParamSwapper:
             return self.host.copy()
         out = np.empty(self.layout.partition_numel, dtype=self.dtype)
         for s in self.layout.slots:
-            self.store.read(self._key(s), self.layout.view(out, s)).wait()
+            self.store.read_sync(self._key(s), self.layout.view(out, s))   # verified
         return out
