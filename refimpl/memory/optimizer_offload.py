@@ -47,7 +47,7 @@ class OffloadedAdamW:
                          "exp_avg_sq": np.zeros_like(host_master)}
             ledger.alloc("host", 3 * host_master.nbytes, "the offloaded optimizer states (offload_optimizer=cpu)")
         else:
-            self.buffer_count = max(2, int(buffer_count) // 1)
+            self.buffer_count = max(3, int(buffer_count))  # sub-group buffer sets: read-ahead, compute, writes
             for i, (lo, hi) in enumerate(self.groups):
                 for key in KEYS:
                     self.store.allocate(self._key(key, i), (hi - lo) * 4)
