@@ -66,6 +66,15 @@ class OffloadedAdamW:
         parameters. grad is this rank's fp32 gradient partition (device)."""
         self.step_count += 1
         lr = self.lr if lr is None else float(lr)
+        # host working memory of the step, charged to the host budget: the gradient and the new low-precision copy
+        working = self.numel * 4 + (0 if out_lowp is None else self.numel * out_lowp.dtype.itemsize)
+        self.ledger.alloc("host", working, "the optimizer step's host copies of the gradient and parameters")
+        try:
+            self._step(grad, lr, grad_scale, out_lowp)
+        finally:
+            self.ledger.free("host", working)
+
+    def _step(self, grad, lr, grad_scale, out_lowp) -> None:
         with self.ledger.transfer("device", "host", grad.nbytes, "grad partition"):
             grad_host = np.asarray(self.backend.to_numpy(grad), dtype=np.float32)
         lowp_host = None if out_lowp is None else np.empty(self.numel, dtype=out_lowp.dtype)
@@ -86,6 +95,7 @@ class OffloadedAdamW:
 
     def _read_group(self, i: int) -> tuple[dict, list, float]:
         lo, hi = self.groups[i]
+        self.ledger.alloc("host", 3 * (hi - lo) * 4, f"the buffers of optimizer sub-group {i} (sub_group_size)")
         # 4096-aligned host buffers: O_DIRECT reads land in them without a bounce copy
         bufs = {key: aligned_empty((hi - lo) * 4).view(np.float32) for key in KEYS}
         start = self.ledger._now()
@@ -122,6 +132,7 @@ class OffloadedAdamW:
         with self.ledger.wait("host", "nvme", f"optimizer sub-group {i}"):
             for h in handles:
                 h.wait()
+        self.ledger.free("host", nbytes)   # the sub-group's buffers can go
         self.ledger.add("transfer", start, self.ledger._now(), src="host", dst="nvme", nbytes=nbytes,
                         label=f"optimizer sub-group {i}")
 

@@ -27,6 +27,7 @@ class ParamSwapper:
         self.layout, self.rank, self.dtype = layout, rank, np.dtype(dtype)
         self.device, self.backend, self.ledger, self.store = device, backend, ledger, store
         self.buffer_count, self.buffer_size = int(buffer_count), int(buffer_size)
+        self._staged = 0   # host bytes of an updated partition waiting to be committed
         host = np.array(backend.to_numpy(initial_partition), dtype=self.dtype, copy=True)
         if device == "cpu":
             self.host = host                                   # the host tier holds the whole partition
@@ -92,6 +93,9 @@ class ParamSwapper:
         """The host array the optimizer writes the new low-precision partition into."""
         if self.device == "cpu":
             return self.host
+        nbytes = self.layout.partition_numel * self.dtype.itemsize
+        self.ledger.alloc("host", nbytes, "the updated parameter partition on its way to NVMe")
+        self._staged = nbytes
         return np.empty(self.layout.partition_numel, dtype=self.dtype)
 
     def commit(self, partition) -> None:
@@ -110,6 +114,8 @@ class ParamSwapper:
                 h.wait()
         self.ledger.add("transfer", start, self.ledger._now(), src="host", dst="nvme",
                         nbytes=partition.nbytes, label="parameter partition")
+        self.ledger.free("host", self._staged)
+        self._staged = 0
 
     def full_partition(self) -> np.ndarray:
         """This rank's whole low-precision partition as a host array (checkpoints)."""
