@@ -68,10 +68,8 @@ class Engine:
         store = None
         if off["device"] == "nvme":
             from .memory.nvme import NVMeStore
-            aio = self.config["aio"]
             path = Path(off["nvme_path"]) / f"zero_stage_{zcfg['stage']}" / "optimizer" / f"rank{self.rank}"
-            store = NVMeStore(path, block_size=aio["block_size"], queue_depth=aio["queue_depth"],
-                              intra_op_parallelism=aio["intra_op_parallelism"])
+            store = NVMeStore(path, **self.config["aio"])   # DeepSpeed's aio section, by its own names
         optimizer = OffloadedAdamW(self.zero.master, device=off["device"], sub_group_size=zcfg["sub_group_size"],
                                    ledger=self.ledger, store=store, buffer_count=off["buffer_count"], **kw)
         self.zero.master = None  # the fp32 master now lives in the host or NVMe tier only

@@ -65,10 +65,8 @@ class ParameterPartitioning(GradientPartitioning):
         store = None
         if off["device"] == "nvme":
             from ..memory.nvme import NVMeStore
-            aio = self.config["aio"]
             path = Path(off["nvme_path"]) / "zero_stage_3" / "params" / f"rank{self.rank}"
-            store = NVMeStore(path, block_size=aio["block_size"], queue_depth=aio["queue_depth"],
-                              intra_op_parallelism=aio["intra_op_parallelism"])
+            store = NVMeStore(path, **self.config["aio"])   # DeepSpeed's aio section, by its own names
         return ParamSwapper(self.layout, self.rank, self.dtype, device=off["device"], backend=self.backend,
                             ledger=self.ledger, initial_partition=self.lowp_partition, store=store,
                             buffer_count=off["buffer_count"], buffer_size=off["buffer_size"])
