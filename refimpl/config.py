@@ -278,6 +278,8 @@ SCHEMA = {
         "layernorm_eps": Field(1e-5, number(0, lo_open=True)),
         "init_std": Field(0.02, number(0, lo_open=True)),
         "tie_embeddings": Field(False, boolean),
+        # memory-centric tiling: each MLP linear as an mlp_tiles x mlp_tiles grid of separately gathered tiles
+        "mlp_tiles": Field(1, integer(1)),
         # recompute each block in backward from its input (activation checkpointing; see activation_checkpointing.*)
         "checkpoint_activations": Field(False, boolean),
     },

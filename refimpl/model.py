@@ -19,6 +19,7 @@ from . import functional as F
 from .activation_checkpointing import checkpoint
 from .attention import MultiHeadAttention
 from .nn import MLP, Embedding, LayerNorm, Linear, Module, ModuleList
+from .tiling import TiledLinear
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,7 @@ class ModelConfig:
     layernorm_eps: float = 1e-5
     init_std: float = 0.02
     tie_embeddings: bool = False
+    mlp_tiles: int = 1                    # >1: the MLP's linears as TiledLinear grids of mlp_tiles x mlp_tiles
     checkpoint_activations: bool = False  # recompute each Block in backward (activation checkpointing)
     cpu_checkpointing: bool = False       # ... keeping the blocks' inputs in host memory meanwhile
 
@@ -66,6 +68,10 @@ class Block(Module):
                                        block_size=block, rng=rng, std=cfg.init_std, out_std=out_std, dtype=dtype)
         self.ln_2 = LayerNorm(cfg.d_model, cfg.layernorm_eps, dtype=dtype)
         self.mlp = MLP(cfg.d_model, cfg.ff_dim, rng=rng, std=cfg.init_std, out_std=out_std, dtype=dtype)
+        if cfg.mlp_tiles > 1:  # memory-centric tiling (ZeRO-Infinity §5.1.3): stage 3 gathers one tile at a time
+            t = cfg.mlp_tiles
+            self.mlp.fc1 = TiledLinear.from_linear(self.mlp.fc1, in_splits=t, out_splits=t)
+            self.mlp.fc2 = TiledLinear.from_linear(self.mlp.fc2, in_splits=t, out_splits=t)
 
     def forward(self, x, key_padding_mask=None):
         x = x + self.attn(self.ln_1(x), key_padding_mask)
