@@ -442,7 +442,7 @@ def _resolve(cfg):
             params["total_num_steps"] = max(run["steps"], 1)
         if "warmup_max_lr" in params and params["warmup_max_lr"] is None:
             params["warmup_max_lr"] = cfg["optimizer"]["params"]["lr"]
-        from .optim import make_scheduler  # the schedule's own cross-key rules, reported as config errors
+        from .lr_schedules import make_scheduler  # the schedule's own cross-key rules, reported as config errors
         try:
             make_scheduler(cfg["scheduler"], cfg["optimizer"]["params"]["lr"])
         except ValueError as exc:

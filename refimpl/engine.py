@@ -23,7 +23,9 @@ import numpy as np
 from .comm.local import LocalWorld
 from .memory.ledger import Ledger
 from .memory.optimizer_offload import OffloadedAdamW
-from .optim import AdamW, clip_coefficient, lr_at, make_loss_scaler
+from .loss_scaler import make_loss_scaler
+from .lr_schedules import lr_at
+from .optim import AdamW, clip_coefficient
 from .zero import ZERO_STAGES
 
 
