@@ -98,9 +98,8 @@ class OffloadedAdamW:
         self.ledger.alloc("host", 3 * (hi - lo) * 4, f"the buffers of optimizer sub-group {i} (sub_group_size)")
         # 4096-aligned host buffers: O_DIRECT reads land in them without a bounce copy
         bufs = {key: aligned_empty((hi - lo) * 4).view(np.float32) for key in KEYS}
-        start = self.ledger._now()
         handles = [self.store.read(self._key(key, i), bufs[key]) for key in KEYS]
-        return bufs, handles, start
+        return bufs, handles
 
     def _pipelined_nvme_step(self, grad_host, lowp_host, kw) -> None:
         n = len(self.groups)
@@ -109,32 +108,35 @@ class OffloadedAdamW:
         for i, (lo, hi) in enumerate(self.groups):
             if i + 1 < n:
                 reads[i + 1] = self._read_group(i + 1)          # read ahead while this group computes
-            bufs, handles, start = reads.pop(i)
+            bufs, handles = reads.pop(i)
             nbytes = 3 * (hi - lo) * 4
             with self.ledger.wait("nvme", "host", f"optimizer sub-group {i}"):
                 for h in handles:
                     h.wait()
             for key in KEYS:                      # a swap file changed behind our back is an error, not data
                 self.store.verify(self._key(key, i), bufs[key])
-            self.ledger.add("transfer", start, self.ledger._now(), src="nvme", dst="host", nbytes=nbytes,
-                            label=f"optimizer sub-group {i}")
+            self._record("nvme", "host", handles, nbytes, i)
             with self.ledger.compute(f"adam sub-group {i}"):
                 self.host_adam_step(bufs["master"], grad_host[lo:hi], bufs["exp_avg"], bufs["exp_avg_sq"], **kw,
                                     out_lowp=None if lowp_host is None else lowp_host[lo:hi])
-            start = self.ledger._now()
-            writes.append((start, nbytes, i, [self.store.write(self._key(key, i), bufs[key]) for key in KEYS]))
+            writes.append((nbytes, i, [self.store.write(self._key(key, i), bufs[key]) for key in KEYS]))
             while len(writes) > self.buffer_count - 2:     # bound the buffers held by in-flight writes
                 self._finish_write(*writes.pop(0))
         while writes:
             self._finish_write(*writes.pop(0))
 
-    def _finish_write(self, start, nbytes, i, handles) -> None:
+    def _record(self, src, dst, handles, nbytes, i) -> None:
+        """The transfer as the disk saw it: from the first request's issue to the last one's completion."""
+        t0 = self.ledger.t0
+        self.ledger.add("transfer", min(h.start for h in handles) - t0, max(h.end for h in handles) - t0,
+                        src=src, dst=dst, nbytes=nbytes, label=f"optimizer sub-group {i}")
+
+    def _finish_write(self, nbytes, i, handles) -> None:
         with self.ledger.wait("host", "nvme", f"optimizer sub-group {i}"):
             for h in handles:
                 h.wait()
         self.ledger.free("host", nbytes)   # the sub-group's buffers can go
-        self.ledger.add("transfer", start, self.ledger._now(), src="host", dst="nvme", nbytes=nbytes,
-                        label=f"optimizer sub-group {i}")
+        self._record("host", "nvme", handles, nbytes, i)
 
     # -------------------------------------------------------------------------------------- checkpoints
     def partitions(self) -> dict:

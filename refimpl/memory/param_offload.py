@@ -37,7 +37,7 @@ class ParamSwapper:
             if largest > self.buffer_size:
                 raise BufferPoolError(f"offload_param.buffer_size={self.buffer_size} elements cannot hold the "
                                       f"largest parameter chunk ({largest} elements); raise buffer_size")
-            self.inflight: dict[str, tuple] = {}               # slot name -> (buffer, handle, issue time)
+            self.inflight: dict[str, tuple] = {}               # slot name -> (buffer, read handle)
             for s in layout.slots:
                 self.store.allocate(self._key(s), s.chunk * self.dtype.itemsize)
             self.commit(host)
@@ -56,26 +56,30 @@ class ParamSwapper:
             return False
         buf = aligned_empty(nbytes).view(self.dtype)  # 4096-aligned: O_DIRECT reads it without a bounce copy
         self.ledger.alloc("host", nbytes, f"the swap buffer of {slot.name}")
-        self.inflight[slot.name] = (buf, self.store.read(self._key(slot), buf), self.ledger._now())
+        self.inflight[slot.name] = (buf, self.store.read(self._key(slot), buf))
         return True
+
+    def ready(self, slot) -> bool:
+        """Is `slot`'s chunk in host memory already (so gathering it will not wait on the disk)?"""
+        return self.device == "cpu" or (slot.name in self.inflight and self.inflight[slot.name][1].done())
 
     def to_device(self, slot):
         """This rank's chunk of `slot` on the device, ready for the all-gather (waits for its read)."""
         if self.device == "cpu":
             chunk = self.layout.view(self.host, slot)
         else:
-            if slot.name not in self.inflight and not self.swap_in_async(slot):
-                while self.inflight:        # make room: finish the reads issued ahead
-                    self._drain_one()
-                if not self.swap_in_async(slot):
-                    nbytes = slot.chunk * self.dtype.itemsize
-                    self.ledger.alloc("host", nbytes, f"the swap buffer of {slot.name}")  # raises, naming the budget
-            buf, handle, start = self.inflight.pop(slot.name)
+            if slot.name in self.inflight:      # read ahead by the prefetcher: take it from the pool
+                buf, handle = self.inflight.pop(slot.name)
+            else:                               # not read ahead: read it now, outside the pool (never drop
+                nbytes = slot.chunk * self.dtype.itemsize   # reads issued ahead: they are needed next)
+                self.ledger.alloc("host", nbytes, f"the swap buffer of {slot.name}")  # raises over the budget
+                buf = aligned_empty(nbytes).view(self.dtype)
+                handle = self.store.read(self._key(slot), buf)
             with self.ledger.wait("nvme", "host", slot.name):
                 handle.wait()
             self.store.verify(self._key(slot), buf)   # a swap file changed behind our back is an error, not data
-            self.ledger.add("transfer", start, self.ledger._now(), src="nvme", dst="host", nbytes=buf.nbytes,
-                            label=slot.name)
+            self.ledger.add("transfer", handle.start - self.ledger.t0, handle.end - self.ledger.t0,
+                            src="nvme", dst="host", nbytes=buf.nbytes, label=slot.name)  # when the disk was busy
             self.ledger.free("host", buf.nbytes)
             chunk = buf
         with self.ledger.transfer("host", "device", chunk.nbytes, slot.name):
@@ -84,7 +88,7 @@ class ParamSwapper:
     def _drain_one(self) -> None:
         """The pool is full of reads nobody asked for yet (a stale prefetch): finish and drop the oldest."""
         name = next(iter(self.inflight))
-        buf, handle, _ = self.inflight.pop(name)
+        buf, handle = self.inflight.pop(name)
         handle.wait()
         self.ledger.free("host", buf.nbytes)
 

@@ -50,19 +50,23 @@ class PartitionedParameterCoordinator:
         elif self.step_id >= len(self.trace) or self.trace[self.step_id] is not module:
             self._invalidate(module)
         else:
-            self._prefetch_after(self.step_id)
             self.step_id += 1
         params = self._params(module)
         self.stats["waited_on_demand"] += sum(p.ds_status.name == "NOT_AVAILABLE" for p in params)
         for p in params:
             self.in_use[id(p)] = self.in_use.get(id(p), 0) + 1
-        self.zero.fetch(params)
+        self.zero.fetch(params)   # this module first; then what comes after it
+        if self.recording is False:
+            self._prefetch_after(self.step_id - 1)
 
     def _prefetch_after(self, i: int) -> None:
-        """Issue all-gathers for the modules after trace position i, within the two budgets; and start moving
-        the chunks of the modules after those up from NVMe (the paper's nvme->host for i+2, i+3)."""
-        for module in self.trace[i + 2:i + 4]:
-            self.zero.swap_in_ahead(self._params(module))
+        """Two fronts move ahead of compute (ZeRO-Infinity §6.2): NVMe reads of the next modules' chunks, as far
+        as the swap buffers allow; and behind them, all-gathers of chunks already in host memory, within
+        stage3_prefetch_bucket_size, stage3_max_live_parameters and the device budget. An all-gather never
+        waits for a read here: that would put the disk on the compute thread."""
+        for module in self.trace[i + 1:]:
+            if not self.zero.swap_in_ahead(self._params(module)):
+                break
         budget, live = self.prefetch_bucket_size, self.zero.gathered_numel()
         for module in self.trace[i + 1:]:
             for p in self._params(module):
@@ -72,6 +76,8 @@ class PartitionedParameterCoordinator:
                     return
                 if not self.zero.ledger.fits("device", self.zero.gathered_bytes(p)):
                     return   # the device budget has no room to gather ahead
+                if not self.zero.chunk_ready(p):
+                    return   # its read has not landed yet
                 self.zero.all_gather_async(p)
                 self.stats["prefetched"] += 1
                 budget -= p.ds_numel

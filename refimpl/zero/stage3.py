@@ -76,12 +76,18 @@ class ParameterPartitioning(GradientPartitioning):
         """This rank's chunk of p on the device (bandwidth-centric: only our own shard crosses the tiers)."""
         return p.ds_tensor if self.swapper is None else self.swapper.to_device(p.ds_slot)
 
-    def swap_in_ahead(self, params) -> None:
-        """Start moving these parameters' chunks up from NVMe (the prefetcher calls this for modules ahead)."""
+    def swap_in_ahead(self, params) -> bool:
+        """Start moving these parameters' chunks up from NVMe (the prefetcher calls this for modules ahead);
+        False when the swap buffers are all in use."""
         if self.swapper is not None:
             for p in params:
                 if p.ds_status is ZeroParamStatus.NOT_AVAILABLE and not self.swapper.swap_in_async(p.ds_slot):
-                    return
+                    return False
+        return True
+
+    def chunk_ready(self, p) -> bool:
+        """Can p's all-gather start without waiting on the disk?"""
+        return self.swapper is None or self.swapper.ready(p.ds_slot)
 
     def gathered_bytes(self, p) -> int:
         return p.ds_slot.chunk * self.world_size * self.dtype.itemsize
