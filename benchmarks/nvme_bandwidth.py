@@ -11,11 +11,8 @@ overlaps the I/O); the buffered row's write time includes flush() (fsync), or it
     python3 benchmarks/nvme_bandwidth.py --gib 2 [--repeat 3] [--path DIR] [--out table.md]
 """
 import argparse
-import datetime
 import os
-import platform
 import re
-import shlex
 import shutil
 import subprocess
 import sys
@@ -26,6 +23,7 @@ import numpy as np
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from _report import emit, filesystem  # noqa: E402  (benchmarks/ is the script's folder)
 from refimpl.memory.nvme import NVMeStore, aligned_empty  # noqa: E402
 
 MiB = 1 << 20
@@ -53,11 +51,6 @@ def dd(args):
     r = subprocess.run(["dd", *args], capture_output=True, text=True, check=True)
     m = re.search(r"copied, ([0-9.]+) s", r.stderr)
     return float(m.group(1)) if m else time.perf_counter() - t
-
-
-def filesystem(path):
-    out = subprocess.run(["df", "-T", path], capture_output=True, text=True).stdout.splitlines()[-1].split()
-    return f"{out[1]} ({out[0]})"
 
 
 def measure_dd(folder, n_mib):
@@ -144,17 +137,11 @@ def main(argv=None):
         lines.append(f"| NVMeStore | {size} | {queue_depth} | {threads} | {'yes' if direct else 'no'} | {buffer} "
                      f"| {cell(w)} | {cell(r)} {ratios}")
     dropped = all(run[2] for results in runs.values() for run in results)
-    machine = (f"{datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}; {platform.machine()}, "
-               f"nproc {len(os.sched_getaffinity(0))}, Linux {platform.release()}; filesystem {filesystem(args.path)}; "
-               f"{nbytes / 2**30:g} GiB per transfer, median (min-max) of {args.repeat} sweeps "
-               f"(dd: {len(runs['dd'])} runs, before and after each sweep); page cache dropped between write and read: "
-               f"{'yes' if dropped else 'no (not permitted)'}; dd writes zeros, NVMeStore random bytes")
-    command = "python3 " + " ".join(shlex.quote(a) for a in [os.path.relpath(__file__), *sys.argv[1:]])
-    text = "\n".join(lines + ["", machine, f"command: `{command}`"])
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    details = (f"filesystem {filesystem(args.path)}; {nbytes / 2**30:g} GiB per transfer, median (min-max) of "
+               f"{args.repeat} sweeps (dd: {len(runs['dd'])} runs, before and after each sweep); page cache dropped "
+               f"between write and read: {'yes' if dropped else 'no (not permitted)'}; dd writes zeros, NVMeStore "
+               f"random bytes")
+    emit(lines, details, __file__, args.out)
 
 
 if __name__ == "__main__":

@@ -26,12 +26,8 @@ each NVMe variant's exposed seconds by what waited, with counts and transfer siz
         [--world-size 2]             simulated ranks (threads; on 2 cores they oversubscribe, steps get slow)
 """
 import argparse
-import datetime
 import os
-import platform
-import shlex
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -41,6 +37,7 @@ import numpy as np
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from _report import emit, filesystem  # noqa: E402  (benchmarks/ is the script's folder)
 from refimpl.backend import use_backend  # noqa: E402
 from refimpl.comm.local import run_ranks  # noqa: E402
 from refimpl.config import load_config  # noqa: E402
@@ -182,11 +179,6 @@ def exposed_breakdown(recs):
             for k, v in sorted(acc.items())}
 
 
-def filesystem(path):
-    out = subprocess.run(["df", "-T", path], capture_output=True, text=True).stdout.splitlines()[-1].split()
-    return f"{out[1]} ({out[0]})"
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dtype", nargs="+", choices=list(DTYPES), default=["fp32"], help="parameter dtypes (fp32)")
@@ -249,19 +241,12 @@ def main(argv=None):
 
     m = first_cfg["model"]
     n_params = sum(p.size for p in build(first_cfg)[2].parameters())
-    machine = (f"{datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}; {platform.machine()}, "
-               f"nproc {len(os.sched_getaffinity(0))}, Linux {platform.release()}; NVMe tier on "
-               f"{filesystem(args.path)}; model {m['n_layers']} x d_model {m['d_model']} ({n_params / 1e6:.1f}M "
+    details = (f"NVMe tier on {filesystem(args.path)}; model {m['n_layers']} x d_model {m['d_model']} ({n_params / 1e6:.1f}M "
                f"parameters), {first_cfg['train_micro_batch_size_per_gpu']} x {first_cfg['data']['seq_len']} tokens "
                f"per rank, world_size {first_cfg['world_size']}, ZeRO stage 3, persistence threshold 0; "
                f"nvme tuned: {' '.join(k.split('.')[-1] for k in tuned) or '-'}; {args.warmup} warm-up + "
                f"{args.steps} timed steps per variant, interleaved")
-    command = "python3 " + " ".join(shlex.quote(a) for a in [os.path.relpath(__file__), *sys.argv[1:]])
-    text = "\n".join(lines + ["", machine, f"command: `{command}`"])
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    emit(lines, details, __file__, args.out)
 
 
 if __name__ == "__main__":

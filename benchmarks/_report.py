@@ -1,0 +1,29 @@
+"""What every benchmark prints under its table: the date, the machine, and the exact command (benchmarks/README.md)."""
+import datetime
+import os
+import platform
+import shlex
+import subprocess
+import sys
+
+
+def filesystem(path) -> str:
+    """The filesystem type and device of `path`, from `df -T`."""
+    out = subprocess.run(["df", "-T", path], capture_output=True, text=True).stdout.splitlines()[-1].split()
+    return f"{out[1]} ({out[0]})"
+
+
+def machine() -> str:
+    return (f"{datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}; {platform.machine()}, "
+            f"nproc {len(os.sched_getaffinity(0))}, Linux {platform.release()}")
+
+
+def emit(lines: list, details: str, script: str, out=None) -> str:
+    """Print the table, then "<date>; <machine>; <details>" and the command line; also write it to `out`."""
+    command = "python3 " + " ".join(shlex.quote(a) for a in [os.path.relpath(script), *sys.argv[1:]])
+    text = "\n".join(lines + ["", f"{machine()}; {details}", f"command: `{command}`"])
+    print(text)
+    if out:
+        with open(out, "w") as f:
+            f.write(text + "\n")
+    return text
