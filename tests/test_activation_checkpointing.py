@@ -20,35 +20,22 @@ from refimpl.autodiff import Tensor, no_grad
 from refimpl.backend import use_backend
 from refimpl.comm.local import run_ranks
 from refimpl.config import load_config
-from refimpl.data import Batch
 from refimpl.engine import Engine
 from refimpl.model import Block, ModelConfig, Transformer
 from refimpl.nn import Linear, Module, Parameter
 from refimpl.train import build, rank_slice
 from refimpl.zero import ZeroParamStatus
 
+from batches import N_CLASSES, V, classify_batch, lm_batch
 from gradcheck import gradcheck
 
-V, N_CLASSES, C, L = 13, 4, 16, 3
+C, L = 16, 3
 
 
 def model_config(**kw):
     base = dict(vocab_size=V, n_layers=L, n_heads=2, d_model=C, max_seq_len=12, n_classes=N_CLASSES,
                 attention_block_size=3)
     return ModelConfig(**{**base, **kw})
-
-
-def lm_batch(seed=0, B=2, T=7):
-    ids = np.random.default_rng(seed).integers(0, V, (B, T + 1))
-    return Batch(ids=ids[:, :-1], targets=ids[:, 1:], labels=None, key_padding_mask=None)
-
-
-def classify_batch(seed=0, B=3, T=8):
-    r = np.random.default_rng(seed)
-    ids = r.integers(1, V, (B, T))
-    kpm = np.arange(T)[None, :] >= np.array([T, T - 3, 2])[:, None]   # (B, T) True = padding
-    ids[kpm] = 0
-    return Batch(ids=ids, targets=None, labels=r.integers(0, N_CLASSES, B), key_padding_mask=kpm)
 
 
 @contextlib.contextmanager

@@ -9,30 +9,16 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from refimpl.data import Batch
 from refimpl.model import ModelConfig, Transformer
 
-V, N_CLASSES = 13, 4
+from batches import N_CLASSES, V, classify_batch, lm_batch
+
 
 
 def config(**kw):
     base = dict(vocab_size=V, n_layers=2, n_heads=2, d_model=16, max_seq_len=12, n_classes=N_CLASSES,
                 attention_block_size=3)
     return ModelConfig(**{**base, **kw})
-
-
-def lm_batch(seed=0, B=2, T=7):
-    ids = np.random.default_rng(seed).integers(0, V, (B, T + 1))
-    return Batch(ids=ids[:, :-1], targets=ids[:, 1:], labels=None, key_padding_mask=None)
-
-
-def classify_batch(seed=0, B=3, T=8):
-    r = np.random.default_rng(seed)
-    ids = r.integers(1, V, (B, T))
-    lengths = np.array([T, T - 3, 2])[:B]
-    kpm = np.arange(T)[None, :] >= lengths[:, None]   # (B, T) True = padding
-    ids[kpm] = 0
-    return Batch(ids=ids, targets=None, labels=r.integers(0, N_CLASSES, B), key_padding_mask=kpm)
 
 
 def numpy_cross_entropy(logits, targets):
