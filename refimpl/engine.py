@@ -22,7 +22,7 @@ import numpy as np
 
 from .comm.local import LocalWorld
 from .memory.ledger import Ledger
-from .memory.optimizer_offload import OffloadedAdamW
+from .memory.optimizer_offload import OffloadedAdamW, sub_groups
 from .loss_scaler import make_loss_scaler
 from .lr_schedules import lr_at
 from .optim import AdamW, clip_coefficient
@@ -39,8 +39,9 @@ def param_dtype(config: dict):
 
 
 class Engine:
-    def __init__(self, model, config: dict, backend, comm=None):
+    def __init__(self, model, config: dict, backend, comm=None, *, progress: bool = False):
         self.model, self.config, self.backend = model, config, backend
+        self.progress = progress   # a bar while zero.Init draws and partitions the parameters (large models)
         self.comm = comm if comm is not None else LocalWorld(1).comm(0)
         self.rank, self.world_size = self.comm.rank, self.comm.world_size
         self.gas = config["gradient_accumulation_steps"]
@@ -59,23 +60,40 @@ class Engine:
         self.last = {}             # facts about the last boundary step, for logging
 
     def _make_optimizer(self):
-        """AdamW on the device, or on the host with its states in host memory or NVMe files (ZeRO-Offload)."""
+        """AdamW on the device, or on the host with its states in host memory or NVMe files (ZeRO-Offload).
+        Stage 3 hands over the fp32 master in pieces as zero.Init draws the parameters (master_pieces)."""
         opt, zcfg = self.config["optimizer"], self.config["zero_optimization"]
         kw = dict(backend=self.backend, lr=opt["params"]["lr"], betas=tuple(opt["params"]["betas"]),
                   eps=opt["params"]["eps"], weight_decay=opt["params"]["weight_decay"],
                   adamw_mode=opt["type"] == "AdamW")
+        layout = self.zero.layout
         off = zcfg["offload_optimizer"]
         if off is None or off["device"] == "none":
+            if self.zero.master is None:       # stage 3: assemble the device partition piece by piece
+                self.zero.master, lo = self.backend.empty((layout.partition_numel,), np.float32), 0
+                for piece in self._master_pieces():
+                    self.zero.master[lo:lo + piece.size] = piece
+                    lo += piece.size
             return AdamW(self.zero.master, **kw)
         store = None
         if off["device"] == "nvme":
             from .memory.nvme import NVMeStore
             path = Path(off["nvme_path"]) / f"zero_stage_{zcfg['stage']}" / "optimizer" / f"rank{self.rank}"
             store = NVMeStore(path, **self.config["aio"])   # DeepSpeed's aio section, by its own names
-        optimizer = OffloadedAdamW(self.zero.master, device=off["device"], sub_group_size=zcfg["sub_group_size"],
-                                   ledger=self.ledger, store=store, buffer_count=off["buffer_count"], **kw)
+        groups = sub_groups([s.chunk for s in layout.slots], zcfg["sub_group_size"])
+        optimizer = OffloadedAdamW(self._master_pieces(), numel=layout.partition_numel, groups=groups,
+                                   device=off["device"], ledger=self.ledger, store=store,
+                                   buffer_count=off["buffer_count"], **kw)
         self.zero.master = None  # the fp32 master now lives in the host or NVMe tier only
         return optimizer
+
+    def _master_pieces(self):
+        pieces = self.zero.master_pieces()
+        if not self.progress:
+            return pieces
+        from tqdm import tqdm
+        return tqdm(pieces, total=len(self.zero.params), unit="param", desc=f"rank {self.rank}: partitioning",
+                    disable=self.rank != 0)
 
     def _device_model_state_bytes(self) -> int:
         """Model-state bytes this rank keeps on the device: what model_state_bytes counts, less what is offloaded."""
@@ -121,7 +139,7 @@ class Engine:
             return True
         be, scale, lr = self.backend, self.loss_scale, self.current_lr()
         with np.errstate(over="ignore", invalid="ignore"):
-            grad = self.zero.reduce_gradients()             # (S,) fp32, mean over ranks, still loss-scaled
+            grad = self.zero.reduce_gradients()             # (S,) mean over ranks, still loss-scaled
             overflow = self._all_ranks(float(be.has_inf_or_nan(grad)), "max") > 0  # any rank: all skip
         self.global_steps += 1
         if overflow:
@@ -134,8 +152,9 @@ class Engine:
             grad_norm = math.sqrt(sq) / scale
             clip = clip_coefficient(grad_norm, self.config["gradient_clipping"])
             # unscaling and clipping folded into one divisor (one pass over the gradient)
-            out_lowp = self.zero.lowp_output()
-            if isinstance(self.optimizer, AdamW):   # (the offloaded optimizer records its own sub-groups)
+            on_device = isinstance(self.optimizer, AdamW)
+            out_lowp = self.zero.lowp_output(streaming=not on_device)  # offloaded: written sub-group by sub-group
+            if on_device:   # (the offloaded optimizer records its own sub-groups)
                 with self.ledger.compute("optimizer step"):
                     self.optimizer.step(grad, lr=lr, grad_scale=scale / clip, out_lowp=out_lowp)
             else:

@@ -193,10 +193,14 @@ class _PostBackwardHook(Function):
 
 # --------------------------------------------------------------------------------------------- layers
 def _init(rng, shape, std, dtype):
-    """Normal(0, std) drawn in float64 on the host from the model's seeded rng, then cast: the same
-    weights on every backend and dtype."""
-    host = rng.standard_normal(shape) * std if std > 0 else np.zeros(shape)
-    return get_backend().asarray(host.astype(np.float32)).astype(dtype)
+    """Normal(0, std) from the parameter's own random stream, seeded from the model's rng in construction order
+    (refimpl/zero/init.py): drawn in float64 on the host, then cast, so the weights are the same on every backend
+    and dtype. Inside `zero.Init()` the draw is deferred to when ZeRO stage 3 partitions the parameter."""
+    from .zero.init import DeferredInit, draw, init_active
+    seed = int(rng.integers(2**63)) if std > 0 else None   # zeros draw nothing
+    if init_active():
+        return DeferredInit(shape, std, seed, dtype)
+    return get_backend().asarray(draw(shape, std, seed)).astype(dtype)
 
 
 class Linear(Module):

@@ -149,7 +149,8 @@ class TiledLinear(Module):
         if (other.bias is not None) != self.use_bias:
             raise ValueError(f"bias mismatch: the TiledLinear has bias={self.use_bias}, the Linear has "
                              f"bias={other.bias is not None}")
-        self._copy_tiles(other.weight.data, None if other.bias is None else other.bias.data)
+        from .zero.init import materialize   # a Linear built inside zero.Init() is drawn here
+        self._copy_tiles(materialize(other.weight.data), None if other.bias is None else materialize(other.bias.data))
 
     def _copy_tiles(self, weight, bias) -> None:
         for out_id in range(self.out_splits):

@@ -25,6 +25,7 @@ from .config import ConfigError, dumps
 from .data import Batch, make_dataset
 from .engine import Engine, param_dtype
 from .model import ModelConfig, Transformer
+from .zero.init import Init
 
 
 class RunDirError(ValueError):
@@ -57,7 +58,8 @@ def build(config: dict):
     if mcfg["vocab_size"] < dataset.vocab_size:
         raise ConfigError("model.vocab_size", f"must be >= the dataset's vocabulary ({dataset.vocab_size}), "
                                               f"got {mcfg['vocab_size']}")
-    with use_backend(be):
+    # stage 3 builds the model deferred (zero.Init): the engine draws and partitions it one parameter at a time
+    with use_backend(be), Init(enabled=config["zero_optimization"]["stage"] == 3):
         model = Transformer(ModelConfig.from_dict(mcfg), seed=config["run"]["seed"], dtype=param_dtype(config))
     return be, dataset, model
 

@@ -17,8 +17,8 @@ import numpy as np
 
 from . import array_module
 
-# sum_squares upcasts to float64; doing it in blocks bounds that temporary to 8 MiB
-# instead of 2-4x the size of the (possibly huge) gradient shard.
+# sum_squares upcasts to float64 (and has_inf_or_nan makes a bool mask); doing it in blocks bounds that
+# temporary to 8 MiB instead of 1-4x the size of the (possibly huge) gradient shard.
 _SUM_SQUARES_BLOCK = 1 << 20
 
 
@@ -119,7 +119,9 @@ def has_inf_or_nan(x) -> bool:
     overflow to inf on large but finite fp16 gradients.
     """
     xp = _xp(x)
-    return not bool(xp.isfinite(x).all())
+    flat = x.reshape(-1)
+    return not all(bool(xp.isfinite(flat[i:i + _SUM_SQUARES_BLOCK]).all())   # blocks: no Ψ-sized temporary
+                   for i in range(0, flat.size, _SUM_SQUARES_BLOCK))
 
 
 def cast(x, dtype):

@@ -22,10 +22,29 @@ from .nvme import aligned_empty
 KEYS = ("master", "exp_avg", "exp_avg_sq")
 
 
-class OffloadedAdamW:
-    """Same interface as refimpl.optim.AdamW (step, step_count, partitions, load_partitions)."""
+def sub_groups(chunk_sizes, sub_group_size: int) -> list[tuple[int, int]]:
+    """[lo, hi) ranges of the partition, each a run of whole parameter chunks, closed once it holds at least
+    `sub_group_size` elements (DeepSpeed stage 3's `_create_fp16_sub_groups`): a parameter is never split, so a
+    sub-group's new low-precision values are whole parameter chunks, ready to write back."""
+    groups, lo, pos = [], 0, 0
+    for n in chunk_sizes:
+        pos += int(n)
+        if pos - lo >= sub_group_size:
+            groups.append((lo, pos))
+            lo = pos
+    if pos > lo or not groups:
+        groups.append((lo, pos))
+    return groups
 
-    def __init__(self, master_init, *, backend, device: str, sub_group_size: int, ledger, store=None,
+
+class OffloadedAdamW:
+    """Same interface as refimpl.optim.AdamW (step, step_count, partitions, load_partitions).
+
+    `master_pieces`: this rank's fp32 master partition as arrays in partition order (one per parameter under
+    zero.Init, or one whole array); they go straight to the host or NVMe tier, so the partition never has to
+    be in memory at once. `groups`: the sub-groups, [lo, hi) ranges covering [0, numel)."""
+
+    def __init__(self, master_pieces, *, numel: int, groups, backend, device: str, ledger, store=None,
                  buffer_count: int = 4, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01, adamw_mode=True,
                  name: str = "optim"):
         if device not in ("cpu", "nvme"):
@@ -38,62 +57,88 @@ class OffloadedAdamW:
         self.step_count = 0
         # the host kernel: a CPU backend's own adam_step; the NumPy reference behind a GPU backend
         self.host_adam_step = reference_kernels.adam_step if backend.is_gpu else backend.adam_step
-        self.numel = int(master_init.size)
-        size = max(1, int(sub_group_size))
-        self.groups = [(lo, min(lo + size, self.numel)) for lo in range(0, self.numel, size)] or [(0, 0)]
-        host_master = backend.to_numpy(master_init).astype(np.float32, copy=True)
+        self.numel, self.groups = int(numel), [(int(lo), int(hi)) for lo, hi in groups]
+        if self.groups[0][0] != 0 or self.groups[-1][1] != self.numel or any(
+                a[1] != b[0] for a, b in zip(self.groups, self.groups[1:])):
+            raise ValueError(f"sub-groups {self.groups[:3]}... do not tile the partition [0, {self.numel})")
+        self.buffer_count = max(3, int(buffer_count))  # sub-group buffer sets: read-ahead, compute, writes
         if device == "cpu":
-            self.host = {"master": host_master, "exp_avg": np.zeros_like(host_master),
-                         "exp_avg_sq": np.zeros_like(host_master)}
-            ledger.alloc("host", 3 * host_master.nbytes, "the offloaded optimizer states (offload_optimizer=cpu)")
+            self.host = {key: np.zeros(self.numel, np.float32) for key in KEYS}
+            ledger.alloc("host", 3 * 4 * self.numel, "the offloaded optimizer states (offload_optimizer=cpu)")
         else:
-            self.buffer_count = max(3, int(buffer_count))  # sub-group buffer sets: read-ahead, compute, writes
             for i, (lo, hi) in enumerate(self.groups):
                 for key in KEYS:
                     self.store.allocate(self._key(key, i), (hi - lo) * 4)
-                init = {"master": host_master[lo:hi], "exp_avg": np.zeros(hi - lo, np.float32),
-                        "exp_avg_sq": np.zeros(hi - lo, np.float32)}
-                for key in KEYS:
-                    self.store.write(self._key(key, i), init[key]).wait()
-            ledger.alloc("nvme", 3 * host_master.nbytes, "the offloaded optimizer states")
+            ledger.alloc("nvme", 3 * 4 * self.numel, "the offloaded optimizer states")
+        self._write_initial_states(master_pieces)
 
     def _key(self, key: str, group: int) -> str:
         return f"{self.name}.{key}.sg{group}"
 
+    def _write_initial_states(self, pieces) -> None:
+        """Master from the pieces, moments zero; NVMe: sub-group by sub-group as the pieces arrive."""
+        group, filled, buf, pending = 0, 0, None, []
+        for piece in pieces:
+            piece = np.asarray(self.backend.to_numpy(piece), dtype=np.float32).reshape(-1)
+            if self.device == "cpu":
+                self.host["master"][filled:filled + piece.size] = piece
+                filled += piece.size
+                continue
+            pos = 0
+            while pos < piece.size:
+                lo, hi = self.groups[group]
+                if buf is None:
+                    buf = aligned_empty((hi - lo) * 4).view(np.float32)
+                n = min(hi - lo - filled, piece.size - pos)
+                buf[filled:filled + n] = piece[pos:pos + n]
+                filled, pos = filled + n, pos + n
+                if filled == hi - lo:    # the sub-group is complete: write it while the next one fills
+                    for h in pending:
+                        h.wait()
+                    zeros = aligned_empty((hi - lo) * 4).view(np.float32)
+                    zeros[...] = 0
+                    pending = [self.store.write(self._key("master", group), buf),
+                               self.store.write(self._key("exp_avg", group), zeros),
+                               self.store.write(self._key("exp_avg_sq", group), zeros)]
+                    group, filled, buf = group + 1, 0, None
+        if self.device == "nvme" and self.numel == 0:    # an empty partition still has its (empty) sub-group
+            pending = [self.store.write(self._key(key, 0), np.zeros(0, np.float32)) for key in KEYS]
+        for h in pending:
+            h.wait()
+        written = filled if self.device == "cpu" else (self.groups[group - 1][1] if group else 0)
+        if written != self.numel and self.numel:
+            raise ValueError(f"the master pieces hold {written} elements, the partition has {self.numel}")
+
     # -------------------------------------------------------------------------------------------- step
     def step(self, grad, *, lr=None, grad_scale=1.0, out_lowp=None) -> None:
-        """One AdamW step of this rank's partition, on the host; `out_lowp` (device) gets the new low-precision
-        parameters. grad is this rank's fp32 gradient partition (device)."""
+        """One AdamW step of this rank's partition, on the host, sub-group by sub-group. grad: this rank's
+        gradient partition (device; fp32, or fp16/bf16 upcast by the kernel). out_lowp receives the new
+        low-precision parameters: a device array, or a PartitionUpdate of the parameter offload tier."""
         self.step_count += 1
         lr = self.lr if lr is None else float(lr)
-        # host working memory of the step, charged to the host budget: the gradient and the new low-precision copy
-        working = self.numel * 4 + (0 if out_lowp is None else self.numel * out_lowp.dtype.itemsize)
-        self.ledger.alloc("host", working, "the optimizer step's host copies of the gradient and parameters")
-        try:
-            self._step(grad, lr, grad_scale, out_lowp)
-        finally:
-            self.ledger.free("host", working)
-
-    def _step(self, grad, lr, grad_scale, out_lowp) -> None:
-        with self.ledger.transfer("device", "host", grad.nbytes, "grad partition"):
-            grad_host = np.asarray(self.backend.to_numpy(grad), dtype=np.float32)
-        lowp_host = None if out_lowp is None else np.empty(self.numel, dtype=out_lowp.dtype)
         kw = dict(lr=lr, beta1=self.betas[0], beta2=self.betas[1], eps=self.eps, weight_decay=self.weight_decay,
                   step=self.step_count, grad_scale=grad_scale, adamw_mode=self.adamw_mode)
+        sink = None if out_lowp is None else _LowpSink.of(out_lowp, self.backend, self.ledger)
         if self.device == "cpu":
-            for lo, hi in self.groups:
-                with self.ledger.compute(f"adam sub-group {lo}:{hi}"):
-                    self.host_adam_step(self.host["master"][lo:hi], grad_host[lo:hi], self.host["exp_avg"][lo:hi],
-                                        self.host["exp_avg_sq"][lo:hi], **kw,
-                                        out_lowp=None if lowp_host is None else lowp_host[lo:hi])
+            for i, (lo, hi) in enumerate(self.groups):
+                self._update_group(i, {key: self.host[key][lo:hi] for key in KEYS}, grad, sink, kw)
         else:
-            self._pipelined_nvme_step(grad_host, lowp_host, kw)
-        if out_lowp is not None:
-            with self.ledger.transfer("host", "device", lowp_host.nbytes, "low-precision partition"):
-                self.backend.copy_async(out_lowp, self.backend.asarray(lowp_host))
-                self.backend.synchronize()
+            self._pipelined_nvme_step(grad, sink, kw)
+        if sink is not None:
+            sink.finish()
 
-    def _read_group(self, i: int) -> tuple[dict, list, float]:
+    def _update_group(self, i, states, grad, sink, kw) -> None:
+        """Adam on sub-group i: its gradient slice comes to the host, its new low-precision values go out."""
+        lo, hi = self.groups[i]
+        with self.ledger.transfer("device", "host", (hi - lo) * grad.dtype.itemsize, f"grads of sub-group {i}"):
+            g = self.backend.to_numpy(grad[lo:hi])        # a view on CPU backends
+        out = None if sink is None else sink.buffer(lo, hi)
+        with self.ledger.compute(f"adam sub-group {i}"):
+            self.host_adam_step(states["master"], g, states["exp_avg"], states["exp_avg_sq"], **kw, out_lowp=out)
+        if sink is not None:
+            sink.done(lo, hi, out)
+
+    def _read_group(self, i: int) -> tuple[dict, list]:
         lo, hi = self.groups[i]
         self.ledger.alloc("host", 3 * (hi - lo) * 4, f"the buffers of optimizer sub-group {i} (sub_group_size)")
         # 4096-aligned host buffers: O_DIRECT reads land in them without a bounce copy
@@ -101,9 +146,9 @@ class OffloadedAdamW:
         handles = [self.store.read(self._key(key, i), bufs[key]) for key in KEYS]
         return bufs, handles
 
-    def _pipelined_nvme_step(self, grad_host, lowp_host, kw) -> None:
+    def _pipelined_nvme_step(self, grad, sink, kw) -> None:
         n = len(self.groups)
-        reads = {0: self._read_group(0)}          # group -> (buffers, pending read handles, issue time)
+        reads = {0: self._read_group(0)}          # group -> (buffers, pending read handles)
         writes: list = []                          # pending write handles, oldest first
         for i, (lo, hi) in enumerate(self.groups):
             if i + 1 < n:
@@ -116,9 +161,7 @@ class OffloadedAdamW:
             for key in KEYS:                      # a swap file changed behind our back is an error, not data
                 self.store.verify(self._key(key, i), bufs[key])
             self._record("nvme", "host", handles, nbytes, i)
-            with self.ledger.compute(f"adam sub-group {i}"):
-                self.host_adam_step(bufs["master"], grad_host[lo:hi], bufs["exp_avg"], bufs["exp_avg_sq"], **kw,
-                                    out_lowp=None if lowp_host is None else lowp_host[lo:hi])
+            self._update_group(i, bufs, grad, sink, kw)
             writes.append((nbytes, i, [self.store.write(self._key(key, i), bufs[key]) for key in KEYS]))
             while len(writes) > self.buffer_count - 2:     # bound the buffers held by in-flight writes
                 self._finish_write(*writes.pop(0))
@@ -160,3 +203,26 @@ class OffloadedAdamW:
         for i, (lo, hi) in enumerate(self.groups):
             for key in KEYS:
                 self.store.write(self._key(key, i), np.ascontiguousarray(parts[key][lo:hi], np.float32)).wait()
+
+
+class _LowpSink:
+    """Where an offloaded step puts sub-group [lo, hi)'s new low-precision parameters: a device array (copied up
+    per sub-group), or the parameter offload tier's PartitionUpdate (refimpl/memory/param_offload.py), which has
+    the same buffer/done/finish methods."""
+
+    @staticmethod
+    def of(out, backend, ledger):
+        return out if hasattr(out, "done") else _LowpSink(out, backend, ledger)
+
+    def __init__(self, out, backend, ledger):
+        self.out, self.backend, self.ledger = out, backend, ledger
+
+    def buffer(self, lo, hi):
+        return np.empty(hi - lo, dtype=self.out.dtype)
+
+    def done(self, lo, hi, buf) -> None:
+        with self.ledger.transfer("host", "device", buf.nbytes, f"parameters [{lo}, {hi})"):
+            self.backend.copy_async(self.out[lo:hi], self.backend.asarray(buf))
+
+    def finish(self) -> None:
+        self.backend.synchronize()

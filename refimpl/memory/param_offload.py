@@ -10,6 +10,8 @@ the next modules in its trace), and written back after the optimizer step.
 """
 from __future__ import annotations
 
+import bisect
+
 import numpy as np
 
 from .nvme import aligned_empty
@@ -20,31 +22,82 @@ class BufferPoolError(MemoryError):
 
 
 class ParamSwapper:
-    def __init__(self, layout, rank: int, dtype, *, device: str, backend, ledger, initial_partition,
-                 store=None, buffer_count: int = 5, buffer_size: int = 10**8):
+    def __init__(self, layout, rank: int, dtype, *, device: str, backend, ledger, store=None,
+                 buffer_count: int = 5, buffer_size: int = 10**8):
         if device not in ("cpu", "nvme"):
             raise ValueError(f"offload_param.device must be 'cpu' or 'nvme' here, got {device!r}")
         self.layout, self.rank, self.dtype = layout, rank, np.dtype(dtype)
         self.device, self.backend, self.ledger, self.store = device, backend, ledger, store
         self.buffer_count, self.buffer_size = int(buffer_count), int(buffer_size)
-        self._staged = 0   # host bytes of an updated partition waiting to be committed
-        host = np.array(backend.to_numpy(initial_partition), dtype=self.dtype, copy=True)
+        self._staged = 0     # host bytes of an updated partition waiting to be committed
+        self._writes = []    # (buffer, handle, label) of writes in flight, oldest first
+        nbytes = layout.partition_numel * self.dtype.itemsize
         if device == "cpu":
-            self.host = host                                   # the host tier holds the whole partition
-            ledger.alloc("host", host.nbytes, "the parameter partition (offload_param=cpu)")
+            self.host = np.zeros(layout.partition_numel, dtype=self.dtype)  # the host tier holds the partition
+            ledger.alloc("host", nbytes, "the parameter partition (offload_param=cpu)")
         else:
-            largest = max(s.chunk for s in layout.slots)
+            largest = max((s.chunk for s in layout.slots), default=0)
             if largest > self.buffer_size:
                 raise BufferPoolError(f"offload_param.buffer_size={self.buffer_size} elements cannot hold the "
                                       f"largest parameter chunk ({largest} elements); raise buffer_size")
             self.inflight: dict[str, tuple] = {}               # slot name -> (buffer, read handle)
             for s in layout.slots:
                 self.store.allocate(self._key(s), s.chunk * self.dtype.itemsize)
-            self.commit(host)
-            ledger.alloc("nvme", host.nbytes, "the parameter partition")
+            ledger.alloc("nvme", nbytes, "the parameter partition")
+        self._starts = [s.offset for s in layout.slots]     # for finding the slots of a sub-group
 
     def _key(self, slot) -> str:
         return f"param.{slot.name}"
+
+    # ------------------------------------------------------------------------------ write (init, update)
+    def write_chunk(self, slot, chunk) -> None:
+        """Put one parameter's chunk into the tier (zero.Init draws parameters one by one and calls this)."""
+        if self.device == "cpu":
+            self.layout.view(self.host, slot)[...] = self.backend.to_numpy(chunk)
+            return
+        buf = aligned_empty(chunk.nbytes).view(self.dtype)
+        buf[...] = self.backend.to_numpy(chunk)
+        self._write(buf, [(slot, buf)], slot.name)
+
+    def _write(self, buf, pieces, label) -> None:
+        """Start writing `pieces` ((slot, array) pairs, views of `buf`); bound the buffers held by writes."""
+        self.ledger.alloc("host", buf.nbytes, f"the swap buffer of {label}")
+        handles = [self.store.write(self._key(slot), piece) for slot, piece in pieces]
+        self._writes.append((buf, handles, label))
+        while len(self._writes) > self.buffer_count:
+            self._finish_write()
+
+    def _finish_write(self) -> None:
+        buf, handles, label = self._writes.pop(0)
+        with self.ledger.wait("host", "nvme", label):
+            for h in handles:
+                h.wait()
+        if handles:
+            t0 = self.ledger.t0
+            self.ledger.add("transfer", min(h.start for h in handles) - t0, max(h.end for h in handles) - t0,
+                            src="host", dst="nvme", nbytes=buf.nbytes, label=label)
+        self.ledger.free("host", buf.nbytes)
+
+    def finish_writes(self) -> None:
+        while self._writes:
+            self._finish_write()
+
+    def slots_between(self, lo: int, hi: int) -> list:
+        """The slots whose chunks fill partition elements [lo, hi) exactly (a parameter-aligned sub-group)."""
+        i, j = bisect.bisect_left(self._starts, lo), bisect.bisect_left(self._starts, hi)
+        slots = self.layout.slots[i:j]
+        end = slots[-1].offset + slots[-1].chunk if slots else lo
+        if (slots and slots[0].offset != lo) or end != hi:
+            raise ValueError(f"partition range [{lo}, {hi}) does not start and end at parameter boundaries; "
+                             f"offloaded sub-groups must hold whole parameter chunks")
+        return slots
+
+    def begin_update(self) -> "PartitionUpdate":
+        """The optimizer is about to write new values: returns where its sub-groups go (see PartitionUpdate)."""
+        if self.device == "nvme":
+            while self.inflight:   # reads of the old values must not land after the new ones are written
+                self._drain_one()
+        return PartitionUpdate(self)
 
     # --------------------------------------------------------------------------------------- swap in
     def swap_in_async(self, slot) -> bool:
@@ -104,6 +157,9 @@ class ParamSwapper:
 
     def commit(self, partition) -> None:
         """After an update: nothing more on the host tier; NVMe: write every chunk back (and wait)."""
+        if isinstance(partition, PartitionUpdate):
+            partition.finish()
+            return
         if self.device == "cpu":
             if partition is not self.host:
                 self.host[...] = partition
@@ -129,3 +185,35 @@ class ParamSwapper:
         for s in self.layout.slots:
             self.store.read_sync(self._key(s), self.layout.view(out, s))   # verified
         return out
+
+
+class PartitionUpdate:
+    """Where the offloaded optimizer writes the new low-precision parameters, one sub-group at a time, so the
+    write-back to NVMe of sub-group i overlaps the step of sub-group i+1 (DeepSpeed's stage 3 swaps out a
+    sub-group's fp16 partitions right after its step) and the whole partition never sits in host memory.
+
+        buf = update.buffer(lo, hi)     # host array for partition elements [lo, hi)
+        ... the optimizer writes buf ...
+        update.done(lo, hi, buf)        # NVMe: start writing the sub-group's parameter chunks
+        update.finish()                 # wait for every write (publish_params calls it through commit)
+    """
+
+    def __init__(self, swapper: ParamSwapper):
+        self.swapper = swapper
+
+    def buffer(self, lo: int, hi: int):
+        sw = self.swapper
+        if sw.device == "cpu":
+            return sw.host[lo:hi]                     # the host tier itself
+        return aligned_empty((hi - lo) * sw.dtype.itemsize).view(sw.dtype)
+
+    def done(self, lo: int, hi: int, buf) -> None:
+        sw = self.swapper
+        if sw.device == "cpu":
+            return
+        pieces = [(s, buf[s.offset - lo:s.offset - lo + s.chunk]) for s in sw.slots_between(lo, hi)]
+        sw._write(buf, pieces, f"parameters of sub-group [{lo}, {hi})")
+
+    def finish(self) -> None:
+        if self.swapper.device == "nvme":
+            self.swapper.finish_writes()

@@ -71,17 +71,23 @@ class PartitionLayout:
             col += s.chunk
         return rows
 
+    def chunk_of(self, slot: Slot, full, rank: int, dtype=None):
+        """Rank `rank`'s chunk (chunk,) of one whole parameter, zero-padded at the end."""
+        xp = array_module(full)
+        flat = full.reshape(-1)
+        lo = rank * slot.chunk
+        piece = flat[lo:min(lo + slot.chunk, slot.numel)]
+        out = xp.zeros(slot.chunk, dtype=dtype or full.dtype)
+        out[:len(piece)] = piece
+        return out
+
     def partition(self, arrays: dict, rank: int, dtype=None):
         """Rank `rank`'s partition (S,) cut from full parameters."""
         first = next(iter(arrays.values()))
         xp = array_module(first)
         out = xp.empty(self.partition_numel, dtype=dtype or first.dtype)
         for s in self.slots:
-            lo = rank * s.chunk
-            flat = arrays[s.name].reshape(-1)
-            piece = flat[lo:min(lo + s.chunk, s.numel)]
-            out[s.offset:s.offset + len(piece)] = piece
-            out[s.offset + len(piece):s.offset + s.chunk] = 0  # padding
+            out[s.offset:s.offset + s.chunk] = self.chunk_of(s, arrays[s.name], rank, dtype=out.dtype)
         return out
 
     def unpartition(self, gathered) -> dict:

@@ -7,8 +7,9 @@ so every rank takes the same optimizer step on the same numbers.
 
 The stage classes share one shape, which the engine (refimpl/engine.py) drives:
     after_backward()        once per micro-batch, after loss.backward()
-    reduce_gradients()      at the accumulation boundary: this rank's fp32 gradient partition, mean over ranks
+    reduce_gradients()      at the accumulation boundary: this rank's gradient partition, mean over ranks
     master / lowp_partition what AdamW updates, and where it writes the low-precision copy
+    master_pieces()         the master partition in pieces, for an optimizer whose states live off the device
     publish_params()        after the update: make the new parameters visible to the model
     zero_grads(), model_state_bytes(), full_state()/load_full_state() for checkpoints
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 import numpy as np
 
 from .flat import FlatParams
+from .init import materialize_all
 from .partition import PartitionLayout
 
 
@@ -40,12 +42,17 @@ class DataParallel:
         return 1
 
     def _init_params_and_master(self):
+        materialize_all(self.model)   # a model built inside zero.Init(): stages 0-2 keep whole parameters
         # Whole parameters in one flat buffer; with one partition the buffer *is* the partition layout.
         self.flat = FlatParams(self.params.items(), self.backend, self.dtype)
         if self.dtype == np.float32:
             self.master, self.lowp_partition = self.flat.buffer, None  # fp32: the master is the model
         else:
             self.master, self.lowp_partition = self.backend.cast(self.flat.buffer, np.float32), self.flat.buffer
+
+    def master_pieces(self):
+        """This rank's fp32 master partition, in pieces in partition order (stage 3 yields one per parameter)."""
+        yield self.master
 
     # -------------------------------------------------------------------------------------- backward
     def after_backward(self) -> None:
@@ -59,7 +66,7 @@ class DataParallel:
         self.model.zero_grad()
 
     # ---------------------------------------------------------------------------------------- update
-    def lowp_output(self):
+    def lowp_output(self, streaming: bool = False):
         """Where AdamW writes the updated low-precision partition (None: it updates the fp32 params in place)."""
         return self.lowp_partition
 

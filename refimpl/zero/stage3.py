@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .init import materialize
 from .prefetch import PartitionedParameterCoordinator
 from .stage2 import GradientPartitioning
 
@@ -32,13 +33,12 @@ class ParameterPartitioning(GradientPartitioning):
 
     def _init_params_and_master(self):
         zcfg = self.config["zero_optimization"]
-        full = {n: p.data for n, p in self.params.items()}
-        self.master = self.layout.partition(full, self.rank, dtype=np.float32)
-        self.lowp_partition = self.backend.cast(self.master, self.dtype)  # the only copy of the parameters
         self.swapper = self._make_swapper(zcfg)
-        if self.swapper is not None:
-            self.lowp_partition = None   # offloaded: the partition lives in the host or NVMe tier only
-        self.grad_partition = self.backend.zeros((self.layout.partition_numel,), self.dtype)
+        # the only copy of the parameters: this rank's chunks, here or (offloaded) in the host or NVMe tier only
+        S = self.layout.partition_numel
+        self.lowp_partition = None if self.swapper else self.backend.zeros((S,), self.dtype)
+        self.master = None   # the engine assembles it from master_pieces() (or sends them to the offload tier)
+        self.grad_partition = self.backend.zeros((S,), self.dtype)
         self.bucket_size = zcfg["reduce_bucket_size"]
         self._bucket, self._bucket_numel = [], 0
         threshold = zcfg["stage3_param_persistence_threshold"]
@@ -49,13 +49,30 @@ class ParameterPartitioning(GradientPartitioning):
             p.ds_slot = slot
             p.ds_tensor = None if self.swapper else self.layout.view(self.lowp_partition, slot)  # this rank's chunk
             p.ds_persist = slot.numel < threshold
-            p.ds_status = ZeroParamStatus.AVAILABLE
             p.ds_handle = None
             p.register_post_accumulate_grad_hook(lambda p, name=name: self._grad_ready(name))
-            if not p.ds_persist:   # partitioned from the start (the whole model was only built to be cut)
-                p.data, p.ds_status = self._empty, ZeroParamStatus.NOT_AVAILABLE
         self.coordinator = PartitionedParameterCoordinator(self, zcfg)
         self._register_module_hooks()
+
+    def master_pieces(self):
+        """zero.Init's second half: one parameter at a time, draw it (or take its eager value), keep this rank's
+        low-precision chunk in the parameter tier, drop the rest, and yield the chunk in fp32 for the optimizer
+        tier. At no point is more than one whole parameter in memory (refimpl/zero/init.py)."""
+        for name, p in self.params.items():
+            slot = p.ds_slot
+            full = materialize(p.data)
+            chunk = self.layout.chunk_of(slot, full, self.rank, dtype=self.dtype)
+            if self.swapper is not None:
+                self.swapper.write_chunk(slot, chunk)
+            else:
+                p.ds_tensor[...] = chunk
+            if p.ds_persist:   # small: kept whole all the time
+                p.data, p.ds_status = full.astype(self.dtype, copy=False), ZeroParamStatus.AVAILABLE
+            else:              # partitioned from the start
+                p.data, p.ds_status = self._empty, ZeroParamStatus.NOT_AVAILABLE
+            yield self.backend.cast(chunk, np.float32)
+        if self.swapper is not None:
+            self.swapper.finish_writes()
 
     def _make_swapper(self, zcfg):
         off = zcfg["offload_param"]
@@ -68,8 +85,8 @@ class ParameterPartitioning(GradientPartitioning):
             path = Path(off["nvme_path"]) / "zero_stage_3" / "params" / f"rank{self.rank}"
             store = NVMeStore(path, **self.config["aio"])   # DeepSpeed's aio section, by its own names
         return ParamSwapper(self.layout, self.rank, self.dtype, device=off["device"], backend=self.backend,
-                            ledger=self.ledger, initial_partition=self.lowp_partition, store=store,
-                            buffer_count=off["buffer_count"], buffer_size=off["buffer_size"])
+                            ledger=self.ledger, store=store, buffer_count=off["buffer_count"],
+                            buffer_size=off["buffer_size"])
 
     # ------------------------------------------------------------------------------- gather / release
     def _chunk(self, p):
@@ -144,9 +161,12 @@ class ParameterPartitioning(GradientPartitioning):
         super().after_backward()
         self.coordinator.end_of_pass()
 
-    def lowp_output(self):
-        """Where AdamW writes the new low-precision partition: the device partition, or the host tier."""
-        return self.lowp_partition if self.swapper is None else self.swapper.partition_for_update()
+    def lowp_output(self, streaming: bool = False):
+        """Where AdamW writes the new low-precision partition: the device partition, or the offload tier (whole,
+        or sub-group by sub-group as the offloaded optimizer produces it: `streaming`)."""
+        if self.swapper is None:
+            return self.lowp_partition
+        return self.swapper.begin_update() if streaming else self.swapper.partition_for_update()
 
     def publish_params(self, updated=None) -> None:
         """AdamW wrote the new chunks (into ds_tensor views, or the offload tier); re-gather persistent params."""
