@@ -3,10 +3,18 @@
 ZeRO-Infinity §6 (DeepNVMe) claims the NVMe tier runs near the disk's peak. Here the peak is what `dd` reaches with
 O_DIRECT and 1 MiB requests (queue depth 1), measured before and after every sweep; the table gives each NVMeStore
 setting (DeepSpeed ``aio`` knobs: block_size x queue_depth x intra_op_parallelism) as GB/s (10^9 bytes/s) and as a
-ratio to the mean of the two dd runs. Host arrays are plain numpy (O_DIRECT copies them through aligned bounce
-buffers) or 4096-aligned (``aligned_empty``: no copy for full blocks). The page cache is dropped between each write
-and its read where permitted (root), and the output says whether it was. Write times include NVMeStore's crc32 (it
-overlaps the I/O); the buffered row's write time includes flush() (fsync), or it would time the page cache.
+ratio to the median of the dd runs. Host arrays are plain numpy (O_DIRECT copies them through aligned bounce
+buffers) or 4096-aligned (``aligned_empty``: no copy for full blocks). The page cache is dropped before each read
+where permitted (root), and the output says whether it was. Write times include NVMeStore's crc32 (each
+request checksums its block); the buffered row's write time includes flush() (fsync), or it would time the page cache.
+
+Two writes, because a filesystem treats them differently (ext4: the first write into fallocate()d, "unwritten"
+extents converts them to written at I/O completion; a rewrite of written extents changes no metadata):
+- first write: into a freshly preallocated file (NVMeStore.allocate(), then write; dd: posix_fallocate, then
+  `dd conv=notrunc`), what a swap file's first step costs;
+- rewrite: the same file written again, what every later step costs (the offload paths rewrite their swap files).
+dd and NVMeStore are in the same state for each, both with O_DIRECT and neither fsyncing (no conv=fdatasync: the
+store's write handles don't fsync either). The read follows the rewrite.
 
     python3 benchmarks/nvme_bandwidth.py --gib 2 [--repeat 3] [--path DIR] [--out table.md]
 """
@@ -31,7 +39,8 @@ MiB = 1 << 20
 # default aio section. An aligned host buffer lets O_DIRECT skip the bounce copy (as DeepSpeed's aligned swap buffers).
 SETTINGS = [(MiB, 1, 1, True, False), (MiB, 8, 1, True, False), (256 * 1024, 8, 1, True, False),
             (4 * MiB, 8, 1, True, False), (MiB, 32, 1, True, False), (MiB, 8, 2, True, False),
-            (MiB, 1, 1, True, True), (MiB, 8, 1, True, True), (4 * MiB, 8, 1, True, True), (MiB, 8, 1, False, False)]
+            (MiB, 1, 1, True, True), (MiB, 8, 1, True, True), (MiB, 16, 1, True, True), (2 * MiB, 8, 1, True, True),
+            (4 * MiB, 8, 1, True, True), (MiB, 8, 1, False, False)]
 
 
 def drop_caches():
@@ -53,34 +62,52 @@ def dd(args):
     return float(m.group(1)) if m else time.perf_counter() - t
 
 
+def preallocate(file, nbytes):
+    fd = os.open(file, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.posix_fallocate(fd, 0, nbytes)
+    finally:
+        os.close(fd)
+
+
 def measure_dd(folder, n_mib):
-    """dd's O_DIRECT write then read of n_mib MiB: (write GB/s, read GB/s, page cache dropped in between)."""
+    """dd's O_DIRECT first write into a preallocated file, rewrite of it, then read of n_mib MiB:
+    (first write GB/s, rewrite GB/s, read GB/s, page cache dropped before the read)."""
     f, nbytes = os.path.join(folder, "dd.bin"), n_mib * MiB
-    w = dd(["if=/dev/zero", f"of={f}", "bs=1M", f"count={n_mib}", "oflag=direct"])
+    preallocate(f, nbytes)
+    write = ["if=/dev/zero", f"of={f}", "bs=1M", f"count={n_mib}", "oflag=direct", "conv=notrunc"]
+    w1 = dd(write)
+    os.sync()                                           # the first write's metadata, not the rewrite's business
+    w2 = dd(write)
     dropped = drop_caches()
     r = dd([f"if={f}", "of=/dev/null", "bs=1M", "iflag=direct"])
     os.unlink(f)
-    return nbytes / w / 1e9, nbytes / r / 1e9, dropped
+    return nbytes / w1 / 1e9, nbytes / w2 / 1e9, nbytes / r / 1e9, dropped
 
 
 def measure_store(folder, setting, array, out):
-    """NVMeStore's write then read of `array` with one setting: (write GB/s, read GB/s, page cache dropped)."""
+    """NVMeStore's first write, rewrite and read of `array` with one setting, as measure_dd."""
     block_size, queue_depth, threads, direct, _ = setting
-    with NVMeStore(os.path.join(folder, "store"), block_size=block_size, queue_depth=queue_depth,
-                   intra_op_parallelism=threads, direct=direct) as store:
-        store.allocate("a", array.nbytes)
+
+    def timed_write(store):
         t = time.perf_counter()
         store.write("a", array).wait()
         if not direct:
             store.flush()
-        w = time.perf_counter() - t
+        return array.nbytes / (time.perf_counter() - t) / 1e9
+    with NVMeStore(os.path.join(folder, "store"), block_size=block_size, queue_depth=queue_depth,
+                   intra_op_parallelism=threads, direct=direct) as store:
+        store.allocate("a", array.nbytes)
+        w1 = timed_write(store)
+        os.sync()
+        w2 = timed_write(store)
         dropped = drop_caches()
         t = time.perf_counter()
         store.read("a", out).wait()
         r = time.perf_counter() - t
         store.verify("a", out)                          # the bytes came back (outside the timed region)
         store.free("a")
-    return array.nbytes / w / 1e9, array.nbytes / r / 1e9, dropped
+    return w1, w2, array.nbytes / r / 1e9, dropped
 
 
 def cell(values):
@@ -109,7 +136,7 @@ def main(argv=None):
     aligned = {name: aligned_empty(nbytes) for name in plain}
     for name in plain:
         aligned[name][:] = plain[name]              # also touches every page, so no row pays for first-touch faults
-    runs = {key: [] for key in ["dd", *SETTINGS]}   # key -> [(write GB/s, read GB/s, dropped)]
+    runs = {key: [] for key in ["dd", *SETTINGS]}   # key -> [(first write, rewrite, read GB/s, dropped)]
     try:
         with tqdm(total=args.repeat * (2 + len(SETTINGS)), desc="nvme bandwidth", unit="transfer pair") as steps:
             for _ in range(args.repeat):            # dd at both ends of every sweep: the disk drifts
@@ -122,25 +149,27 @@ def main(argv=None):
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 
-    dd_w, dd_r = (float(np.median([run[i] for run in runs["dd"]])) for i in (0, 1))
-    lines = ["| tool | block_size | queue_depth | threads | O_DIRECT | host buffer | write GB/s | read GB/s "
-             "| write / dd | read / dd |", "|---|---|---|---|---|---|---|---|---|---|"]
+    dd_ref = [float(np.median([run[i] for run in runs["dd"]])) for i in range(3)]
+    lines = ["| tool | block_size | queue_depth | threads | O_DIRECT | host buffer | first write GB/s | rewrite GB/s "
+             "| read GB/s | first write / dd | rewrite / dd | read / dd |", "|---" * 12 + "|"]
     for key, results in runs.items():
-        w, r = ([run[i] for run in results] for i in (0, 1))
-        ratios = f"| {np.median(w) / dd_w:.2f} | {np.median(r) / dd_r:.2f} |"
+        columns = [[run[i] for run in results] for i in range(3)]
+        cells = " | ".join(cell(values) for values in columns)
+        ratios = " | ".join(f"{np.median(values) / ref:.2f}" for values, ref in zip(columns, dd_ref))
         if key == "dd":
-            lines.append(f"| dd | 1 MiB | 1 | 1 | yes | dd's own | {cell(w)} | {cell(r)} {ratios}")
+            lines.append(f"| dd | 1 MiB | 1 | 1 | yes | dd's own | {cells} | {ratios} |")
             continue
         block_size, queue_depth, threads, direct, is_aligned = key
         size = f"{block_size // MiB} MiB" if block_size >= MiB else f"{block_size // 1024} KiB"
         buffer = "aligned, no copy" if is_aligned else ("numpy, bounce copy" if direct else "numpy")
         lines.append(f"| NVMeStore | {size} | {queue_depth} | {threads} | {'yes' if direct else 'no'} | {buffer} "
-                     f"| {cell(w)} | {cell(r)} {ratios}")
-    dropped = all(run[2] for results in runs.values() for run in results)
+                     f"| {cells} | {ratios} |")
+    dropped = all(run[3] for results in runs.values() for run in results)
     details = (f"filesystem {filesystem(args.path)}; {nbytes / 2**30:g} GiB per transfer, median (min-max) of "
                f"{args.repeat} sweeps (dd: {len(runs['dd'])} runs, before and after each sweep); page cache dropped "
-               f"between write and read: {'yes' if dropped else 'no (not permitted)'}; dd writes zeros, NVMeStore "
-               f"random bytes")
+               f"before each read: {'yes' if dropped else 'no (not permitted)'}; first write: into a fresh "
+               f"fallocate()d file, rewrite: the same file again; dd writes zeros, NVMeStore random bytes; "
+               f"neither fsyncs")
     emit(lines, details, __file__, args.out)
 
 

@@ -53,6 +53,8 @@ class Engine:
         self.optimizer = self._make_optimizer()
         self.master = self.zero.master  # this rank's fp32 master partition on the device (None when offloaded)
         self.ledger.alloc("device", self._device_model_state_bytes(), "the model states kept on the device")
+        if self._grads_on_host():
+            self.ledger.alloc("host", self.zero.model_state_bytes()["grads"], "the gradient partition")
         self.loss_scaler = make_loss_scaler(config)
         self.micro_steps = 0
         self.global_steps = 0      # optimizer steps attempted (DeepSpeed's global_steps)
@@ -102,7 +104,12 @@ class Engine:
         if getattr(self.zero, "swapper", None) is not None:   # stage 3, offload_param: only persistent params stay
             params -= self.zero.layout.partition_numel * self.dtype.itemsize
         optimizer = 0 if self.zero.master is None else b["optimizer"]
-        return params + b["grads"] + optimizer
+        grads = 0 if self._grads_on_host() else b["grads"]
+        return params + grads + optimizer
+
+    def _grads_on_host(self) -> bool:
+        """Stages 2-3 with the optimizer offloaded keep the gradient partition on the host (ZeRO-Offload)."""
+        return self.zero.grads_on_host and self.zero.stage >= 2
 
     @property
     def flat(self):

@@ -338,9 +338,11 @@ def test_damaged_swap_file_between_steps(capsys, tmp_path, args, after_checkpoin
 
 
 # ---------------------------------------------------------------------------------------------- budgets
-def device_grad_bytes(shapes, world_size):
-    """What stage 3 with both offloads keeps on the device: this rank's fp32 gradient partition (ZeRO §5.3)."""
-    return 4 * sum(chunk(s, world_size) for s in shapes.values())
+def device_state_bytes(shapes, world_size):
+    """What stage 3 with the parameters offloaded but the optimizer on the device keeps there: this rank's fp32
+    gradient, master and two Adam moment partitions, 16 bytes per element (ZeRO §5.3). With the optimizer
+    offloaded too, nothing: the gradients go to the host as they are reduced (ZeRO-Offload)."""
+    return 16 * sum(chunk(s, world_size) for s in shapes.values())
 
 
 def gathered_bytes(shape, world_size):
@@ -348,8 +350,9 @@ def gathered_bytes(shape, world_size):
 
 
 def test_device_budget_below_the_model_states(capsys, tmp_path, args, shapes):
-    need = device_grad_bytes(shapes, 2)
+    need = device_state_bytes(shapes, 2)
     code, _, err = run_cli(capsys, *args(tmp_path / "run", tmp_path / "swap"),
+                           "--set", "zero_optimization.offload_optimizer.device=none",
                            "--set", f"memory.device_bytes={need - 1}")
     line = error_line(err)
     assert code == 2
@@ -358,7 +361,7 @@ def test_device_budget_below_the_model_states(capsys, tmp_path, args, shapes):
 
 def test_device_budget_below_the_largest_layer_names_it(capsys, tmp_path, args, shapes):
     largest = max(gathered_bytes(s, 2) for s in shapes.values())
-    budget = device_grad_bytes(shapes, 2) + largest - 4
+    budget = largest - 4          # both offloaded: the device holds only gathered parameters
     code, _, err = run_cli(capsys, *args(tmp_path / "run", tmp_path / "swap"),
                            "--set", f"memory.device_bytes={budget}")
     line = error_line(err)

@@ -15,7 +15,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from refimpl.memory.nvme import NVMeStore, SwapError, aligned_empty
+from refimpl.memory import nvme
+from refimpl.memory.nvme import NVMeStore, SwapError, aligned_empty, crc32_combine
 
 DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
 
@@ -107,6 +108,35 @@ def test_round_trip(base, n, dtype, block_size, queue_depth, threads, direct, al
         assert same_bytes(out, array)
         s.verify("w", out)
         assert s.stats.bytes_written == s.stats.bytes_read == array.nbytes
+
+
+@given(a=st.binary(max_size=3000), b=st.binary(max_size=3000), c=st.binary(max_size=20))
+def test_crc32_combine_matches_zlib_on_the_concatenation(a, b, c):
+    ab = crc32_combine(zlib.crc32(a), zlib.crc32(b), len(b))
+    assert ab == zlib.crc32(a + b)
+    assert crc32_combine(ab, zlib.crc32(c), len(c)) == zlib.crc32(a + b + c)
+
+
+def test_write_checksums_each_block_in_its_request(tmp_path, monkeypatch):
+    # The crc32 of a write is built from per-block crc32s computed by the I/O workers, never one pass over the whole
+    # array after (or beside) the I/O, which would be a serial step as long as the disk write itself.
+    block_size, seen, real_crc32 = 8192, [], zlib.crc32
+    monkeypatch.setattr(nvme.zlib, "crc32", lambda data, *value: seen.append(len(data)) or real_crc32(data, *value))
+    array = random_array(10 * 2048 + 300, "float32")                  # 10 full blocks and a 1200-byte tail
+    with NVMeStore(tmp_path, block_size=block_size, queue_depth=3, direct=False) as s:
+        s.write_sync("a", array)
+        assert sorted(seen, reverse=True)[:11] == [block_size] * 10 + [1200] and max(seen) == block_size
+        monkeypatch.undo()
+        assert s.checksum("a") == crc(array)
+
+
+def test_rewrite_replaces_contents_and_checksum(store):
+    first, second = random_array(30_000, "float32", seed=1), random_array(30_000, "float32", seed=2)
+    store.write_sync("a", first)
+    store.write_sync("a", second)                       # the offload paths rewrite the same swap file every step
+    assert store.checksum("a") == crc(second) and same_bytes(store.read_sync("a"), second)
+    store.write_sync("a", first[:7000])                 # a shorter array reuses the larger file
+    assert store.checksum("a") == crc(first[:7000]) and same_bytes(store.read_sync("a"), first[:7000])
 
 
 def test_direct_round_trip_on_this_filesystem(tmp_path):

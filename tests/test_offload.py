@@ -140,25 +140,31 @@ def _stage3_config(tmp_path, *extra):
                               *extra])
 
 
-def _device_needs(tmp_path):
+def _device_needs(tmp_path, *extra):
     """(bytes of model states left on the device, bytes of the largest gathered parameter), from an engine
-    built without a budget: the static part is what the grads partition needs (everything else offloaded)."""
+    built without a budget."""
     from refimpl.engine import Engine
     from refimpl.train import build
-    cfg = _stage3_config(tmp_path / "probe")
+    cfg = _stage3_config(tmp_path / "probe", *extra)
     be, _, model = build(cfg)
     engine = Engine(model, cfg, be)
-    static = engine.ledger.used["device"]
-    assert static == engine.zero.layout.partition_numel * 4          # fp32 gradient partition only
+    static, S = engine.ledger.used["device"], engine.zero.layout.partition_numel
+    if cfg["zero_optimization"]["offload_optimizer"]["device"] == "nvme":
+        assert static == 0                                   # everything offloaded; the gradients go to the host
+        assert engine.ledger.used["host"] >= 4 * S           # (ZeRO-Offload), as they are reduced
+    else:
+        assert static == 16 * S                              # fp32 gradients, master and both Adam moments
     largest = max(s.numel for s in engine.zero.layout.slots) * 4      # one rank: a chunk is the whole parameter
     return static, largest
 
 
 def test_device_budget_too_small_for_the_model_states(tmp_path):
-    static, _ = _device_needs(tmp_path)
+    on_device = "zero_optimization.offload_optimizer.device=none"    # the optimizer states stay on the device
+    static, _ = _device_needs(tmp_path, on_device)
     with pytest.raises(MemoryError, match=rf"memory.device_bytes={static - 1:,} is too small .* model states "
                                           rf"kept on the device needs {static:,} bytes"):
-        train(_stage3_config(tmp_path, f"memory.device_bytes={static - 1}"), tmp_path / "run", progress=False)
+        train(_stage3_config(tmp_path, on_device, f"memory.device_bytes={static - 1}"), tmp_path / "run",
+              progress=False)
 
 
 def test_device_budget_too_small_for_one_layer_names_the_parameter(tmp_path):

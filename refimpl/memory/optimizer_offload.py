@@ -112,7 +112,7 @@ class OffloadedAdamW:
     # -------------------------------------------------------------------------------------------- step
     def step(self, grad, *, lr=None, grad_scale=1.0, out_lowp=None) -> None:
         """One AdamW step of this rank's partition, on the host, sub-group by sub-group. grad: this rank's
-        gradient partition (device; fp32, or fp16/bf16 upcast by the kernel). out_lowp receives the new
+        gradient partition (host; fp32, or fp16/bf16 upcast by the kernel). out_lowp receives the new
         low-precision parameters: a device array, or a PartitionUpdate of the parameter offload tier."""
         self.step_count += 1
         lr = self.lr if lr is None else float(lr)
@@ -128,10 +128,10 @@ class OffloadedAdamW:
             sink.finish()
 
     def _update_group(self, i, states, grad, sink, kw) -> None:
-        """Adam on sub-group i: its gradient slice comes to the host, its new low-precision values go out."""
+        """Adam on sub-group i (its gradient is on the host already: the stage moved it there as it was reduced);
+        its new low-precision values go out through the sink."""
         lo, hi = self.groups[i]
-        with self.ledger.transfer("device", "host", (hi - lo) * grad.dtype.itemsize, f"grads of sub-group {i}"):
-            g = self.backend.to_numpy(grad[lo:hi])        # a view on CPU backends
+        g = np.asarray(grad[lo:hi])
         out = None if sink is None else sink.buffer(lo, hi)
         with self.ledger.compute(f"adam sub-group {i}"):
             self.host_adam_step(states["master"], g, states["exp_avg"], states["exp_avg_sq"], **kw, out_lowp=out)

@@ -35,6 +35,9 @@ class DataParallel:
         named = list(model.named_parameters())
         self.layout = PartitionLayout([(n, p.shape) for n, p in named], self.num_partitions)
         self.params = {n: p for n, p in named}
+        # ZeRO-Offload: with the optimizer off the device, reduced gradients go to the host as they are produced
+        off = config["zero_optimization"]["offload_optimizer"]
+        self.grads_on_host = off is not None and off["device"] != "none"
         self._init_params_and_master()
 
     @property
@@ -57,6 +60,16 @@ class DataParallel:
     # -------------------------------------------------------------------------------------- backward
     def after_backward(self) -> None:
         """Gradients stay in each parameter's .grad (autodiff accumulates micro-batches there)."""
+
+    def _to_grad_tier(self, grads, label: str):
+        """Reduced gradients, moved to the host when the optimizer runs there (ZeRO-Offload)."""
+        if not self.grads_on_host:
+            return grads
+        with self.ledger.transfer("device", "host", grads.nbytes, label):
+            return np.asarray(self.backend.to_numpy(grads))
+
+    def _grad_partition_buffer(self, numel: int):
+        return np.zeros(numel, self.dtype) if self.grads_on_host else self.backend.zeros((numel,), self.dtype)
 
     def reduce_gradients(self):
         """All-reduce the whole gradient: every rank gets the mean over ranks (fp32)."""

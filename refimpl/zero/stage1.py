@@ -33,7 +33,7 @@ class OptimizerStatePartitioning(DataParallel):
                  for n, p in self.params.items()}
         rows = self.layout.to_rows(grads, dtype=np.float32)        # (N, S)
         mine = self.comm.reduce_scatter(rows.reshape(-1))          # (S,) this rank's partition, summed
-        return mine / np.float32(self.world_size)                  # the mean, as every stage returns
+        return self._to_grad_tier(mine / np.float32(self.world_size), "reduced gradient partition")  # the mean
 
     def publish_params(self, updated=None) -> None:
         """All-gather the updated low-precision partitions and write the whole parameters back."""

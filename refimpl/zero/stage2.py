@@ -19,7 +19,7 @@ class GradientPartitioning(OptimizerStatePartitioning):
     def _init_params_and_master(self):
         super()._init_params_and_master()
         # gradient partition in the parameters' dtype (DeepSpeed keeps fp16 grads; reductions run in fp32)
-        self.grad_partition = self.backend.zeros((self.layout.partition_numel,), self.dtype)
+        self.grad_partition = self._grad_partition_buffer(self.layout.partition_numel)  # device, or host
         self.bucket_size = self.config["zero_optimization"]["reduce_bucket_size"]
         self._bucket: list[str] = []
         self._bucket_numel = 0
@@ -40,6 +40,7 @@ class GradientPartitioning(OptimizerStatePartitioning):
         rows = self.layout.to_rows({n: self.params[n].grad for n in self._bucket}, dtype=np.float32, slots=slots)
         # the mean over ranks before it is stored: a sum could overflow the fp16 partition N times sooner
         mine = self.comm.reduce_scatter(rows.reshape(-1)) / np.float32(self.world_size)  # (sum of chunks,) fp32
+        mine = self._to_grad_tier(mine, f"reduced gradients of {len(slots)} parameters")
         col = 0
         for s in slots:
             view = self.layout.view(self.grad_partition, s)

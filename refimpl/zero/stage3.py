@@ -38,7 +38,7 @@ class ParameterPartitioning(GradientPartitioning):
         S = self.layout.partition_numel
         self.lowp_partition = None if self.swapper else self.backend.zeros((S,), self.dtype)
         self.master = None   # the engine assembles it from master_pieces() (or sends them to the offload tier)
-        self.grad_partition = self.backend.zeros((S,), self.dtype)
+        self.grad_partition = self._grad_partition_buffer(S)   # device, or host with the optimizer offloaded
         self.bucket_size = zcfg["reduce_bucket_size"]
         self._bucket, self._bucket_numel = [], 0
         threshold = zcfg["stage3_param_persistence_threshold"]
