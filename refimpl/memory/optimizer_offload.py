@@ -18,6 +18,7 @@ import numpy as np
 
 from ..kernels import optim as reference_kernels
 from .nvme import aligned_empty
+from .param_offload import PartitionUpdate
 
 KEYS = ("master", "exp_avg", "exp_avg_sq")
 
@@ -212,7 +213,7 @@ class _LowpSink:
 
     @staticmethod
     def of(out, backend, ledger):
-        return out if hasattr(out, "done") else _LowpSink(out, backend, ledger)
+        return out if isinstance(out, PartitionUpdate) else _LowpSink(out, backend, ledger)
 
     def __init__(self, out, backend, ledger):
         self.out, self.backend, self.ledger = out, backend, ledger
