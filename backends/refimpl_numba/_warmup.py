@@ -1,0 +1,41 @@
+"""NumbaBackend.warmup: call every kernel once per signature its wrapper can produce.
+
+numba compiles one specialisation per argument types. The wrappers hand kernels C-contiguous float32 or
+float64 arrays of fixed ndim (float16/bfloat16 arrive upcast, or as uint16 bits where a kernel reads them
+directly), intp ids and targets, so these calls cover every specialisation used later.
+"""
+import ml_dtypes
+import numpy as np
+
+
+def warmup(be) -> None:
+    rng = np.random.default_rng(0)
+    ids = np.array([[0, 1], [1, 0]])
+    for dt in (np.float32, np.float64):
+        x = rng.standard_normal((2, 3)).astype(dt)
+        w, b = np.ones(3, dt), np.zeros(3, dt)
+        be.softmax_backward(x, be.softmax(x))
+        y, mean, rstd = be.layernorm(x, w, b)
+        be.layernorm_backward(x, x, w, mean, rstd)
+        be.gelu_backward(x, be.gelu(x))
+        be.embedding(x, ids)
+        be.embedding_backward(be.embedding(x, ids), ids, 3)
+        t = np.array([1, -100])
+        loss, lse = be.cross_entropy(x, t)
+        be.cross_entropy_backward(loss, x, t, lse)
+        q = rng.standard_normal((1, 2, 3, 2)).astype(dt)
+        for block in (None, 2):
+            out, lse = be.attention(q, q, q, causal=True, block_size=block)
+            be.attention_backward(q, q, q, q, out, lse, causal=True, block_size=block)
+        be.sum_squares(x)
+        be.has_inf_or_nan(x)
+    for lowp in (np.float16, ml_dtypes.bfloat16):  # uint16-bit paths: fp16/bf16 grads, copies, reductions
+        x = np.ones(4, lowp)
+        be.embedding(x.reshape(2, 2), ids)
+        be.sum_squares(x)
+        be.has_inf_or_nan(x)
+    for grad_dtype in (np.float32, np.float16, ml_dtypes.bfloat16):
+        p, m, v = np.ones(4, np.float32), np.zeros(4, np.float32), np.zeros(4, np.float32)
+        be.adam_step(p, np.ones(4, grad_dtype), m, v, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8,
+                     weight_decay=0.01, step=1, out_lowp=np.empty(4, np.float16))
+    be.cast(be.cast(np.ones(4, np.float32), ml_dtypes.bfloat16), np.float32)

@@ -1,0 +1,143 @@
+"""Attention forward+backward on the CPU: the backends' ``attention`` kernels against torch's SDPA, same run.
+
+The backend interface has one attention kernel pair, ``attention`` -> (out, lse) and ``attention_backward`` ->
+(dq, dk, dv) on (B, H, T, D) arrays, in two forms: plain (``block_size=None``: the materialised (T, T) scores) and
+tiled (``block_size=64``: FlashAttention's online softmax, working memory bounded by the tile). This times both
+forms on the NumPy reference (refimpl/kernels/attention.py) and on the numba backend
+(backends/refimpl_numba/attention.py) against ``torch.nn.functional.scaled_dot_product_attention`` on the CPU,
+forward and backward through autograd, fp32, causal. Variants are run interleaved (A B C, C B A, ...) on the same
+inputs, so that other tenants of the machine hit all alike; every threaded library gets all cores.
+
+FLOP convention (FlashAttention's): a forward pass is 4*B*H*T*T*D (the two matmuls QK^T and PV), forward+backward
+2.5x that (the backward's five matmuls against the forward's two), halved for causal attention, whose upper
+triangle carries no work. GFLOP/s = those FLOPs / median time, whatever an implementation actually computes (the
+plain form computes the masked half too). The speed column is torch's median time over the variant's (> 1:
+faster than torch); the last column is the largest deviation of the variant's output and gradients from torch's.
+
+    python3 benchmarks/attention_cpu.py [--sizes 4,8,256,64 4,8,1024,64] [--reps 5] [--warmup 1]
+        [--block-size 64] [--no-causal] [--out table.md]
+"""
+import argparse
+import os
+import sys
+import time
+
+# torch bundles its own libgomp, numba's "omp" layer (and DeepSpeed's op) use the system's: two OpenMP thread pools
+# whose idle threads spin and steal the 2 cores from each other when variants alternate in one process (a 0.5 ms
+# kernel then takes ~20 ms). Passive waiting removes that artifact of interleaving; set it to override.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import numpy as np
+from tqdm import tqdm
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from _report import emit  # noqa: E402  (benchmarks/ is the script's folder)
+from refimpl.backend import get_backend  # noqa: E402
+
+
+def parse_size(text):
+    try:
+        B, H, T, D = (int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a size is B,H,T,D (four ints, e.g. 4,8,256,64), got {text!r}") from None
+    if min(B, H, T, D) < 1:
+        raise argparse.ArgumentTypeError(f"B, H, T, D must all be >= 1, got {text!r}")
+    return B, H, T, D
+
+
+def refimpl_variant(backend, block_size, q, k, v, dout, causal):
+    def run():
+        out, lse = backend.attention(q, k, v, causal=causal, block_size=block_size)
+        t1 = time.perf_counter()
+        grads = backend.attention_backward(dout, q, k, v, out, lse, causal=causal, block_size=block_size)
+        return t1, (out, *grads)
+    return run
+
+
+def torch_variant(torch, q, k, v, dout, causal):
+    qt, kt, vt = (torch.from_numpy(a.copy()).requires_grad_() for a in (q, k, v))
+    dt = torch.from_numpy(dout)
+
+    def run():
+        for t in (qt, kt, vt):
+            t.grad = None
+        out = torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, is_causal=causal)
+        t1 = time.perf_counter()
+        out.backward(dt)
+        return t1, tuple(t.detach().numpy() for t in (out, qt.grad, kt.grad, vt.grad))
+    return run
+
+
+def median_range(ms):
+    return f"{np.median(ms):.1f} ({min(ms):.1f}-{max(ms):.1f})"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", nargs="+", type=parse_size, default=[(4, 8, 256, 64), (4, 8, 1024, 64)],
+                    help="B,H,T,D per size (default 4,8,256,64 4,8,1024,64)")
+    ap.add_argument("--reps", type=int, default=5, help="timed repetitions per variant (default 5)")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed repetitions first (default 1; numba compiles)")
+    ap.add_argument("--block-size", type=int, default=64, help="tile of the tiled form (default 64)")
+    ap.add_argument("--no-causal", action="store_true", help="full attention instead of causal")
+    ap.add_argument("--out", help="also write the table to this file")
+    args = ap.parse_args()
+    if args.reps < 1 or args.warmup < 0 or args.block_size < 1:
+        ap.error(f"--reps and --block-size must be >= 1 and --warmup >= 0, got {args.reps}, {args.block_size}, "
+                 f"{args.warmup}")
+    causal = not args.no_causal
+    cores = len(os.sched_getaffinity(0))
+
+    import torch
+    torch.set_num_threads(cores)
+    backends, notes = {"numpy": get_backend("numpy")}, []
+    try:
+        import numba
+        numba.set_num_threads(cores)
+        backends["numba"] = get_backend("numba")
+        notes.append(f"numba {numba.__version__}, {numba.get_num_threads()} threads")
+    except Exception as exc:
+        notes.append(f"numba not available: {exc}")
+
+    lines = ["| B, H, T, D | implementation | ms fwd+bwd, median (min-max) | ms fwd | ms bwd | GFLOP/s "
+             "| speed vs torch | max abs diff vs torch |", "|---|---|---|---|---|---|---|---|"]
+    for B, H, T, D in args.sizes:
+        rng = np.random.default_rng(0)
+        q, k, v, dout = (rng.standard_normal((B, H, T, D), dtype=np.float32) for _ in range(4))
+        variants = {"torch SDPA (autograd)": torch_variant(torch, q, k, v, dout, causal)}
+        for name, be in backends.items():
+            variants[f"{name} plain"] = refimpl_variant(be, None, q, k, v, dout, causal)
+            variants[f"{name} tiled ({args.block_size})"] = refimpl_variant(be, args.block_size, q, k, v, dout,
+                                                                            causal)
+        names = list(variants)
+        fwd, bwd, results = {n: [] for n in names}, {n: [] for n in names}, {}
+        with tqdm(total=(args.warmup + args.reps) * len(names), desc=f"T={T}", unit="run", file=sys.stderr) as bar:
+            for rnd in range(args.warmup + args.reps):
+                for name in (names if rnd % 2 == 0 else names[::-1]):
+                    t0 = time.perf_counter()
+                    t1, results[name] = variants[name]()
+                    t2 = time.perf_counter()
+                    if rnd >= args.warmup:
+                        fwd[name].append((t1 - t0) * 1e3)
+                        bwd[name].append((t2 - t1) * 1e3)
+                    bar.update(1)
+        flops = 4 * B * H * T * T * D * 2.5 * (0.5 if causal else 1.0)
+        total = {n: [f + b for f, b in zip(fwd[n], bwd[n])] for n in names}
+        torch_ms = np.median(total[names[0]])
+        ref = results[names[0]]
+        for name in names:
+            med = np.median(total[name])
+            diff = max(float(np.max(np.abs(a - b))) for a, b in zip(results[name], ref))
+            lines.append(f"| {B}, {H}, {T}, {D} | {name} | {median_range(total[name])} | {np.median(fwd[name]):.1f} "
+                         f"| {np.median(bwd[name]):.1f} | {flops / (med / 1e3) / 1e9:.1f} | {torch_ms / med:.2f}x "
+                         f"| {diff:.1e} |")
+    details = (f"fp32, {'causal' if causal else 'full'}, {args.reps} timed runs after {args.warmup} warm-up, "
+               f"interleaved; FLOPs = 4*B*H*T*T*D x 2.5 (fwd+bwd){' / 2 (causal)' if causal else ''}; "
+               f"torch {torch.__version__}, {torch.get_num_threads()} threads; {'; '.join(notes)}; "
+               f"OMP_WAIT_POLICY {os.environ['OMP_WAIT_POLICY']}, "
+               f"OPENBLAS_NUM_THREADS {os.environ.get('OPENBLAS_NUM_THREADS', 'unset')} (NumPy's BLAS)")
+    emit(lines, details, __file__, args.out)
+
+
+if __name__ == "__main__":
+    main()

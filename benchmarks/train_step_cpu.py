@@ -1,0 +1,312 @@
+"""One training step of the default model on the CPU: refimpl on numba and on NumPy against PyTorch eager, same run.
+
+A whole step is what a user waits for: forward, backward (refimpl's tape autodiff and the backend's kernels), the
+gradient's overflow check and norm, clipping folded into the fused AdamW step, exactly as ``refimpl train`` runs
+it (refimpl/train.py ``_loop``: ``model.loss``, ``engine.backward``, ``engine.step``). The peer is the same model
+written with torch.nn (the architecture of tests/test_crosscheck_torch.py, the independent spec of
+refimpl/model.py), loaded with refimpl's initial weights by name, fp32, eager, stepped with the same recipe:
+``clip_grad_norm_`` to the config's gradient_clipping, then ``torch.optim.AdamW`` (torch's default implementation
+for CPU tensors) with the config's hyperparameters and the same LR schedule. The issue's target: numba's step no
+slower than PyTorch eager.
+
+The variants see the same batches (the batch of step s is a pure function of the seed and s) and are stepped
+interleaved (A B C, C B A, ...), so that other tenants of the machine hit all alike; all get every core. The table
+gives the median step time (min-max) after the warm-up steps, tokens/s (micro batch x sequence length / median),
+the speed relative to torch (torch's median over the variant's: > 1 is faster) and the loss of the first and last
+step, which should agree across the three (the same model on the same data).
+
+With ``--profile`` (default on), a second table splits refimpl's step by backend kernel, from a few more steps in
+which every kernel of the backend is timed (benchmarks only: the wrapper is an attribute of the backend instance);
+"other" is the rest of the step: the Python autodiff tape and the NumPy array code between kernels.
+
+NumPy's BLAS (OpenBLAS) uses every core unless OPENBLAS_NUM_THREADS says otherwise; on a busy 2-core machine its
+threads on the model's small matmuls cost more than they give (OPENBLAS_NUM_THREADS=1 made refimpl's step 3-4x
+faster there), so the details line records the setting: run it both ways.
+
+    python3 benchmarks/train_step_cpu.py [--steps 10] [--warmup 2] [--set KEY=VALUE ...] [--no-profile]
+        [--out table.md]
+"""
+import argparse
+import os
+import sys
+import time
+from collections import defaultdict
+
+# torch bundles its own libgomp and numba's "omp" layer uses the system's: two OpenMP thread pools whose idle
+# threads spin and steal the 2 cores from each other when variants alternate in one process (a 0.5 ms kernel then
+# takes ~20 ms). Passive waiting removes that artifact of interleaving; set it to override.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import numpy as np
+from tqdm import tqdm
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from _report import emit  # noqa: E402  (benchmarks/ is the script's folder)
+from refimpl.backend import KERNELS, use_backend  # noqa: E402
+from refimpl.config import load_config  # noqa: E402
+from refimpl.engine import Engine  # noqa: E402
+from refimpl.lr_schedules import lr_at  # noqa: E402
+from refimpl.train import build  # noqa: E402
+
+
+# ------------------------------------------------------------------------------------------ torch model
+def torch_model(torch, cfg):
+    """The model of refimpl/model.py with torch.nn (as tests/test_crosscheck_torch.py writes it)."""
+    nn, F = torch.nn, torch.nn.functional
+
+    class Attention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.h, self.d, self.causal = cfg.n_heads, cfg.head_dim, cfg.task == "lm"
+            inner = cfg.n_heads * cfg.head_dim
+            self.q_proj, self.k_proj, self.v_proj = (nn.Linear(cfg.d_model, inner) for _ in range(3))
+            self.out_proj = nn.Linear(inner, cfg.d_model)
+
+        def forward(self, x, key_padding_mask=None):
+            B, T, _ = x.shape
+            q, k, v = (p(x).view(B, T, self.h, self.d).transpose(1, 2) for p in (self.q_proj, self.k_proj,
+                                                                                 self.v_proj))
+            mask = None if key_padding_mask is None else ~key_padding_mask[:, None, None, :]  # True = attend
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=self.causal)  # (B, H, T, D)
+            return self.out_proj(o.transpose(1, 2).reshape(B, T, self.h * self.d))
+
+    class MLP(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(cfg.d_model, cfg.ff_dim), nn.Linear(cfg.ff_dim, cfg.d_model)
+
+        def forward(self, x):
+            return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.ln_1, self.attn = nn.LayerNorm(cfg.d_model, eps=cfg.layernorm_eps), Attention()
+            self.ln_2, self.mlp = nn.LayerNorm(cfg.d_model, eps=cfg.layernorm_eps), MLP()
+
+        def forward(self, x, key_padding_mask=None):
+            x = x + self.attn(self.ln_1(x), key_padding_mask)
+            return x + self.mlp(self.ln_2(x))
+
+    class Transformer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.task = cfg.task
+            self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+            self.pos_emb = nn.Embedding(cfg.max_seq_len, cfg.d_model)
+            self.blocks = nn.ModuleList(Block() for _ in range(cfg.n_layers))
+            self.ln_f = nn.LayerNorm(cfg.d_model, eps=cfg.layernorm_eps)
+            if cfg.task == "lm":
+                self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+            else:
+                self.head = nn.Linear(cfg.d_model, cfg.n_classes)
+
+        def forward(self, ids, key_padding_mask=None):
+            x = self.tok_emb(ids) + self.pos_emb(torch.arange(ids.shape[1]))[None]
+            for block in self.blocks:
+                x = block(x, key_padding_mask)
+            x = self.ln_f(x)
+            return self.head(x[:, 0]) if self.task == "classify" else self.lm_head(x)
+
+        def loss(self, batch):
+            kpm = None if batch.key_padding_mask is None else torch.from_numpy(batch.key_padding_mask)
+            logits = self(torch.from_numpy(batch.ids), kpm)
+            if self.task == "classify":
+                return F.cross_entropy(logits, torch.from_numpy(batch.labels))
+            return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), torch.from_numpy(batch.targets).reshape(-1))
+
+    return Transformer()
+
+
+# ------------------------------------------------------------------------------------------- variants
+class RefimplStep:
+    """refimpl on one backend: build(config) and Engine, stepped as refimpl/train.py _loop steps."""
+
+    def __init__(self, config):
+        self.config = config
+        self.be, self.dataset, self.model = build(config)
+        with use_backend(self.be):
+            self.engine = Engine(self.model, config, self.be)
+
+    def step(self, batch):
+        with use_backend(self.be):
+            loss, _ = self.model.loss(batch)
+            self.engine.backward(loss)
+            self.engine.step()
+            self.engine.ledger.next_step()
+        return loss.item()
+
+
+class TorchStep:
+    """The same model in torch eager, refimpl's initial weights, the same optimizer recipe and schedule."""
+
+    def __init__(self, torch, config, refimpl_model):
+        self.torch, self.config = torch, config
+        self.model = torch_model(torch, refimpl_model.cfg)
+        state = {n: torch.from_numpy(np.array(a, dtype=np.float32)) for n, a in refimpl_model.state_dict().items()}
+        self.model.load_state_dict(state, strict=True)   # every name must match: the same model
+        opt = config["optimizer"]["params"]
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=opt["lr"], betas=tuple(opt["betas"]), eps=opt["eps"],
+                                     weight_decay=opt["weight_decay"])
+        self.steps = 0
+
+    def step(self, batch):
+        torch, cfg = self.torch, self.config
+        for group in self.opt.param_groups:
+            group["lr"] = lr_at(self.steps, cfg["scheduler"], cfg["optimizer"]["params"]["lr"])
+        self.opt.zero_grad(set_to_none=True)
+        loss = self.model.loss(batch)
+        loss.backward()
+        if cfg["gradient_clipping"]:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg["gradient_clipping"])
+        self.opt.step()
+        self.steps += 1
+        return loss.item()
+
+
+# ------------------------------------------------------------------------------------------- profiling
+class KernelTimer:
+    """Times every interface kernel of one backend instance (wrappers set as instance attributes)."""
+
+    def __init__(self, backend):
+        self.be, self.seconds, self.calls = backend, defaultdict(float), defaultdict(int)
+
+    def __enter__(self):
+        for name in KERNELS:
+            self._wrap(name, getattr(self.be, name))
+        return self
+
+    def _wrap(self, name, fn):
+        def timed(*args, **kw):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kw)
+            finally:
+                self.seconds[name] += time.perf_counter() - t0
+                self.calls[name] += 1
+        setattr(self.be, name, timed)
+
+    def __exit__(self, *exc):
+        for name in KERNELS:
+            self.be.__dict__.pop(name, None)
+        return False
+
+
+def profile(variants, batches):
+    """name -> (per-kernel seconds per step, calls per step, step seconds) over `batches`, the refimpl variants
+    stepped interleaved as in the timed run."""
+    names, timers, total = list(variants), {}, defaultdict(float)
+    for name in names:
+        timers[name] = KernelTimer(variants[name].be).__enter__()
+    try:
+        for i, batch in enumerate(batches):
+            for name in (names if i % 2 == 0 else names[::-1]):
+                t0 = time.perf_counter()
+                variants[name].step(batch)
+                total[name] += time.perf_counter() - t0
+    finally:
+        for timer in timers.values():
+            timer.__exit__(None, None, None)
+    n = len(batches)
+    return {name: ({k: s / n for k, s in timers[name].seconds.items()},
+                   {k: c / n for k, c in timers[name].calls.items()}, total[name] / n) for name in names}
+
+
+def median_range(ms):
+    return f"{np.median(ms):.1f} ({min(ms):.1f}-{max(ms):.1f})"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=10, help="timed steps per variant (default 10)")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2; numba loads kernels)")
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="config overrides for every variant (default: the default config)")
+    ap.add_argument("--no-profile", dest="profile", action="store_false", help="skip the per-kernel table")
+    ap.add_argument("--profile-steps", type=int, default=6, help="profiled steps per backend (default 6)")
+    ap.add_argument("--out", help="also write the tables to this file")
+    args = ap.parse_args()
+    if args.steps < 1 or args.warmup < 0:
+        ap.error(f"--steps must be >= 1 and --warmup >= 0, got {args.steps}, {args.warmup}")
+    cores = len(os.sched_getaffinity(0))
+
+    import torch
+    torch.set_num_threads(cores)
+    notes = []
+    variants = {}
+    for backend in ("numba", "numpy"):
+        config = load_config(None, [*args.set, f"backend={backend}"])
+        if config["world_size"] != 1 or config["gradient_accumulation_steps"] != 1:
+            ap.error("this benchmark steps one rank without gradient accumulation; got world_size="
+                     f"{config['world_size']}, gradient_accumulation_steps={config['gradient_accumulation_steps']}")
+        if backend == "numba":
+            try:
+                import numba
+                numba.set_num_threads(cores)
+                variants["refimpl numba"] = RefimplStep(config)
+                notes.append(f"numba {numba.__version__}, {numba.get_num_threads()} threads")
+            except Exception as exc:
+                notes.append(f"numba not available: {type(exc).__name__}: {exc}")
+                continue
+        else:
+            variants["refimpl numpy"] = RefimplStep(config)
+    first = next(iter(variants.values()))
+    config, dataset = first.config, first.dataset
+    if np.dtype(np.float32) != first.engine.dtype:
+        ap.error(f"the torch peer is fp32; got parameters in {first.engine.dtype} (leave fp16/bf16 disabled)")
+    variants["torch eager"] = TorchStep(torch, config, first.model)
+    micro, T = config["train_micro_batch_size_per_gpu"], config["data"]["seq_len"]
+
+    def batch(step):
+        return dataset.get_batch("train", step, micro, T)
+
+    names = list(variants)
+    times, losses = {n: [] for n in names}, {n: [] for n in names}
+    with tqdm(total=(args.warmup + args.steps) * len(names), desc="steps", unit="step", file=sys.stderr) as bar:
+        for s in range(args.warmup + args.steps):
+            b = batch(s)
+            for name in (names if s % 2 == 0 else names[::-1]):
+                t0 = time.perf_counter()
+                losses[name].append(variants[name].step(b))
+                dt = time.perf_counter() - t0
+                if s >= args.warmup:
+                    times[name].append(dt * 1e3)
+                bar.update(1)
+
+    torch_ms = np.median(times["torch eager"])
+    lines = ["| implementation | ms per step, median (min-max) | tokens/s | speed vs torch eager "
+             "| loss, first step | loss, last step |", "|---|---|---|---|---|---|"]
+    for name in names:
+        med = np.median(times[name])
+        lines.append(f"| {name} | {median_range(times[name])} | {micro * T / (med / 1e3):,.0f} "
+                     f"| {torch_ms / med:.2f}x | {losses[name][0]:.4f} | {losses[name][-1]:.4f} |")
+
+    if args.profile:
+        first_step = args.warmup + args.steps
+        batches = [batch(first_step + i) for i in range(args.profile_steps)]
+        prof = profile({name: v for name, v in variants.items() if name.startswith("refimpl")}, batches)
+        used = sorted({k for sec, _, _ in prof.values() for k in sec},
+                      key=lambda k: -max(p[0].get(k, 0.0) for p in prof.values()))
+        pnames = list(prof)
+        lines += ["", "| kernel (ms per step, calls) | " + " | ".join(pnames) + " |",
+                  "|---|" + "---|" * len(pnames)]
+        for k in used:
+            lines.append(f"| {k} | " + " | ".join(
+                f"{prof[n][0].get(k, 0.0) * 1e3:.1f} ({prof[n][1].get(k, 0):.0f})" for n in pnames) + " |")
+        lines.append("| other (autodiff tape, NumPy glue) | " + " | ".join(
+            f"{(prof[n][2] - sum(prof[n][0].values())) * 1e3:.1f}" for n in pnames) + " |")
+        lines.append("| whole step (profiled) | " + " | ".join(f"{prof[n][2] * 1e3:.1f}" for n in pnames) + " |")
+
+    m = config["model"]
+    details = (f"default model (n_layers {m['n_layers']}, d_model {m['d_model']}, n_heads {m['n_heads']}, "
+               f"{first.model.num_parameters() / 1e6:.2f}M params, {m['attention']} attention), micro batch {micro} "
+               f"x {T} tokens, fp32; {args.steps} timed steps after {args.warmup} warm-up, interleaved"
+               f"{', overrides ' + ' '.join(args.set) if args.set else ''}; torch {torch.__version__} "
+               f"({torch.get_num_threads()} threads); {'; '.join(notes)}; "
+               f"OMP_WAIT_POLICY {os.environ['OMP_WAIT_POLICY']}, "
+               f"OPENBLAS_NUM_THREADS {os.environ.get('OPENBLAS_NUM_THREADS', 'unset')} (NumPy's BLAS)")
+    emit(lines, details, __file__, args.out)
+
+
+if __name__ == "__main__":
+    main()
