@@ -88,8 +88,10 @@ def category(event, phase):
     pair, label = f"{event['src']}->{event['dst']}", event.get("label", "")
     if label.startswith("optimizer sub-group"):
         return f"{pair} optimizer sub-groups"
-    if label == "parameter partition":
+    if label == "parameter partition" or label.startswith("parameters of sub-group"):
         return f"{pair} parameter write-back"
+    if label.startswith("reduced gradient"):
+        return f"{pair} reduced gradients"
     if pair in ("nvme->host", "host->device") and phase == "fb":
         return f"{pair} parameter chunks (forward+backward)"
     return f"{pair} {label or 'other'} ({'forward+backward' if phase == 'fb' else 'optimizer step'})"
