@@ -2,12 +2,15 @@
 
 ZeRO-Offload (Ren et al. 2021) and ZeRO-Infinity §5 (infinity offload engine): the fp32 master weights and
 Adam moments — 12 of the 16 bytes per parameter — leave the device. The step runs on the host, sub-group by
-sub-group (`sub_group_size` elements, DeepSpeed's name), so only a few sub-groups' states are in host memory at
-once. With NVMe the sub-groups are pipelined (DeepSpeed's PipelinedOptimizerSwapper):
+sub-group (runs of whole parameters holding at least `sub_group_size` elements, as DeepSpeed's stage 3 forms
+them), so only a few sub-groups' states are in host memory at once. The gradient partition is on the host already
+(the ZeRO stage moved it there as it was reduced) and is upcast to fp32 one sub-group at a time. With NVMe the
+sub-groups are pipelined (DeepSpeed's PipelinedOptimizerSwapper):
 
     read  sub-group i+1  (nvme -> host, async)
     step  sub-group i    (host compute)
-    write sub-group i    (host -> nvme, async; waited for before its buffer is reused)
+    write sub-group i    (host -> nvme, async; waited for before its buffer is reused), and its new
+                         low-precision parameters (to the device, or to the parameter offload tier)
 
 Offload moves bytes and must not change them: the same elementwise kernel runs on the same numbers as the
 on-device AdamW, so results are bitwise equal (tests/test_offload.py).

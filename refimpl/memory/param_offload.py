@@ -6,7 +6,9 @@ a parameter, each rank moves only *its own* chunk up the tiers (nvme -> host -> 
 assembles the whole parameter on every device: the slow-tier bandwidth in use grows with the number of ranks.
 DeepSpeed's AsyncPartitionedParameterSwapper: chunks are read into a pool of `buffer_count` host buffers of
 `buffer_size` elements each, asynchronously, ahead of use (the stage-3 prefetcher calls `swap_in_async` for
-the next modules in its trace), and written back after the optimizer step.
+the next modules in its trace), and written back by the optimizer step, sub-group by sub-group
+(`PartitionUpdate`). Under zero.Init the chunks arrive one parameter at a time (`write_chunk`), so the partition is
+never whole in host memory.
 """
 from __future__ import annotations
 
