@@ -89,3 +89,31 @@ def test_adam_strided_state_is_updated_in_place(numba_backend):
     numba_backend.adam_step(param, grad, m, v, **hp)
     for a, b in zip((big[::2], m, v), expected):
         np.testing.assert_array_equal(a, b)
+
+
+def test_vectorised_exp_and_tanh_edges_and_accuracy():
+    """_vmath's float32 exp / tanh (used by softmax, cross-entropy, GELU, attention): a few ulps over the
+    whole range, exact 0 below the smallest normal and for -inf (masked scores), inf above, nan kept."""
+    pytest.importorskip("numba", reason="numba not installed")
+    from numba import njit
+
+    from refimpl_numba._vmath import vexp, vtanh
+
+    @njit
+    def both(x):
+        e, t = np.empty_like(x), np.empty_like(x)
+        for i in range(x.size):
+            e[i], t[i] = vexp(x[i]), vtanh(x[i])
+        return e, t
+
+    x = np.concatenate([np.linspace(-100, 100, 200_001, dtype=np.float32),
+                        np.array([np.inf, -np.inf, np.nan, 0.0, -87.4, 88.8], np.float32)])
+    e, t = both(x)
+    exact = np.exp(x.astype(np.float64))
+    normal = (exact > np.finfo(np.float32).tiny) & (exact < np.finfo(np.float32).max)
+    assert np.max(np.abs(e[normal] - exact[normal]) / exact[normal]) < 16 * 2.0 ** -24
+    assert np.all(e[exact <= np.finfo(np.float32).tiny] == 0)
+    assert np.all(np.isposinf(e[exact >= np.finfo(np.float32).max]))
+    assert np.isnan(e[-4]) and np.isnan(t[-4]) and e[-5] == 0
+    assert np.nanmax(np.abs(t - np.tanh(x.astype(np.float64)))) < 4 * 2.0 ** -24
+    assert t[-6] == 1 and t[-5] == -1

@@ -5,9 +5,14 @@ would be; select it with REFIMPL_BACKEND=numba or refimpl.use_backend("numba"). 
 arrays (xp = numpy), so everything the backend does not override (memory, matmul) is the reference's.
 
 - dense.py      softmax, layernorm, GELU, embedding, cross-entropy, forward and backward
-- attention.py  FlashAttention-2 forward/backward (plain and tiled forms), parallel over (batch, head)
+- attention.py  FlashAttention-2 forward/backward (plain and tiled forms): tile products through NumPy's
+                batched BLAS, masks / online softmax / dS fused in numba, parallel over rows
 - optim.py      fused single-pass AdamW (+ fp16/bf16 copy-out), sum of squares, inf/nan check, cast
 - _bits.py      float16 / bfloat16 bit conversions inside kernels (numba has neither type)
+- _vmath.py     float32 exp / tanh that vectorise (numba's np.exp / np.tanh are scalar libm calls)
+
+NumPy's BLAS keeps its own threads (OPENBLAS_NUM_THREADS): on the 2-core benchmark machine the default
+(all cores) measured faster for the training step than OPENBLAS_NUM_THREADS=1 (benchmarks/train_step_cpu.py).
 
 matmul stays NumPy's `@` (BLAS), with float16/bfloat16 operands upcast to float32 as the reference does.
 

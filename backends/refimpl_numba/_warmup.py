@@ -34,8 +34,11 @@ def warmup(be) -> None:
         be.embedding(x.reshape(2, 2), ids)
         be.sum_squares(x)
         be.has_inf_or_nan(x)
-    for grad_dtype in (np.float32, np.float16, ml_dtypes.bfloat16):
-        p, m, v = np.ones(4, np.float32), np.zeros(4, np.float32), np.zeros(4, np.float32)
-        be.adam_step(p, np.ones(4, grad_dtype), m, v, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8,
-                     weight_decay=0.01, step=1, out_lowp=np.empty(4, np.float16))
+    for grad_dtype in (np.float32, np.float16, ml_dtypes.bfloat16):  # one Adam kernel per copy-out and mode
+        for copy in (None, np.float16, ml_dtypes.bfloat16):
+            for adamw_mode in (True, False):
+                p, m, v = np.ones(4, np.float32), np.zeros(4, np.float32), np.zeros(4, np.float32)
+                be.adam_step(p, np.ones(4, grad_dtype), m, v, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8,
+                             weight_decay=0.01, step=1, adamw_mode=adamw_mode,
+                             out_lowp=None if copy is None else np.empty(4, copy))
     be.cast(be.cast(np.ones(4, np.float32), ml_dtypes.bfloat16), np.float32)

@@ -17,6 +17,7 @@ from refimpl.kernels import dense as ref
 from refimpl.kernels.dense import compute_dtype
 
 from ._bits import bits_and_kind
+from ._vmath import vexp, vtanh
 
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 _COL_BLOCK = 64  # columns per work item of the column-parallel reductions (race-free: one owner each)
@@ -40,11 +41,11 @@ def _softmax_rows(x):
         mx = x[r, 0]
         for j in range(1, x.shape[1]):
             mx = max(mx, x[r, j])
+        for j in range(x.shape[1]):                      # no reduction in this loop: it vectorises
+            out[r, j] = vexp(x[r, j] - mx)               # the max subtracted: exp never overflows
         s = x.dtype.type(0)
         for j in range(x.shape[1]):
-            e = np.exp(x[r, j] - mx)                     # the max subtracted: exp never overflows
-            out[r, j] = e
-            s += e
+            s += out[r, j]
         for j in range(x.shape[1]):
             out[r, j] = out[r, j] / s
     return out
@@ -164,7 +165,7 @@ def _gelu_kernel(x):
     y = np.empty_like(x)
     for i in prange(x.size):
         xi = x[i]
-        y[i] = half * xi * (one + np.tanh(c * (xi + a * (xi * xi * xi))))
+        y[i] = half * xi * (one + vtanh(c * (xi + a * (xi * xi * xi))))
     return y
 
 
@@ -175,7 +176,7 @@ def _gelu_backward_kernel(dy, x):
     dx = np.empty_like(x)
     for i in prange(x.size):
         xi = x[i]
-        t = np.tanh(c * (xi + a * (xi * xi * xi)))
+        t = vtanh(c * (xi + a * (xi * xi * xi)))
         dinner = c * (one + a3 * (xi * xi))
         dx[i] = dy[i] * (half * (one + t) + half * xi * (one - t * t) * dinner)
     return dx
@@ -274,9 +275,12 @@ def _cross_entropy_rows(z, t, valid):
         mx = z[r, 0]
         for j in range(1, z.shape[1]):
             mx = max(mx, z[r, j])
+        e = np.empty(z.shape[1], z.dtype)
+        for j in range(z.shape[1]):                      # no reduction in this loop: it vectorises
+            e[j] = vexp(z[r, j] - mx)
         s = z.dtype.type(0)
         for j in range(z.shape[1]):
-            s += np.exp(z[r, j] - mx)
+            s += e[j]
         lse[r] = mx + np.log(s)
         if valid[r]:
             nll[r] = lse[r] - z[r, t[r]]
@@ -300,7 +304,7 @@ def _cross_entropy_backward_rows(z, t, valid, lse, coef):
     for r in prange(z.shape[0]):
         if valid[r]:
             for j in range(z.shape[1]):
-                p = np.exp(z[r, j] - lse[r])             # softmax from the saved lse
+                p = vexp(z[r, j] - lse[r])               # softmax from the saved lse
                 if j == t[r]:
                     p = p - one
                 dz[r, j] = np.float64(p) * coef          # the reference scales in float64 too
