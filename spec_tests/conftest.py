@@ -52,7 +52,8 @@ def backend_params(available, wanted=None, is_gpu=lambda name: False):
             marks.append(pytest.mark.skip(
                 reason=f"{name}: not a registered backend (registered: {', '.join(sorted(available))})"))
         elif available[name] is not None:
-            marks.append(pytest.mark.skip(reason=f"{name}: {available[name]}"))
+            reason = available[name]   # check_available's message usually names the backend already
+            marks.append(pytest.mark.skip(reason=reason if reason.startswith(f"{name}:") else f"{name}: {reason}"))
         params.append(pytest.param(name, marks=marks, id=name))
     return params
 

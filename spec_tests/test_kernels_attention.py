@@ -125,16 +125,13 @@ def test_attention_backward(backend, dtype, form, problem):
 @both_forms
 @given(problem=attention_problems(max_t=5, max_d=3, max_b=2, max_h=2, max_blocks=5))
 @settings(max_examples=10)
-def test_attention_backward_reference_matches_finite_differences(form, problem):
-    """Both reference backward forms against central differences of sum(attention(q, k, v) * G)."""
+def test_attention_backward_matches_finite_differences(backend, form, problem):
+    """Both backward forms of the backend, in float64, against central differences of sum(attention(q, k, v) * G)."""
     q, k, v, G = problem.inputs(np.float64)
     kw = problem.kw
-    out, lse = ref.attention(q, k, v, **kw)
-    if form == "plain":
-        grads = ref.attention_backward(G, q, k, v, out, lse, **kw)
-    else:
-        b = problem.block_size
-        grads = ref.attention_tiled_backward(G, q, k, v, out, lse, block_q=b, block_k=b, **kw)
+    block = None if form == "plain" else problem.block_size
+    out, lse = run_kernel(backend, "attention", q, k, v, block_size=block, **kw)
+    grads = run_kernel(backend, "attention_backward", G, q, k, v, out, lse, block_size=block, **kw)
 
     def loss(q_, k_, v_):
         return float(np.sum(ref.attention(q_, k_, v_, **kw)[0] * G))

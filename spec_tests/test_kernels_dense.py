@@ -4,8 +4,8 @@ Each test runs a kernel on the backend under test (`backend` fixture, spec_tests
 compares it with the NumPy reference kernel run in float64 on the same, already rounded, inputs, within
 the tolerance of the backend's dtype (spec_tests/tolerances.py). On the numpy backend this checks the
 reference's float32 / float16 / bfloat16 paths against its float64 path. The float64 reference itself is
-checked against independent formulas written here and, for every backward kernel, against float64
-central differences of a random projection sum(forward(x) * G).
+checked against independent formulas written here, and every backend's backward kernels, run in float64,
+against central differences of a random projection sum(forward(x) * G) of the reference forward.
 
 Where a result cancels larger terms, the test passes `scale=` the sum of the absolute values of those
 terms, the magnitude rounding errors are proportional to (tolerances.py explains).
@@ -102,13 +102,13 @@ def test_softmax_backward(backend, dtype, shape, pick, seed):
 
 @pytest.mark.kernel("softmax_backward")
 @given(shape=shapes(max_dims=2, max_size=5), pick=st.integers(0, 5), seed=seeds)
-def test_softmax_backward_reference_matches_finite_differences(shape, pick, seed):
+def test_softmax_backward_matches_finite_differences(backend, shape, pick, seed):
     axis = axis_of(len(shape), pick)
     rng = np.random.default_rng(seed)
     x, G = random_array(rng, shape, np.float64, scale=2.0), random_array(rng, shape, np.float64)
     numeric = central_difference(lambda x_: float(np.sum(ref.softmax(x_, axis=axis) * G)), x)
-    assert_grad_close(ref.softmax_backward(G, ref.softmax(x, axis=axis), axis=axis), numeric,
-                      what="softmax_backward")
+    y = run_kernel(backend, "softmax", x, axis=axis)
+    assert_grad_close(run_kernel(backend, "softmax_backward", G, y, axis=axis), numeric, what="softmax_backward")
 
 
 # --------------------------------------------------------------------------------------------- layernorm
@@ -197,12 +197,12 @@ def test_layernorm_backward(backend, dtype, lead, d, seed):
 
 @pytest.mark.kernel("layernorm_backward")
 @given(lead=shapes(min_dims=0, max_dims=2, max_size=3), d=sizes(5), seed=seeds)
-def test_layernorm_backward_reference_matches_finite_differences(lead, d, seed):
+def test_layernorm_backward_matches_finite_differences(backend, lead, d, seed):
     shape = lead + (d,)
     x, w, b = _layernorm_inputs(seed, shape, np.float64)
     G = random_array([seed, 1], shape, np.float64)
-    _, mean, rstd = ref.layernorm(x, w, b)
-    dx, dw, db = ref.layernorm_backward(G, x, w, mean, rstd)
+    _, mean, rstd = run_kernel(backend, "layernorm", x, w, b)
+    dx, dw, db = run_kernel(backend, "layernorm_backward", G, x, w, mean, rstd)
     loss = lambda x_, w_, b_: float(np.sum(ref.layernorm(x_, w_, b_)[0] * G))  # noqa: E731
     assert_grad_close(dx, central_difference(lambda x_: loss(x_, w, b), x), what="layernorm dx")
     assert_grad_close(dw, central_difference(lambda w_: loss(x, w_, b), w), what="layernorm dweight")
@@ -258,11 +258,11 @@ def test_gelu_backward(backend, dtype, shape, seed):
 
 @pytest.mark.kernel("gelu_backward")
 @given(shape=shapes(max_dims=2, max_size=7), seed=seeds)
-def test_gelu_backward_reference_matches_finite_differences(shape, seed):
+def test_gelu_backward_matches_finite_differences(backend, shape, seed):
     rng = np.random.default_rng(seed)
     x, G = random_array(rng, shape, np.float64, scale=2.0), random_array(rng, shape, np.float64)
     numeric = central_difference(lambda x_: float(np.sum(ref.gelu(x_) * G)), x)
-    assert_grad_close(ref.gelu_backward(G, x), numeric, what="gelu_backward")
+    assert_grad_close(run_kernel(backend, "gelu_backward", G, x), numeric, what="gelu_backward")
 
 
 @pytest.mark.kernel("gelu")
@@ -309,10 +309,11 @@ def test_embedding_backward(backend, dtype, problem):
 @pytest.mark.kernel("embedding_backward")
 @given(problem=embedding_problems(max_v=6, max_d=4))
 @settings(max_examples=10)
-def test_embedding_backward_reference_matches_finite_differences(problem):
+def test_embedding_backward_matches_finite_differences(backend, problem):
     ids, w, G = problem.ids(), problem.weight(np.float64), problem.dout(np.float64)
     numeric = central_difference(lambda w_: float(np.sum(ref.embedding(w_, ids) * G)), w)
-    assert_grad_close(ref.embedding_backward(G, ids, problem.V), numeric, what="embedding_backward")
+    assert_grad_close(run_kernel(backend, "embedding_backward", G, ids, problem.V), numeric,
+                      what="embedding_backward")
 
 
 # ----------------------------------------------------------------------------------------- cross-entropy
@@ -354,7 +355,7 @@ def test_cross_entropy(backend, dtype, problem):
 def test_cross_entropy_backward(backend, dtype, problem, dloss_as_array):
     z, t, ii, dloss = problem.logits(dtype), problem.targets(), problem.ignore_index, problem.dloss()
     cdt = ref.compute_dtype(dtype)
-    _, lse = ref.cross_entropy(z, t, ignore_index=ii)  # what forward saves, in the compute dtype
+    _, lse = run_kernel(backend, "cross_entropy", z, t, ignore_index=ii)  # what forward saves, in the compute dtype
     # autodiff hands the loss gradient over as a 0-d array of the loss dtype; a float must work too
     dl = np.asarray(dloss, dtype=cdt) if dloss_as_array else dloss
     dz = run_kernel(backend, "cross_entropy_backward", dl, z, t, lse, ignore_index=ii)
@@ -396,11 +397,11 @@ def test_cross_entropy_all_ignored_is_zero(backend, dtype):
 
 @pytest.mark.kernel("cross_entropy_backward")
 @given(problem=cross_entropy_problems(max_n=5, max_c=5))
-def test_cross_entropy_backward_reference_matches_finite_differences(problem):
+def test_cross_entropy_backward_matches_finite_differences(backend, problem):
     z, t, ii, dloss = problem.logits(np.float64), problem.targets(), problem.ignore_index, problem.dloss()
-    _, lse = ref.cross_entropy(z, t, ignore_index=ii)
+    _, lse = run_kernel(backend, "cross_entropy", z, t, ignore_index=ii)
     numeric = central_difference(lambda z_: float(ref.cross_entropy(z_, t, ignore_index=ii)[0]) * dloss, z)
-    assert_grad_close(ref.cross_entropy_backward(dloss, z, t, lse, ignore_index=ii), numeric,
+    assert_grad_close(run_kernel(backend, "cross_entropy_backward", dloss, z, t, lse, ignore_index=ii), numeric,
                       what="cross_entropy_backward")
 
 

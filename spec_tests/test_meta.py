@@ -95,6 +95,8 @@ def test_backend_params_skip_unusable_and_mark_gpu():
     available = {"numpy": None, "cupy": "no CUDA device", "numba": None}
     info = _param_info(backend_params(available, None, is_gpu=lambda name: name == "cupy"))
     assert info == {"cupy": (["cupy: no CUDA device"], True), "numba": ([], False), "numpy": ([], False)}
+    named = _param_info(backend_params({"cupy": "cupy: no CUDA device"}))   # a reason that names it already
+    assert named["cupy"][0] == ["cupy: no CUDA device"]
 
 
 def test_backend_params_narrowed_by_env_value():
