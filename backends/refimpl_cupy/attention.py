@@ -1,0 +1,111 @@
+"""Attention on the GPU, in the reference's two forms (refimpl/kernels/attention.py):
+
+- block_size=None: the plain, readable form. The reference code itself runs on CuPy arrays in the
+  compute dtype (its matmuls are cuBLAS GEMMs, TF32 off); only the up/down casts are ours.
+- block_size=int: FlashAttention-2 (Dao 2023, Algorithms 1 and 2) as RawKernels (_source.py): the forward
+  keeps the online softmax per query row and never materialises the scores; the backward recomputes
+  P = exp(S - lse) tile by tile, dK/dV per key block, dQ in a second pass (no atomics, deterministic).
+  The kernels' tiles are fixed (16 queries x 32 keys forward and for dQ, 32 keys x 32 queries for dK/dV),
+  so block_size only selects this form; it must still be a positive int, as in the reference. Head dims
+  up to 128 (FA_MAXD); larger ones run the reference's tiled algorithm on CuPy arrays.
+
+Masks and fully masked rows are exactly the reference's: out = 0, lse = -inf, zero gradients.
+"""
+import numpy as np
+
+from refimpl.kernels import attention as ref
+
+from . import _runtime as rt
+from ._runtime import cupy, raw, scalar
+
+MAX_HEAD_DIM = 128
+_BQ, _BK = 16, 32  # FA_BQ, FA_BK in _source.py
+
+
+def _up_all(*arrays):
+    return [rt.contiguous(rt.up(a)) for a in arrays]
+
+
+def _mask_arg(key_padding_mask):
+    cp = cupy()
+    if key_padding_mask is None:
+        return cp.zeros(1, cp.uint8), 0
+    return rt.contiguous(cp.asarray(key_padding_mask)).view(cp.uint8), 1
+
+
+def _use_kernel(D, Dv):
+    return D <= MAX_HEAD_DIM and Dv <= MAX_HEAD_DIM
+
+
+def _blocks(block_size):
+    return () if block_size is None else (block_size, block_size)
+
+
+def _inputs(*arrays):
+    """The kernels' inputs: contiguous, in one storage dtype (mixed dtypes are upcast to the compute one)."""
+    if len({a.dtype for a in arrays}) == 1:
+        return [rt.contiguous(a) for a in arrays]
+    return _up_all(*arrays)
+
+
+def _tail(key_padding_mask, causal, H, Tq, Tk, D, Dv, scale, cdt):
+    mask, has_mask = _mask_arg(key_padding_mask)
+    return (mask, scalar(has_mask, np.int32), scalar(bool(causal), np.int32), scalar(H, np.int32),
+            scalar(Tq, np.int32), scalar(Tk, np.int32), scalar(D, np.int32), scalar(Dv, np.int32),
+            scalar(ref._scale(scale, D, cdt.type), cdt))
+
+
+def attention(q, k, v, *, causal=False, key_padding_mask=None, scale=None, block_size=None):
+    """-> (out in q's dtype, lse (B, H, Tq) in the compute dtype)."""
+    B, H, Tq, Tk, D = ref._check_inputs(q, k, v, key_padding_mask, *_blocks(block_size))
+    Dv = v.shape[3]
+    if block_size is None or not _use_kernel(D, Dv):
+        Q, K, V = _up_all(q, k, v)
+        fn = ref.attention if block_size is None else ref.attention_tiled
+        kw = {} if block_size is None else dict(block_q=block_size, block_k=block_size)
+        out, lse = fn(Q, K, V, causal=causal, key_padding_mask=key_padding_mask, scale=scale, **kw)
+        return rt.cast(out, q.dtype) if out.dtype != q.dtype else out, lse
+    Q, K, V = _inputs(q, k, v)
+    cdt = rt.compute_dtype(Q.dtype)
+    out = rt.empty((B, H, Tq, Dv), Q.dtype)
+    lse = rt.empty((B, H, Tq), cdt)
+    smem = (_BK * (D + 1) + _BK * (Dv + 1) + _BQ * D + _BQ * _BK) * cdt.itemsize
+    rt.launch_shared(f"flash_fwd<{rt.ctype(Q.dtype)}>", (-(-Tq // _BQ), B * H), (128,),
+                     (raw(Q), raw(K), raw(V), raw(out), lse) + _tail(key_padding_mask, causal, H, Tq, Tk, D, Dv,
+                                                                    scale, cdt), smem)
+    return (out if out.dtype == q.dtype else rt.cast(out, q.dtype)), lse
+
+
+def attention_backward(dout, q, k, v, out, lse, *, causal=False, key_padding_mask=None, scale=None,
+                       block_size=None):
+    """-> (dq, dk, dv) in q's, k's and v's dtypes."""
+    B, H, Tq, Tk, D = ref._check_inputs(q, k, v, key_padding_mask, *_blocks(block_size))
+    ref._check_backward_inputs(dout, out, lse, q, v)
+    Dv = v.shape[3]
+    if block_size is None or not _use_kernel(D, Dv):
+        Q, K, V, dO, O, L = _up_all(q, k, v, dout, out, lse)
+        if block_size is None:
+            grads = ref.attention_backward(dO, Q, K, V, O, L, causal=causal, key_padding_mask=key_padding_mask,
+                                           scale=scale)
+        else:
+            grads = ref.attention_tiled_backward(dO, Q, K, V, O, L, causal=causal,
+                                                 key_padding_mask=key_padding_mask, scale=scale,
+                                                 block_q=block_size, block_k=block_size)
+        return tuple(g if g.dtype == x.dtype else rt.cast(g, x.dtype) for g, x in zip(grads, (q, k, v)))
+    cp = cupy()
+    Q, K, V, dO = _inputs(q, k, v, dout)
+    cdt = rt.compute_dtype(Q.dtype)
+    dOc, Oc = (rt.up(a).astype(cdt, copy=False) for a in (dout, out))
+    Di = rt.contiguous((dOc * Oc).sum(axis=-1))                            # (B, H, Tq) = rowsum(P * dP)
+    Lc = rt.up(lse).astype(cdt, copy=False)
+    L = rt.contiguous(cp.where(cp.isfinite(Lc), Lc, 0).astype(cdt))        # rows with no key: shift by 0
+    dq, dk, dv = (rt.empty(x.shape, Q.dtype) for x in (Q, K, V))
+    tail = _tail(key_padding_mask, causal, H, Tq, Tk, D, Dv, scale, cdt)
+    t = rt.ctype(Q.dtype)
+    smem_kv = (2 * 32 * (D + 1) + 2 * 32 * (Dv + 1) + 2 * 32 + 2 * 4 * 32) * cdt.itemsize
+    rt.launch_shared(f"flash_bwd_dkdv<{t}>", (-(-Tk // 32), B * H), (128,),
+                     (raw(Q), raw(K), raw(V), raw(dO), L, Di, raw(dk), raw(dv)) + tail, smem_kv)
+    smem_q = (_BK * (D + 1) + _BK * (Dv + 1) + _BQ * D + _BQ * Dv + _BQ * _BK) * cdt.itemsize
+    rt.launch_shared(f"flash_bwd_dq<{t}>", (-(-Tq // _BQ), B * H), (128,),
+                     (raw(Q), raw(K), raw(V), raw(dO), L, Di, raw(dq)) + tail, smem_q)
+    return tuple(g if g.dtype == x.dtype else rt.cast(g, x.dtype) for g, x in zip((dq, dk, dv), (q, k, v)))

@@ -1,0 +1,232 @@
+"""Dense-layer kernels on the GPU: same signatures, dtypes and semantics as refimpl/kernels/dense.py.
+
+matmul goes to cuBLAS: float32/float64 through cupy.matmul (TF32 stays off: CuPy uses it only when
+CUPY_TF32=1), float16/bfloat16 through cublasGemmStridedBatchedEx with fp32 accumulation
+(CUBLAS_COMPUTE_32F) and one rounding of the result. The rest are the fused kernels of _source.py.
+"""
+import numpy as np
+
+from . import _runtime as rt
+from ._runtime import cupy, raw, scalar
+
+
+# ----------------------------------------------------------------------------------------------- matmul
+_ONE = np.ones(1, np.float32)    # host scalars cuBLAS reads through a pointer (alpha, beta)
+_ZERO = np.zeros(1, np.float32)
+
+
+def matmul(a, b, transpose_a=False, transpose_b=False):
+    """Batched op(a) @ op(b) over the last two dims, batch dims broadcast; fp32 accumulation."""
+    cp = cupy()
+    out_dtype = np.result_type(a.dtype, b.dtype)
+    if a.dtype == b.dtype and a.dtype in (np.dtype(np.float16), rt.bfloat16):
+        return _gemm_lowp(a, b, transpose_a, transpose_b)
+    cdt = rt.compute_dtype(out_dtype)
+    a_op = rt.up(a).astype(cdt, copy=False)
+    b_op = rt.up(b).astype(cdt, copy=False)
+    if transpose_a:
+        a_op = a_op.swapaxes(-1, -2)
+    if transpose_b:
+        b_op = b_op.swapaxes(-1, -2)
+    y = cp.matmul(a_op, b_op)
+    return y if y.dtype == out_dtype else rt.cast(y, out_dtype)
+
+
+def _gemm_lowp(a, b, ta, tb):
+    """fp16/bf16 GEMM in cuBLAS with fp32 accumulation. Row-major C = op(A) op(B) is column-major
+    C^T = op(B)^T op(A)^T, so B goes first; a contiguous row-major X is X^T to column-major cuBLAS."""
+    cp = cupy()
+    from cupy.cuda import cublas, device, runtime
+    dtype = a.dtype
+    M, K = (a.shape[-1], a.shape[-2]) if ta else (a.shape[-2], a.shape[-1])
+    Kb, N = (b.shape[-1], b.shape[-2]) if tb else (b.shape[-2], b.shape[-1])
+    if K != Kb:
+        raise ValueError(f"matmul: inner dimensions differ: op(a) is {M}x{K}, op(b) is {Kb}x{N} "
+                         f"(shapes {a.shape}, {b.shape}, transpose_a={ta}, transpose_b={tb})")
+    if b.ndim == 2 and a.ndim > 2 and not ta:
+        # (..., M, K) @ (K, N) is one (prod(...) * M, K) GEMM
+        y = _gemm_lowp(rt.contiguous(a).reshape(-1, K), b, False, tb)
+        return y.reshape(*a.shape[:-1], N)
+    batch = tuple(np.broadcast_shapes(a.shape[:-2], b.shape[:-2]))
+    nbatch = int(np.prod(batch, dtype=np.int64))
+    out = rt.empty(batch + (M, N), dtype)
+    if out.size == 0:
+        return out
+    if K == 0:
+        return rt.zeros(batch + (M, N), dtype)
+
+    def operand(x):  # contiguous, broadcast to the batch; stride 0 when the operand has one matrix
+        mat = x.shape[-2] * x.shape[-1]
+        if int(np.prod(x.shape[:-2], dtype=np.int64)) == 1:
+            return rt.contiguous(x), 0
+        xb = cp.broadcast_to(raw(x), batch + x.shape[-2:])
+        return cp.ascontiguousarray(xb), mat
+
+    a_c, stride_a = operand(a)
+    b_c, stride_b = operand(b)
+    code = runtime.CUDA_R_16F if dtype == np.float16 else getattr(runtime, "CUDA_R_16BF", 14)
+    handle = device.get_cublas_handle()
+    cublas.setStream(handle, cp.cuda.get_current_stream().ptr)
+    cublas.gemmStridedBatchedEx(
+        handle, 1 if tb else 0, 1 if ta else 0, N, M, K,
+        _ONE.ctypes.data, b_c.data.ptr, code, b.shape[-1], stride_b,
+        a_c.data.ptr, code, a.shape[-1], stride_a,
+        _ZERO.ctypes.data, out.data.ptr, code, N, M * N, nbatch,
+        getattr(cublas, "CUBLAS_COMPUTE_32F", 68), getattr(cublas, "CUBLAS_GEMM_DEFAULT", -1))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ rows
+def _rows(x, axis=-1):
+    """x with `axis` moved last, contiguous, as (rows, D), plus how to put a result back."""
+    cp = cupy()
+    axis = axis % x.ndim if x.ndim else 0
+    moved = x if axis == x.ndim - 1 else cp.moveaxis(raw(x), axis, -1).view(x.dtype)
+    moved = rt.contiguous(moved)
+    d = moved.shape[-1] if moved.ndim else 1
+    shape = moved.shape
+
+    def back(y):
+        y = y.reshape(shape)
+        if axis == x.ndim - 1:
+            return y
+        return rt.contiguous(cp.moveaxis(raw(y), -1, axis).view(y.dtype))
+    return moved, moved.size // max(d, 1), d, back
+
+
+def softmax(x, axis=-1):
+    xr, rows, d, back = _rows(x, axis)
+    y = rt.empty(xr.shape, x.dtype)
+    rt.launch_rows(f"softmax_fwd<{rt.ctype(x.dtype)}>", rows, d, raw(xr), raw(y), scalar(rows, np.int64),
+                   scalar(d, np.int32))
+    return back(y)
+
+
+def softmax_backward(dy, y, axis=-1):
+    y = y if y.dtype == dy.dtype else rt.cast(y, dy.dtype)
+    dyr, rows, d, back = _rows(dy, axis)
+    yr = _rows(y, axis)[0]
+    dx = rt.empty(dyr.shape, dy.dtype)
+    rt.launch_rows(f"softmax_bwd<{rt.ctype(dy.dtype)}>", rows, d, raw(dyr), raw(yr), raw(dx),
+                   scalar(rows, np.int64), scalar(d, np.int32))
+    return back(dx)
+
+
+def layernorm(x, weight, bias, eps=1e-5):
+    """Returns (y, mean, rstd); mean/rstd (..., 1) in the compute dtype."""
+    cdt = rt.compute_dtype(x.dtype)
+    xr = rt.contiguous(x)
+    d = x.shape[-1]
+    rows = xr.size // d
+    y = rt.empty(x.shape, x.dtype)
+    mean, rstd = rt.empty(x.shape[:-1] + (1,), cdt), rt.empty(x.shape[:-1] + (1,), cdt)
+    w, b = rt.contiguous(rt.up(weight).astype(cdt, copy=False)), rt.contiguous(rt.up(bias).astype(cdt, copy=False))
+    rt.launch_rows(f"layernorm_fwd<{rt.ctype(x.dtype)}>", rows, d, raw(xr), w, b, raw(y), mean, rstd,
+                   scalar(rows, np.int64), scalar(d, np.int32), scalar(eps, cdt))
+    return y, mean, rstd
+
+
+def layernorm_backward(dy, x, weight, mean, rstd):
+    """Returns (dx, dweight, dbias): dx in x's dtype, dweight/dbias in weight's."""
+    cp = cupy()
+    cdt = rt.compute_dtype(x.dtype)
+    dyr = rt.contiguous(dy if dy.dtype == x.dtype else rt.cast(dy, x.dtype))
+    xr = rt.contiguous(x)
+    d = x.shape[-1]
+    rows = xr.size // d
+    w = rt.contiguous(rt.up(weight).astype(cdt, copy=False))
+    mu, rs = (rt.contiguous(rt.up(a).astype(cdt, copy=False)) for a in (mean, rstd))
+    dx = rt.empty(x.shape, x.dtype)
+    rt.launch_rows(f"layernorm_bwd_dx<{rt.ctype(x.dtype)}>", rows, d, raw(dyr), raw(xr), w, mu, rs, raw(dx),
+                   scalar(rows, np.int64), scalar(d, np.int32))
+    chunks = max(1, min(256, -(-rows // 64)))
+    per = -(-rows // chunks) if rows else 1
+    pw, pb = cp.zeros((chunks, d), cdt), cp.zeros((chunks, d), cdt)
+    if rows:
+        rt.kernel(f"layernorm_bwd_dwdb<{rt.ctype(x.dtype)}>")(
+            (-(-d // 128), chunks), (128,),
+            (raw(dyr), raw(xr), mu, rs, pw, pb, scalar(rows, np.int64), scalar(d, np.int32),
+             scalar(per, np.int64)))
+    dweight, dbias = pw.sum(axis=0), pb.sum(axis=0)
+    return dx, rt.cast(dweight, weight.dtype), rt.cast(dbias, weight.dtype)
+
+
+def gelu(x):
+    xr = rt.contiguous(x)
+    y = rt.empty(x.shape, x.dtype)
+    rt.launch_elementwise(f"gelu_fwd<{rt.ctype(x.dtype)}>", xr.size, raw(xr), raw(y), scalar(xr.size, np.int64))
+    return y
+
+
+def gelu_backward(dy, x):
+    xr = rt.contiguous(x if x.dtype == dy.dtype else rt.cast(x, dy.dtype))
+    dyr = rt.contiguous(dy)
+    dx = rt.empty(dy.shape, dy.dtype)
+    rt.launch_elementwise(f"gelu_bwd<{rt.ctype(dy.dtype)}>", dyr.size, raw(dyr), raw(xr), raw(dx),
+                          scalar(dyr.size, np.int64))
+    return dx
+
+
+# ------------------------------------------------------------------------------------------- embedding
+def embedding(weight, ids):
+    """Row lookup (V, D)[ids] -> ids.shape + (D,) (an exact gather; negative ids wrap as in numpy)."""
+    cp = cupy()
+    return cp.take(raw(weight), cp.asarray(ids), axis=0).view(weight.dtype)
+
+
+def embedding_backward(dout, ids, num_embeddings):
+    """Scatter-add of dout rows into (num_embeddings, D), deterministic: rows are sorted by (id, position)
+    and each id's run is summed in position order by one thread per column. Returns dout's dtype."""
+    cp = cupy()
+    d = dout.shape[-1]
+    cdt = rt.compute_dtype(dout.dtype)
+    flat = cp.asarray(ids).reshape(-1).astype(cp.int64)
+    n = flat.size
+    dw = cp.zeros((num_embeddings, d), cdt)
+    if n and d:
+        flat = cp.where(flat < 0, flat + num_embeddings, flat)
+        order = cp.argsort(flat * n + cp.arange(n, dtype=cp.int64))  # unique keys: a fixed order
+        sorted_ids = flat[order]
+        starts = cp.flatnonzero(cp.concatenate([cp.ones(1, bool), sorted_ids[1:] != sorted_ids[:-1]]))
+        nseg = int(starts.size)
+        rows = rt.contiguous(dout).reshape(n, d)
+        rt.kernel(f"embedding_bwd<{rt.ctype(dout.dtype)}>")(
+            (nseg, -(-d // 128)), (128,),
+            (raw(rows), order, sorted_ids, starts.astype(cp.int64), scalar(nseg, np.int64), scalar(n, np.int64),
+             scalar(d, np.int32), dw))
+    return rt.cast(dw, dout.dtype) if dw.dtype != dout.dtype else dw
+
+
+# --------------------------------------------------------------------------------------- cross-entropy
+def cross_entropy(logits, targets, ignore_index=-100):
+    """Mean NLL over rows whose target != ignore_index -> (loss 0-d, lse (N,)), both in the compute dtype.
+    All rows ignored: loss 0. A valid target outside [0, C) makes the loss NaN (checked on the device)."""
+    cp = cupy()
+    cdt = rt.compute_dtype(logits.dtype)
+    z = rt.contiguous(logits)
+    n, c = z.shape
+    t = rt.contiguous(cp.asarray(targets).astype(cp.int64, copy=False))
+    lse, nll = rt.empty((n,), cdt), rt.empty((n,), cdt)
+    rt.launch_rows(f"xent_fwd<{rt.ctype(z.dtype)}>", n, c, raw(z), t, lse, nll, scalar(n, np.int64),
+                   scalar(c, np.int32), scalar(ignore_index, np.int64))
+    count = cp.maximum((t != ignore_index).sum(), 1).astype(cdt)
+    loss = (nll.sum() / count).astype(cdt)
+    return loss, lse
+
+
+def cross_entropy_backward(dloss, logits, targets, lse, ignore_index=-100):
+    """(softmax(logits) - onehot(target)) * dloss / count on valid rows; logits' dtype."""
+    cp = cupy()
+    cdt = rt.compute_dtype(logits.dtype)
+    z = rt.contiguous(logits)
+    n, c = z.shape
+    t = rt.contiguous(cp.asarray(targets).astype(cp.int64, copy=False))
+    # dloss / count in float64 (as float(dloss) / count in the reference), rounded once to the compute dtype
+    count = cp.maximum((t != ignore_index).sum(), 1)
+    dl = dloss.astype(cp.float64) if isinstance(dloss, cp.ndarray) else cp.asarray(float(dloss), cp.float64)
+    coef = (dl / count).astype(cdt).reshape(1)
+    l = rt.contiguous(rt.up(lse).astype(cdt, copy=False))
+    dz = rt.empty(z.shape, z.dtype)
+    rt.launch_rows(f"xent_bwd<{rt.ctype(z.dtype)}>", n, c, raw(z), t, l, coef, raw(dz), scalar(n, np.int64),
+                   scalar(c, np.int32), scalar(ignore_index, np.int64))
+    return dz

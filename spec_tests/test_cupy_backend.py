@@ -1,0 +1,119 @@
+"""cupy-specific checks the shared spec tests do not reach (backends/refimpl_cupy).
+
+- Without cupy, selecting the backend says how to install it (runs everywhere, no GPU needed).
+- Memory: pinned host buffers, host->device->device->host copies on a stream ordered by an event, bf16 arrays
+  round-trip bit for bit.
+- The fused AdamW's fp16/bf16 copy-out meets the edges of those formats (overflow, ties, subnormals).
+- FlashAttention at a realistic head dim and length (more tiles than the spec tests' shapes) matches the
+  plain form.
+"""
+import sys
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+from refimpl.backend import BackendError, available_backends
+
+from .tolerances import assert_close
+
+bfloat16 = ml_dtypes.bfloat16
+
+
+def test_cupy_missing_says_install_refimpl_cupy(monkeypatch):
+    from refimpl_cupy import CupyBackend
+    monkeypatch.setitem(sys.modules, "cupy", None)  # `import cupy` now raises ImportError
+    with pytest.raises(BackendError, match=r"install refimpl\[cupy\]"):
+        CupyBackend.check_available()
+    assert "install refimpl[cupy]" in available_backends()["cupy"]
+
+
+@pytest.fixture(scope="module")
+def cupy_backend():
+    why = available_backends().get("cupy", "cupy: not a registered backend")
+    if why is not None:
+        pytest.skip(why)
+    from refimpl.backend import get_backend
+    return get_backend("cupy")
+
+
+
+@pytest.mark.gpu
+def test_pinned_copies_round_trip_on_a_stream(cupy_backend):
+    import cupy
+    be = cupy_backend
+    host = be.pinned_empty((1000,), np.float32)
+    assert isinstance(host, np.ndarray) and host.shape == (1000,)
+    attrs = cupy.cuda.runtime.pointerGetAttributes(host.ctypes.data)
+    assert attrs.type == 1, f"pinned_empty memory type {attrs.type}, expected 1 (cudaMemoryTypeHost)"
+    host[...] = np.arange(1000, dtype=np.float32)
+    dev, dev2 = be.empty((1000,), np.float32), be.empty((1000,), np.float32)
+    back = be.pinned_empty((1000,), np.float32)
+    s = be.stream()
+    be.copy_async(dev, host, s)
+    be.copy_async(dev2, dev, s)
+    e = be.event()
+    e.record(s)
+    s2 = be.stream()
+    s2.wait_event(e)  # a second stream ordered after the first by the event
+    be.copy_async(back, dev2, s2)
+    s2.synchronize()
+    np.testing.assert_array_equal(back, host)
+    with pytest.raises(ValueError, match="same dtype and size"):
+        be.copy_async(be.empty((3,), np.float32), np.zeros(4, np.float32))
+
+
+@pytest.mark.gpu
+def test_bfloat16_arrays_round_trip(cupy_backend):
+    be = cupy_backend
+    x = (np.arange(-50, 50) / 7).astype(bfloat16)
+    d = be.asarray(x)
+    assert np.dtype(d.dtype) == np.dtype(bfloat16)
+    back = be.to_numpy(d)
+    assert np.dtype(back.dtype) == np.dtype(bfloat16)
+    np.testing.assert_array_equal(back.view(np.uint16), x.view(np.uint16))
+    z = be.to_numpy(be.zeros((4, 3), bfloat16))
+    assert np.dtype(z.dtype) == np.dtype(bfloat16) and not z.astype(np.float32).any()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("lowp", [np.float16, bfloat16], ids=["float16", "bfloat16"])
+def test_adam_copy_out_rounds_like_astype_at_the_edges(cupy_backend, lowp):
+    be = cupy_backend
+    f16 = [65504.0, 65519.0, 65520.0, 7e4, 2049.0, 2051.0, 6.1035156e-05, 6.09e-05, 2 ** -24, 2 ** -25,
+           1.5 * 2 ** -25, 2 ** -26, 3 * 2 ** -25, 1e-30, 0.0, -0.0, 1.0, -1.0]
+    bf16 = [1 + 2 ** -8, 1 + 3 * 2 ** -8, 3.3895314e38, 3.4028235e38, 1.1754944e-38]
+    bits = np.random.default_rng(0).integers(0, 2 ** 32, size=4000, dtype=np.uint64).astype(np.uint32)
+    rnd = bits.view(np.float32)
+    edges = np.array(f16 + bf16, np.float32)
+    param = np.concatenate([edges, -edges, rnd[np.isfinite(rnd)]])
+    zeros = np.zeros_like(param)
+    p, g, m, v = (be.asarray(a.copy()) for a in (param, zeros, zeros, zeros))
+    out = be.zeros(param.shape, lowp)
+    be.adam_step(p, g, m, v, lr=0.0, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, step=1, out_lowp=out)
+    with np.errstate(over="ignore"):
+        expected = param.astype(lowp)
+    np.testing.assert_array_equal(be.to_numpy(out).view(np.uint16), expected.view(np.uint16))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_flash_attention_matches_plain_at_head_dim(cupy_backend, D, causal):
+    be = cupy_backend
+    rng = np.random.default_rng(D)
+    B, H, T = 2, 3, 300
+    q, k, v, dout = (rng.standard_normal((B, H, T, D)).astype(np.float32) for _ in range(4))
+    mask = rng.random((B, T)) < 0.2
+    kw = dict(causal=causal, key_padding_mask=be.asarray(mask))
+    dq_, dk_, dv_, do_ = (be.asarray(a) for a in (q, k, v, dout))
+    out_p, lse_p = be.attention(dq_, dk_, dv_, **kw)
+    out_t, lse_t = be.attention(dq_, dk_, dv_, block_size=64, **kw)
+    scale = float(np.abs(v).max())
+    assert_close(be.to_numpy(out_t), be.to_numpy(out_p), np.float32, scale=scale, what="flash out")
+    assert_close(be.to_numpy(lse_t), be.to_numpy(lse_p), np.float32, scale=10.0, what="flash lse")
+    gp = be.attention_backward(do_, dq_, dk_, dv_, out_p, lse_p, **kw)
+    gt = be.attention_backward(do_, dq_, dk_, dv_, out_p, lse_p, block_size=64, **kw)
+    for name, a, b in zip(("dq", "dk", "dv"), gt, gp):
+        b = be.to_numpy(b)
+        assert_close(be.to_numpy(a), b, np.float32, scale=float(np.abs(b).max()) * 4, what=f"flash {name}")
