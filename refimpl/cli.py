@@ -5,6 +5,7 @@
     refimpl consolidate RUN_OR_CKPT OUT.safetensors
     refimpl estimate --params 3B [--gpus N --nodes M ...]
     mpiexec -n 4 refimpl train ...          (real processes; the MPI world decides world_size)
+    mpirun -n 2 refimpl train --backend cupy ...   (one GPU per process; collectives over NCCL)
 
 Bad input (config, data path, backend, checkpoint, run directory) is one clear line on stderr and exit code 2,
 never a traceback from deep inside.
@@ -15,7 +16,7 @@ import argparse
 import sys
 from dataclasses import fields
 
-from .backend import BackendError, available_backends
+from .backend import BackendError, available_backends, get_backend
 from .checkpoint import CheckpointError, consolidate, read_manifest
 from .comm.base import CommError
 from .comm.mpi import launched_under_mpi
@@ -121,6 +122,10 @@ def main(argv=None) -> int:
         config = _train_config(args, None if comm is None else comm.world_size)
         if comm is not None:
             comm.timeout = config["run"]["comm_timeout"]
+            if get_backend(config["backend"]).is_gpu:   # one GPU per process: the collectives go over NCCL
+                from .comm.nccl import NCCLComm
+                comm.close()
+                comm = NCCLComm(timeout=config["run"]["comm_timeout"])
         from .report import format_summary
         summary = train(config, args.out, resume=args.resume, progress=not args.no_progress, comm=comm)
         if comm is None or comm.rank == 0:

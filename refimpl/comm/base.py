@@ -25,6 +25,8 @@ import numpy as np
 
 import ml_dtypes
 
+from ..kernels import array_module
+
 REDUCE_OPS = ("sum", "max", "min")
 COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter", "broadcast", "barrier")
 
@@ -56,14 +58,20 @@ def reduce_in_rank_order(arrays, op="sum"):
     """
     if op not in REDUCE_OPS:
         raise CommArgumentError(f"unknown reduction op {op!r}; allowed: {', '.join(REDUCE_OPS)}")
+    xp = array_module(arrays[0])                         # device arrays (CuPy) are reduced on the device
     dtype = arrays[0].dtype
     accumulate = np.float32 if op == "sum" and _is_float(dtype) and dtype.itemsize < 4 else dtype
-    combine = {"sum": np.add, "max": np.maximum, "min": np.minimum}[op]
-    acc = np.array(arrays[0], dtype=accumulate, copy=True)
+    combine = {"sum": xp.add, "max": xp.maximum, "min": xp.minimum}[op]
+    acc = arrays[0].astype(accumulate, copy=True)
     with np.errstate(over="ignore", invalid="ignore"):  # inf/nan are data here (fp16 overflow detection)
         for a in arrays[1:]:
-            acc = combine(acc, np.asarray(a, dtype=accumulate))
+            acc = combine(acc, a.astype(accumulate, copy=False))
     return acc.astype(dtype, copy=False)
+
+
+def as_array(x):
+    """x as an array of its own module: numpy arrays and lists as numpy, device (CuPy) arrays left on the device."""
+    return x if array_module(x) is not np else np.asarray(x)
 
 
 def describe(op, x, reduce_op=None, root=None):
@@ -132,7 +140,7 @@ class Communicator:
 
     def broadcast(self, x, root=0):
         """The root's x on every rank (other ranks pass an array of the same shape and dtype)."""
-        x = np.asarray(x)
+        x = as_array(x)
         if not (isinstance(root, (int, np.integer)) and 0 <= root < self.world_size):
             raise CommArgumentError(f"broadcast root {root!r} is not a rank in [0, {self.world_size})")
         root = int(root)
@@ -179,7 +187,7 @@ class Communicator:
 
     @staticmethod
     def _check_reduce(name, x, op):
-        x = np.asarray(x)
+        x = as_array(x)
         if op not in REDUCE_OPS:
             raise CommArgumentError(f"{name}: unknown reduction op {op!r}; allowed: {', '.join(REDUCE_OPS)}")
         if not (x.dtype.kind in "biuf" or _is_float(x.dtype)):
@@ -189,7 +197,7 @@ class Communicator:
 
     @staticmethod
     def _check_flat(name, x):
-        x = np.asarray(x)
+        x = as_array(x)
         if x.ndim != 1:
             raise CommArgumentError(f"{name} expects a 1-D array (a flat ZeRO partition), got shape {x.shape}")
         return x

@@ -23,6 +23,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 import numpy as np
 
 from .base import CommArgumentError, CommError, Communicator, Handle, check_same, reduce_in_rank_order
+from ..kernels import array_module
 
 
 class LocalWorld:
@@ -116,7 +117,7 @@ class LocalComm(Communicator):
         if op == "all_reduce":
             return reduce_in_rank_order(inputs, reduce_op)
         if op == "all_gather":
-            return np.concatenate(inputs)                   # (world_size * n,)
+            return array_module(inputs[0]).concatenate(inputs)   # (world_size * n,), on the inputs' device
         if op == "reduce_scatter":
             n = inputs[0].shape[0] // self.world_size
             mine = slice(self.rank * n, (self.rank + 1) * n)
