@@ -21,6 +21,8 @@ import ml_dtypes
 import numpy as np
 
 from .comm.local import LocalWorld
+from .kernels import array_module
+from .kernels import optim as host_kernels
 from .memory.ledger import Ledger
 from .memory.optimizer_offload import OffloadedAdamW, sub_groups
 from .loss_scaler import make_loss_scaler
@@ -144,9 +146,11 @@ class Engine:
         """Apply the accumulated gradient if at a boundary. Returns False when the step was skipped."""
         if not self.is_gradient_accumulation_boundary():
             return True
-        be, scale, lr = self.backend, self.loss_scale, self.current_lr()
+        scale, lr = self.loss_scale, self.current_lr()
         with np.errstate(over="ignore", invalid="ignore"):
             grad = self.zero.reduce_gradients()             # (S,) mean over ranks, still loss-scaled
+            # the optimizer offloaded: the gradient is in host memory, checked there by the reference kernels
+            be = host_kernels if self.backend.is_gpu and array_module(grad) is np else self.backend
             overflow = self._all_ranks(float(be.has_inf_or_nan(grad)), "max") > 0  # any rank: all skip
         self.global_steps += 1
         if overflow:
