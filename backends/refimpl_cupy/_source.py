@@ -125,6 +125,15 @@ template <typename T> __global__ void gelu_bwd(const T* dy, const T* x, T* dx, i
     }
 }
 
+// IEEE float32 arithmetic that keeps subnormals. cp.RawModule appends -ftz=true to the caller's options, so every
+// compiler-emitted float instruction (even __fadd_rn) flushes subnormals to zero; explicit PTX without .ftz does not.
+// The AdamW step must equal the reference bit for bit, subnormal master weights included.
+__device__ __forceinline__ float add_rn(float a, float b) { float r; asm("add.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b)); return r; }
+__device__ __forceinline__ float sub_rn(float a, float b) { float r; asm("sub.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b)); return r; }
+__device__ __forceinline__ float mul_rn(float a, float b) { float r; asm("mul.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b)); return r; }
+__device__ __forceinline__ float div_rn(float a, float b) { float r; asm("div.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b)); return r; }
+__device__ __forceinline__ float sqrt_rn(float a) { float r; asm("sqrt.rn.f32 %0, %1;" : "=f"(r) : "f"(a)); return r; }
+
 // One fused AdamW step (refimpl/kernels/optim.py::adam_step, operation for operation, no FMA contraction).
 template <typename G, typename O>
 __global__ void adam_k(float* p, const G* g, float* m, float* v, O* out, i64 n, float grad_scale, int has_scale,
@@ -132,16 +141,16 @@ __global__ void adam_k(float* p, const G* g, float* m, float* v, O* out, i64 n, 
                        float bc2_sqrt, float eps, float step_size) {
     for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x) {
         float gi = (float)get(g, i);
-        if (has_scale) gi = __fdiv_rn(gi, grad_scale);
+        if (has_scale) gi = div_rn(gi, grad_scale);
         float pi = p[i];
         if (has_wd) {
-            if (adamw) pi = __fmul_rn(pi, decay);
-            else gi = __fadd_rn(gi, __fmul_rn(wd, pi));
+            if (adamw) pi = mul_rn(pi, decay);
+            else gi = add_rn(gi, mul_rn(wd, pi));
         }
-        float mi = __fadd_rn(__fmul_rn(m[i], b1), __fmul_rn(omb1, gi));
-        float vi = __fadd_rn(__fmul_rn(v[i], b2), __fmul_rn(__fmul_rn(omb2, gi), gi));
-        float denom = __fadd_rn(__fdiv_rn(__fsqrt_rn(vi), bc2_sqrt), eps);
-        pi = __fsub_rn(pi, __fdiv_rn(__fmul_rn(step_size, mi), denom));
+        float mi = add_rn(mul_rn(m[i], b1), mul_rn(omb1, gi));
+        float vi = add_rn(mul_rn(v[i], b2), mul_rn(mul_rn(omb2, gi), gi));
+        float denom = add_rn(div_rn(sqrt_rn(vi), bc2_sqrt), eps);
+        pi = sub_rn(pi, div_rn(mul_rn(step_size, mi), denom));
         p[i] = pi; m[i] = mi; v[i] = vi;
         put(out, i, pi);
     }
