@@ -102,7 +102,7 @@ def torch_model(torch, cfg):
                 self.head = nn.Linear(cfg.d_model, cfg.n_classes)
 
         def forward(self, ids, key_padding_mask=None):
-            x = self.tok_emb(ids) + self.pos_emb(torch.arange(ids.shape[1]))[None]
+            x = self.tok_emb(ids) + self.pos_emb(torch.arange(ids.shape[1], device=ids.device))[None]
             for block in self.blocks:
                 x = block(x, key_padding_mask)
             x = self.ln_f(x)
