@@ -87,7 +87,7 @@ def bench_attention(args):
                                    ("t_fb", t_fb, sync_t), ("r_fb", r_fb, sync_c)):
                 ms[name] = cuda_time(fn, args.reps, 2, sync)
             # the same numbers? (bf16 outputs of both, relative to the output's scale)
-            ref = F.scaled_dot_product_attention(tq, tk, tv, is_causal=True).float().cpu().numpy()
+            ref = F.scaled_dot_product_attention(tq, tk, tv, is_causal=True).detach().float().cpu().numpy()
             got = be.to_numpy(state["out"]).astype(np.float32)
             err = float(np.abs(ref - got).max() / np.abs(ref).max())
             tf = lambda flops, m: flops / (m / 1e3) / 1e12  # noqa: E731
