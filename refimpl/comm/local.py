@@ -20,10 +20,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 
-import numpy as np
-
-from .base import CommArgumentError, CommError, Communicator, Handle, check_same, reduce_in_rank_order
 from ..kernels import array_module
+from .base import CommArgumentError, CommError, Communicator, Handle, check_same, reduce_in_rank_order
 
 
 class LocalWorld:
