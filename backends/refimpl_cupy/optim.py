@@ -7,13 +7,10 @@ kernel; cast is the RNE conversion kernel.
 """
 import numpy as np
 
+from refimpl.kernels import optim as ref
+
 from . import _runtime as rt
 from ._runtime import cupy, raw, scalar
-
-
-def _check_same_shape(name, arr, shape):
-    if arr.shape != shape:
-        raise ValueError(f"adam_step: {name} has shape {arr.shape}, expected param's shape {shape}")
 
 
 def adam_step(param, grad, exp_avg, exp_avg_sq, *, lr, beta1, beta2, eps, weight_decay, step,
@@ -21,18 +18,7 @@ def adam_step(param, grad, exp_avg, exp_avg_sq, *, lr, beta1, beta2, eps, weight
     """One fused AdamW step, in place on float32 param/exp_avg/exp_avg_sq (see the reference for the
     update); grad float32/float16/bfloat16/float64 is divided by grad_scale; out_lowp receives param
     rounded to its dtype. Returns None."""
-    for name, arr in (("param", param), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
-        if arr.dtype != np.float32:
-            raise ValueError(f"adam_step: {name} must be float32, got {arr.dtype}")
-    _check_same_shape("grad", grad, param.shape)
-    _check_same_shape("exp_avg", exp_avg, param.shape)
-    _check_same_shape("exp_avg_sq", exp_avg_sq, param.shape)
-    if out_lowp is not None:
-        _check_same_shape("out_lowp", out_lowp, param.shape)
-    if int(step) != step or step < 1:
-        raise ValueError(f"adam_step: step must be an integer >= 1 (1-based), got {step!r}")
-    if not grad_scale > 0:
-        raise ValueError(f"adam_step: grad_scale must be > 0, got {grad_scale!r}")
+    ref.check_adam_args(param, grad, exp_avg, exp_avg_sq, step=step, grad_scale=grad_scale, out_lowp=out_lowp)
     lr, beta1, beta2, eps, weight_decay = map(float, (lr, beta1, beta2, eps, weight_decay))
     step = int(step)
     bias_correction1 = 1.0 - beta1 ** step

@@ -77,16 +77,7 @@ def _flat_inplace(a):
 def adam_step(param, grad, exp_avg, exp_avg_sq, *, lr, beta1, beta2, eps, weight_decay, step,
               grad_scale=1.0, adamw_mode=True, out_lowp=None):
     """Mirrors refimpl.kernels.optim.adam_step: one fused AdamW step in place, optional fp16/bf16 copy."""
-    for name, arr in (("param", param), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
-        if arr.dtype != np.float32:
-            raise ValueError(f"adam_step: {name} must be float32, got {arr.dtype}")
-    for name, arr in (("grad", grad), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq), ("out_lowp", out_lowp)):
-        if arr is not None and arr.shape != param.shape:
-            raise ValueError(f"adam_step: {name} has shape {arr.shape}, expected param's shape {param.shape}")
-    if int(step) != step or step < 1:
-        raise ValueError(f"adam_step: step must be an integer >= 1 (1-based), got {step!r}")
-    if not grad_scale > 0:
-        raise ValueError(f"adam_step: grad_scale must be > 0, got {grad_scale!r}")
+    ref.check_adam_args(param, grad, exp_avg, exp_avg_sq, step=step, grad_scale=grad_scale, out_lowp=out_lowp)
 
     states = [_flat_inplace(a) for a in (param, exp_avg, exp_avg_sq)]
     if any(s is None for s in states) or np.dtype(grad.dtype).name not in ("float32", "float16", "bfloat16"):

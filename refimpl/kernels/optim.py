@@ -30,6 +30,20 @@ def _check_same_shape(name, arr, shape):
         raise ValueError(f"adam_step: {name} has shape {arr.shape}, expected param's shape {shape}")
 
 
+def check_adam_args(param, grad, exp_avg, exp_avg_sq, *, step, grad_scale, out_lowp=None) -> None:
+    """The argument checks of adam_step, shared by every backend's adam_step (the same errors everywhere)."""
+    for name, arr in (("param", param), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
+        if arr.dtype != np.float32:
+            raise ValueError(f"adam_step: {name} must be float32, got {arr.dtype}")
+    for name, arr in (("grad", grad), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq), ("out_lowp", out_lowp)):
+        if arr is not None:
+            _check_same_shape(name, arr, param.shape)
+    if int(step) != step or step < 1:
+        raise ValueError(f"adam_step: step must be an integer >= 1 (1-based), got {step!r}")
+    if not grad_scale > 0:
+        raise ValueError(f"adam_step: grad_scale must be > 0, got {grad_scale!r}")
+
+
 def adam_step(param, grad, exp_avg, exp_avg_sq, *, lr, beta1, beta2, eps, weight_decay, step,
               grad_scale=1.0, adamw_mode=True, out_lowp=None):
     """One fused AdamW step, in place on flat float32 arrays param/exp_avg/exp_avg_sq (same shape).
@@ -50,18 +64,7 @@ def adam_step(param, grad, exp_avg, exp_avg_sq, *, lr, beta1, beta2, eps, weight
     low-precision model copy). Returns None.
     """
     xp = _xp(param)
-    for name, arr in (("param", param), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
-        if arr.dtype != np.float32:
-            raise ValueError(f"adam_step: {name} must be float32, got {arr.dtype}")
-    _check_same_shape("grad", grad, param.shape)
-    _check_same_shape("exp_avg", exp_avg, param.shape)
-    _check_same_shape("exp_avg_sq", exp_avg_sq, param.shape)
-    if out_lowp is not None:
-        _check_same_shape("out_lowp", out_lowp, param.shape)
-    if int(step) != step or step < 1:
-        raise ValueError(f"adam_step: step must be an integer >= 1 (1-based), got {step!r}")
-    if not grad_scale > 0:
-        raise ValueError(f"adam_step: grad_scale must be > 0, got {grad_scale!r}")
+    check_adam_args(param, grad, exp_avg, exp_avg_sq, step=step, grad_scale=grad_scale, out_lowp=out_lowp)
 
     # Python floats, so numpy/cupy treat them as weak scalars and compute in float32 (as torch
     # does with Python-number hyperparameters) rather than promoting to float64.
