@@ -5,9 +5,11 @@
 - block_size=int: FlashAttention-2 (Dao 2023, Algorithms 1 and 2) as RawKernels (_source.py): the forward
   keeps the online softmax per query row and never materialises the scores; the backward recomputes
   P = exp(S - lse) tile by tile, dK/dV per key block, dQ in a second pass (no atomics, deterministic).
-  The kernels' tiles are fixed (16 queries x 32 keys forward and for dQ, 32 keys x 32 queries for dK/dV),
-  so block_size only selects this form; it must still be a positive int, as in the reference. Head dims
-  up to 128 (FA_MAXD); larger ones run the reference's tiled algorithm on CuPy arrays.
+  The kernels' tiles are fixed, so block_size only selects this form; it must still be a positive int, as
+  in the reference. Head dims up to 128 (FA_MAXD); larger ones run the reference's tiled algorithm on CuPy
+  arrays. float16/bfloat16 inputs run the tensor-core kernels (*_tc: mma.sync, fp32 accumulators and
+  softmax statistics; 64 queries x 64 keys forward, 64 x 32 for dQ, 64 keys x 32 queries for dK/dV);
+  float32/float64 the CUDA-core ones (16 queries x 32 keys forward and for dQ, 32 x 32 for dK/dV).
 
 Masks and fully masked rows are exactly the reference's: out = 0, lse = -inf, zero gradients.
 """
@@ -20,6 +22,7 @@ from ._runtime import cupy, raw, scalar
 
 MAX_HEAD_DIM = 128
 _BQ, _BK = 16, 32  # FA_BQ, FA_BK in _source.py
+_TC_BQ, _TC_BK, _TC_BKQ, _TC_BKK, _TC_BQK = 64, 64, 32, 64, 32  # TC_* in _source.py
 
 
 def _up_all(*arrays):
@@ -48,6 +51,17 @@ def _inputs(*arrays):
     return _up_all(*arrays)
 
 
+def _tc_head_dim(dtype, D, Dv):
+    """The tensor-core kernels' padded head dim (MAXD) for 16-bit float inputs, else None (CUDA cores)."""
+    if np.dtype(dtype) not in rt._TWO_BYTE_FLOATS:
+        return None
+    return 64 if max(D, Dv) <= 64 else 128
+
+
+def _tc_tile_bytes(rows, maxd):
+    return rows * (maxd + 8) * 2  # u16 rows padded by 8 halves (_source.py's LD)
+
+
 def _tail(key_padding_mask, causal, H, Tq, Tk, D, Dv, scale, cdt):
     mask, has_mask = _mask_arg(key_padding_mask)
     return (mask, scalar(has_mask, np.int32), scalar(bool(causal), np.int32), scalar(H, np.int32),
@@ -69,10 +83,16 @@ def attention(q, k, v, *, causal=False, key_padding_mask=None, scale=None, block
     cdt = rt.compute_dtype(Q.dtype)
     out = rt.empty((B, H, Tq, Dv), Q.dtype)
     lse = rt.empty((B, H, Tq), cdt)
+    tail = _tail(key_padding_mask, causal, H, Tq, Tk, D, Dv, scale, cdt)
+    maxd = _tc_head_dim(Q.dtype, D, Dv)
+    if maxd is not None:
+        smem = _tc_tile_bytes(_TC_BQ + 2 * _TC_BK, maxd) + _TC_BK
+        rt.launch_shared(f"flash_fwd_tc<{rt.ctype(Q.dtype)}, {maxd}>", (-(-Tq // _TC_BQ), B * H), (128,),
+                         (raw(Q), raw(K), raw(V), raw(out), lse) + tail, smem)
+        return (out if out.dtype == q.dtype else rt.cast(out, q.dtype)), lse
     smem = (_BK * (D + 1) + _BK * (Dv + 1) + _BQ * D + _BQ * _BK) * cdt.itemsize
     rt.launch_shared(f"flash_fwd<{rt.ctype(Q.dtype)}>", (-(-Tq // _BQ), B * H), (128,),
-                     (raw(Q), raw(K), raw(V), raw(out), lse) + _tail(key_padding_mask, causal, H, Tq, Tk, D, Dv,
-                                                                    scale, cdt), smem)
+                     (raw(Q), raw(K), raw(V), raw(out), lse) + tail, smem)
     return (out if out.dtype == q.dtype else rt.cast(out, q.dtype)), lse
 
 
@@ -102,6 +122,15 @@ def attention_backward(dout, q, k, v, out, lse, *, causal=False, key_padding_mas
     dq, dk, dv = (rt.empty(x.shape, Q.dtype) for x in (Q, K, V))
     tail = _tail(key_padding_mask, causal, H, Tq, Tk, D, Dv, scale, cdt)
     t = rt.ctype(Q.dtype)
+    maxd = _tc_head_dim(Q.dtype, D, Dv)
+    if maxd is not None:
+        smem_kv = 2 * _TC_BQK * 4 + _tc_tile_bytes(2 * _TC_BKK + 2 * _TC_BQK, maxd)
+        rt.launch_shared(f"flash_bwd_dkdv_tc<{t}, {maxd}>", (-(-Tk // _TC_BKK), B * H), (128,),
+                         (raw(Q), raw(K), raw(V), raw(dO), L, Di, raw(dk), raw(dv)) + tail, smem_kv)
+        smem_q = _tc_tile_bytes(2 * _TC_BQ + 2 * _TC_BKQ, maxd) + _TC_BKQ
+        rt.launch_shared(f"flash_bwd_dq_tc<{t}, {maxd}>", (-(-Tq // _TC_BQ), B * H), (128,),
+                         (raw(Q), raw(K), raw(V), raw(dO), L, Di, raw(dq)) + tail, smem_q)
+        return tuple(g if g.dtype == x.dtype else rt.cast(g, x.dtype) for g, x in zip((dq, dk, dv), (q, k, v)))
     smem_kv = (2 * 32 * (D + 1) + 2 * 32 * (Dv + 1) + 2 * 32 + 2 * 4 * 32) * cdt.itemsize
     rt.launch_shared(f"flash_bwd_dkdv<{t}>", (-(-Tk // 32), B * H), (128,),
                      (raw(Q), raw(K), raw(V), raw(dO), L, Di, raw(dk), raw(dv)) + tail, smem_kv)
