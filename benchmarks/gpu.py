@@ -2,6 +2,7 @@
 
     python3 benchmarks/gpu.py attention [--seqs 1024 2048 4096 8192] [--dims 64 128] [--out FILE]
     python3 benchmarks/gpu.py step [--batch 8] [--seq 1024] [--steps 10] [--out FILE]
+    python3 benchmarks/gpu.py nvme [--gib 4] [--chunk-mib 64] [--path DIR] [--out FILE]
 
 attention: forward and forward+backward of causal attention in bf16, refimpl's FlashAttention-2 RawKernels
 (`backend.attention(..., block_size=64)` and `attention_backward`) against
@@ -14,6 +15,11 @@ embeddings: 124M parameters) in bf16 mixed precision: refimpl (`refimpl train`'s
 bf16 parameters and gradients, fp32 master and AdamW) against the same architecture in PyTorch eager
 (`torch.autocast` bf16, fp32 parameters, fused AdamW), tokens/s, and model FLOP utilisation: 6 N + 12 L T d FLOPs
 per token (PaLM's count) against the H200's dense bf16 peak, 989 TFLOP/s.
+
+nvme: NVMe -> GPU parameter streaming, the path stage 3 with offload_param=nvme takes (ParamSwapper: swap_in_async
+reads `buffer_count` chunks ahead into aligned host buffers, to_device waits for the read, verifies its crc32 and
+copies it to the GPU), over --gib of bf16 chunks of --chunk-mib each, against `dd iflag=direct bs=1M` reading a
+file of the same size on the same filesystem. The page cache is dropped before each read where the machine allows.
 
 Timing: CUDA events around each call, median of the timed repetitions after warm-up; variants interleaved.
 """
@@ -168,6 +174,74 @@ def bench_step(args):
                 f"interleaved; torch {torch.__version__}", __file__, args.out)
 
 
+def _drop_caches() -> bool:
+    try:
+        os.sync()
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def bench_nvme(args):
+    import shutil
+    import subprocess
+    import tempfile
+    import time
+
+    import ml_dtypes
+    from refimpl.memory.ledger import Ledger
+    from refimpl.memory.nvme import NVMeStore
+    from refimpl.memory.param_offload import ParamSwapper
+    from refimpl.zero.partition import PartitionLayout
+    be = get_backend(args.backend)
+    folder = tempfile.mkdtemp(prefix="nvme-gpu-", dir=args.path)
+    try:
+        chunk = args.chunk_mib * (1 << 20) // 2                         # bf16 elements per chunk
+        n = max(1, int(args.gib * (1 << 30)) // (2 * chunk))
+        layout = PartitionLayout([(f"p{i}", (chunk,)) for i in range(n)], 1)
+        swapper = ParamSwapper(layout, 0, ml_dtypes.bfloat16, device="nvme", backend=be, ledger=Ledger(),
+                               store=NVMeStore(os.path.join(folder, "swap")), buffer_count=args.buffer_count,
+                               buffer_size=chunk)
+        rng = np.random.default_rng(0)
+        for s in layout.slots:
+            swapper.write_chunk(s, rng.standard_normal(chunk, dtype=np.float32).astype(ml_dtypes.bfloat16))
+        swapper.finish_writes()
+        total = n * chunk * 2
+        dd_file = os.path.join(folder, "dd.bin")
+        subprocess.run(["dd", "if=/dev/urandom", f"of={dd_file}", "bs=1M", f"count={total >> 20}", "oflag=direct",
+                        "status=none"], check=True)
+        rows = []
+        for rep in range(args.reps):
+            dropped = _drop_caches()
+            t0 = time.perf_counter()
+            subprocess.run(["dd", f"if={dd_file}", "of=/dev/null", "bs=1M", "iflag=direct", "status=none"], check=True)
+            dd_s = time.perf_counter() - t0
+            dropped &= _drop_caches()
+            t0 = time.perf_counter()
+            slots = layout.slots
+            for i, s in enumerate(slots):
+                for ahead in slots[i:i + args.buffer_count]:              # the prefetcher's read-ahead
+                    if not swapper.swap_in_async(ahead):
+                        break
+                dev = swapper.to_device(s)
+            be.synchronize()
+            gpu_s = time.perf_counter() - t0
+            del dev
+            rows.append((total / dd_s / 1e9, total / gpu_s / 1e9, dropped))
+        dd_gbs = float(np.median([r[0] for r in rows]))
+        gpu_gbs = float(np.median([r[1] for r in rows]))
+        lines = ["| path | GB/s (median of %d) | / dd |" % args.reps, "|---|---|---|",
+                 f"| dd iflag=direct bs=1M -> /dev/null | {dd_gbs:.2f} | 1.00 |",
+                 f"| NVMeStore -> host -> device ({be.name}; ParamSwapper, {args.buffer_count} reads ahead) | {gpu_gbs:.2f} "
+                 f"| {gpu_gbs / dd_gbs:.2f} |"]
+        emit(lines, f"{n} chunks of {args.chunk_mib} MiB ({total / 2**30:.1f} GiB), bf16; page cache dropped: "
+                    f"{all(r[2] for r in rows)}; crc32 verified on every chunk", __file__, args.out)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="what", required=True)
@@ -181,8 +255,16 @@ def main():
     s.add_argument("--seq", type=int, default=1024)
     s.add_argument("--steps", type=int, default=10)
     s.add_argument("--out")
+    v = sub.add_parser("nvme")
+    v.add_argument("--gib", type=float, default=4.0)
+    v.add_argument("--chunk-mib", type=int, default=64)
+    v.add_argument("--buffer-count", type=int, default=5)
+    v.add_argument("--reps", type=int, default=3)
+    v.add_argument("--path", default=None, help="folder on the disk to measure (default: the temp folder)")
+    v.add_argument("--backend", default="cupy", help="numpy: the same path ending in host memory (a dry run)")
+    v.add_argument("--out")
     args = ap.parse_args()
-    (bench_attention if args.what == "attention" else bench_step)(args)
+    {"attention": bench_attention, "step": bench_step, "nvme": bench_nvme}[args.what](args)
 
 
 if __name__ == "__main__":
