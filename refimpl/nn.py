@@ -102,8 +102,9 @@ class Module:
             p.grad = None
 
     def state_dict(self) -> dict[str, np.ndarray]:
+        from .zero.init import materialize   # a parameter built inside zero.Init() is drawn here
         be = get_backend()
-        return {name: be.to_numpy(p.data).copy() for name, p in self.named_parameters()}
+        return {name: np.array(be.to_numpy(materialize(p.data))) for name, p in self.named_parameters()}
 
     def load_state_dict(self, state: dict) -> None:
         """Copy arrays into the parameters; names and shapes must match exactly."""

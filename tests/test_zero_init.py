@@ -38,6 +38,17 @@ def test_deferred_parameters_equal_eager_ones(mlp_tiles, dtype):
         np.testing.assert_array_equal(got, eager[name].data, err_msg=name)
 
 
+def test_state_dict_of_a_deferred_model_draws_it():
+    cfg = ModelConfig(vocab_size=20, n_layers=1, d_model=8, n_heads=2, max_seq_len=4)
+    with Init():
+        deferred = Transformer(cfg, seed=4)
+    eager = Transformer(cfg, seed=4).state_dict()
+    got = deferred.state_dict()
+    assert got.keys() == eager.keys()
+    for name in eager:
+        np.testing.assert_array_equal(got[name], eager[name], err_msg=name)
+
+
 def test_init_disabled_or_exited_builds_eagerly():
     cfg = ModelConfig(vocab_size=20, n_layers=1, d_model=8, n_heads=2, max_seq_len=4)
     with Init(enabled=False):
