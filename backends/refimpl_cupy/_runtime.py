@@ -139,7 +139,6 @@ def _allow_shared(name, shared_bytes):
 def cast(x, dtype):
     """A new device array holding x converted to dtype (RNE; overflow -> +-inf), for any pair of the four
     float dtypes through the cast kernel; other dtypes through CuPy's astype."""
-    cp = cupy()
     dtype = np.dtype(dtype)
     if x.dtype.name in _source.CTYPE and dtype.name in _source.CTYPE:
         x = contiguous(x)
@@ -154,7 +153,6 @@ def cast(x, dtype):
 
 def up(x):
     """x in its compute dtype (float64 stays, others float32); no copy when already there."""
-    cp = cupy()
     cdt = compute_dtype(x.dtype)
     if x.dtype == cdt:
         return x
