@@ -246,20 +246,23 @@ def test_manifest_save_is_atomic(tmp_path, monkeypatch):
     assert set(json.loads((tmp_path / "manifest.json").read_text())) == {"a", "b"}
 
 
-def test_flipped_byte_is_detected(store):
+@pytest.mark.parametrize("where", [4321, 9001, 9999])   # 10,000 bytes in 8 KiB blocks: first, second, last byte
+def test_flipped_byte_is_detected(store, where):
     array = random_array(5000, "float16")
     store.write_sync("a", array)
     file = os.path.join(store.path, store.manifest["a"]["file"])
     with open(file, "r+b") as f:
-        f.seek(4321)
+        f.seek(where)
         byte = f.read(1)
-        f.seek(4321)
+        f.seek(where)
         f.write(bytes([byte[0] ^ 0x10]))
     out = np.empty_like(array)
-    store.read("a", out).wait()
     with pytest.raises(SwapError, match="corrupt or was changed since it was written") as info:
-        store.verify("a", out)
+        store.read("a", out).wait()                     # reads verify as the blocks land
     assert file in str(info.value) and info.value.filename == file
+    store.read("a", out, verify=False).wait()           # the bytes as they are on disk ...
+    with pytest.raises(SwapError, match="corrupt"):
+        store.verify("a", out)                          # ... and the separate check agrees
     with pytest.raises(SwapError, match="corrupt"):
         store.read_sync("a")
 

@@ -20,9 +20,10 @@ How DeepNVMe's ideas map onto plain Python:
   requests read and write the array's memory directly.
 - Checksums are zlib.crc32, computed at write time by each request for its own block (zlib releases the GIL, so
   they run on every core, between the requests the disk is busy with) and combined in block order when the write
-  completes (``crc32_combine``). One crc32 over the whole array would be a serial ~0.3 s per GiB at ~4 GB/s on one
-  core, as long as the disk write itself here. crc32 catches what a swap file suffers from (bit rot, truncation, a
-  stale or overwritten file), not tampering.
+  completes (``crc32_combine``); reads do the same and the handle's ``wait()`` raises SwapError on a mismatch. One
+  crc32 over the whole array would be a serial ~0.3 s per GiB at ~4 GB/s on one core, as long as the disk transfer
+  itself here. crc32 catches what a swap file suffers from (bit rot, truncation, a stale or overwritten file), not
+  tampering.
 
 fsync policy: write handles don't fsync. Swap contents are scratch rewritten every step, and a crash loses the
 training state held in memory anyway. ``flush()`` fsyncs every swap file and the folder (call it before you record
@@ -294,7 +295,10 @@ class NVMeStore:
             with contextlib.suppress(OSError):
                 os.close(fd)
             if handle.error is None:
-                on_success()
+                try:
+                    on_success()
+                except SwapError as exc:                # a checksum mismatch: wait() raises it
+                    handle.error = exc
             self._account(op, -1, nbytes if handle.error is None else 0)
 
         # Each of up to queue_depth * intra_op_parallelism workers loops over the handle's requests: one pool task
@@ -345,10 +349,7 @@ class NVMeStore:
         crcs = [0] * len(offsets)                       # each request's crc32 of its block, combined at the end
 
         def checksum():
-            crc = zlib.crc32(b"")
-            for off, block_crc in zip(offsets, crcs):
-                crc = crc32_combine(crc, block_crc, min(self.block_size, src.nbytes - off))
-            entry.update(checksum=f"crc32:{crc:08x}")
+            entry.update(checksum=self._combine(offsets, crcs, src.nbytes))
         tasks = [(self._write_block, fd, file, src, i, off, crcs) for i, off in enumerate(offsets)]
         return self._submit("write", key, src.nbytes, fd, tasks, checksum)
 
@@ -373,8 +374,10 @@ class NVMeStore:
                     raise OSError(errno.EIO, f"pwrite wrote 0 bytes at offset {off + done}")
                 done += wrote
 
-    def read(self, key, out):
-        """Start reading the swap file of ``key`` into ``out`` (C-contiguous, the same nbytes as the last write)."""
+    def read(self, key, out, *, verify=True):
+        """Start reading the swap file of ``key`` into ``out`` (C-contiguous, the same nbytes as the last write).
+        ``verify``: each request checksums its own block as it lands and the handle's ``wait()`` raises SwapError
+        when the combined crc32 differs from the one recorded at write time (no serial pass after the read)."""
         file, entry = self._file(key), self.manifest[key]
         dst = _byte_view(out, writable=True)
         if entry["checksum"] is None:
@@ -387,10 +390,17 @@ class NVMeStore:
             os.close(fd)
             raise SwapError(f"swap file {file} is truncated: {size} bytes on disk, but the manifest says "
                             f"{entry['nbytes']} bytes ({need} with alignment padding)", file, errno.EIO)
-        tasks = [(self._read_block, fd, file, dst, off) for off in range(0, dst.nbytes, self.block_size)]
-        return self._submit("read", key, dst.nbytes, fd, tasks, lambda: None)
+        offsets = range(0, dst.nbytes, self.block_size)
+        crcs = [0] * len(offsets) if verify else None
+        want = entry["checksum"]
 
-    def _read_block(self, fd, file, dst, off):
+        def check():
+            if verify:
+                self._check(key, self._combine(offsets, crcs, dst.nbytes), want)
+        tasks = [(self._read_block, fd, file, dst, i, off, crcs) for i, off in enumerate(offsets)]
+        return self._submit("read", key, dst.nbytes, fd, tasks, check)
+
+    def _read_block(self, fd, file, dst, i, off, crcs):
         n = min(self.block_size, dst.nbytes - off)
         # O_DIRECT: read the aligned length into this worker's aligned buffer, then copy only the n bytes we want
         bounce = self._bounces(dst, off, n)
@@ -405,18 +415,30 @@ class NVMeStore:
                 got += r
         if bounce:
             dst[off:off + n] = buf[:n]
+        if crcs is not None:
+            crcs[i] = zlib.crc32(dst[off:off + n])
+
+    def _combine(self, offsets, crcs, nbytes):
+        """The per-block crc32s of a transfer, combined in block order: "crc32:xxxxxxxx" of all its bytes."""
+        crc = zlib.crc32(b"")
+        for off, block_crc in zip(offsets, crcs):
+            crc = crc32_combine(crc, block_crc, min(self.block_size, nbytes - off))
+        return f"crc32:{crc:08x}"
+
+    def _check(self, key, got, want):
+        if got != want:
+            raise SwapError(f"swap file {self._file(key)} is corrupt or was changed since it was written "
+                            f"(read {got}, manifest says {want})", self._file(key), errno.EIO)
 
     def write_sync(self, key, array):
         self.write(key, array).wait()
 
     def read_sync(self, key, out=None, *, verify=True):
-        """Read ``key`` (into a new array of the manifest's dtype and shape if ``out`` is None), verify, return it."""
+        """Read ``key`` (into a new array of the manifest's dtype and shape if ``out`` is None), verified; return it."""
         if out is None:
             self._file(key)                             # unknown key -> ValueError
             out = np.empty(self.manifest[key]["shape"], dtype=np.dtype(self.manifest[key]["dtype"]))
-        self.read(key, out).wait()
-        if verify:
-            self.verify(key, out)
+        self.read(key, out, verify=verify).wait()
         return out
 
     def checksum(self, key):
@@ -427,11 +449,9 @@ class NVMeStore:
         return self.manifest[key]["checksum"]
 
     def verify(self, key, array):
-        """After a read: the bytes of ``array`` must match the checksum recorded when ``key`` was written."""
-        want, got = self.checksum(key), f"crc32:{zlib.crc32(_byte_view(array)):08x}"
-        if got != want:
-            raise SwapError(f"swap file {self._file(key)} is corrupt or was changed since it was written "
-                            f"(read {got}, manifest says {want})", self._file(key), errno.EIO)
+        """The bytes of ``array`` must match the checksum recorded when ``key`` was written (reads check this
+        themselves; this is for arrays that came another way)."""
+        self._check(key, f"crc32:{zlib.crc32(_byte_view(array)):08x}", self.checksum(key))
 
     def free(self, key):
         """Delete the swap file of ``key`` and forget it."""

