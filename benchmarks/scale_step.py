@@ -15,9 +15,10 @@ What makes it possible (each is the code path every stage-3 run takes, not a spe
 So host memory holds the bf16 gradient partition (2 bytes per parameter) plus buffers.
 
     python3 benchmarks/scale_step.py [--params 3.3e9] [--d-model 2560] [--path DIR] [--keep] [--out table.md]
+        [--set backend=cupy zero_optimization.offload_optimizer.device=cpu ...]   (any config override)
 
-It needs about 14.1 bytes per parameter free on the filesystem of --path (default: a folder in the current
-directory) and deletes the swap files afterwards unless --keep.
+It needs about 14.2 bytes per parameter free on the filesystem of --path (2 with the optimizer in host memory;
+default: a folder in the current directory) and deletes the swap files afterwards unless --keep.
 """
 import argparse
 import os
@@ -69,6 +70,8 @@ def main():
     ap.add_argument("--path", default=None, help="folder for the swap files (default: a new folder in the cwd)")
     ap.add_argument("--keep", action="store_true", help="keep the swap files")
     ap.add_argument("--set", nargs="*", default=[], help="more config overrides KEY=VALUE")
+    ap.add_argument("--ram-gib", type=float, default=None,
+                    help="the machine's RAM for the ratios (default: MemTotal, which some VMs grow on demand)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
@@ -86,16 +89,20 @@ def main():
             f"zero_optimization.sub_group_size={args.sub_group_size:g}", "zero_optimization.reduce_bucket_size=5e7",
             "memory.device_bytes=1GB", *args.set]
         cfg = load_config(overrides=overrides)
+        ram = int(args.ram_gib * GiB) if args.ram_gib else mem_total()
         times, hwm = {}, {}
         t = time.perf_counter()
         be, dataset, model = build(cfg)                 # stage 3: built inside zero.Init, nothing drawn yet
         psi = model.num_parameters()
-        need, free = int(14.2 * psi), shutil.disk_usage(swap).free
+        zcfg = cfg["zero_optimization"]
+        on_disk_per_param = (2 if zcfg["offload_param"]["device"] == "nvme" else 0) + \
+                            (12 if zcfg["offload_optimizer"]["device"] == "nvme" else 0)
+        need, free = int((on_disk_per_param + 0.2) * psi), shutil.disk_usage(swap).free
         if need > free:
             raise SystemExit(f"--path {swap}: the swap files need about {need / 1e9:.1f} GB, "
                              f"the filesystem has {free / 1e9:.1f} GB free; use --path on a larger disk or fewer --params")
         print(f"{psi / 1e9:.2f}B parameters ({n_layers} layers of d_model {args.d_model}); model states "
-              f"16 x {psi / 1e9:.2f}B = {16 * psi / GiB:.1f} GiB, RAM {mem_total() / GiB:.1f} GiB; swap in {swap}",
+              f"16 x {psi / 1e9:.2f}B = {16 * psi / GiB:.1f} GiB, RAM {ram / GiB:.1f} GiB; swap in {swap}",
               flush=True)
         with use_backend(be):
             engine = Engine(model, cfg, be, progress=True)   # draws, partitions and writes every parameter
@@ -116,7 +123,6 @@ def main():
             if e["kind"] == "transfer":
                 moved[(e["src"], e["dst"])] = moved.get((e["src"], e["dst"]), 0) + e["nbytes"]
         ru = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        ram = mem_total()
         lines = [
             "| parameters | layers x d_model | model states (16 B/param) | / RAM | on NVMe | peak RSS: init | "
             "peak RSS: step | peak RSS / RAM | loss | step applied |",
