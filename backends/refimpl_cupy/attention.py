@@ -2,7 +2,7 @@
 
 - block_size=None: the plain, readable form. The reference code itself runs on CuPy arrays in the
   compute dtype (its matmuls are cuBLAS GEMMs, TF32 off); only the up/down casts are ours.
-- block_size=int: FlashAttention-2 (Dao 2023, Algorithms 1 and 2) as RawKernels (_source.py): the forward
+- block_size=int: FlashAttention-2 (Dao 2023, Algorithms 1 and 2) as RawKernels (_flash_source.py): the forward
   keeps the online softmax per query row and never materialises the scores; the backward recomputes
   P = exp(S - lse) tile by tile, dK/dV per key block, dQ in a second pass (no atomics, deterministic).
   The kernels' tiles are fixed, so block_size only selects this form; it must still be a positive int, as
@@ -21,8 +21,8 @@ from . import _runtime as rt
 from ._runtime import cupy, raw, scalar
 
 MAX_HEAD_DIM = 128
-_BQ, _BK = 16, 32  # FA_BQ, FA_BK in _source.py
-_TC_BQ, _TC_BK, _TC_BKQ, _TC_BKK, _TC_BQK = 64, 64, 32, 64, 32  # TC_* in _source.py
+_BQ, _BK = 16, 32  # FA_BQ, FA_BK in _flash_source.py
+_TC_BQ, _TC_BK, _TC_BKQ, _TC_BKK, _TC_BQK = 64, 64, 32, 64, 32  # TC_* in _flash_source.py
 
 
 def _up_all(*arrays):
