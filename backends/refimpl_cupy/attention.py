@@ -59,7 +59,7 @@ def _tc_head_dim(dtype, D, Dv):
 
 
 def _tc_tile_bytes(rows, maxd):
-    return rows * (maxd + 8) * 2  # u16 rows padded by 8 halves (_source.py's LD)
+    return rows * (maxd + 8) * 2  # u16 rows padded by 8 halves (_flash_source.py's LD)
 
 
 def _tail(key_padding_mask, causal, H, Tq, Tk, D, Dv, scale, cdt):
