@@ -7,6 +7,12 @@ import subprocess
 import sys
 
 
+def median_range(values, digits=1) -> str:
+    """"median (min-max)" of a list of timings, as every benchmark table writes them."""
+    import numpy as np
+    return f"{np.median(values):.{digits}f} ({min(values):.{digits}f}-{max(values):.{digits}f})"
+
+
 def filesystem(path) -> str:
     """The filesystem type and device of `path`, from `df -T`."""
     out = subprocess.run(["df", "-T", path], capture_output=True, text=True).stdout.splitlines()[-1].split()

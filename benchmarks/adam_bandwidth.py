@@ -44,7 +44,7 @@ import numpy as np
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from _report import emit  # noqa: E402  (benchmarks/ is the script's folder)
+from _report import emit, median_range  # noqa: E402  (benchmarks/ is the script's folder)
 from refimpl.backend import get_backend  # noqa: E402
 
 HP = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01)
@@ -154,9 +154,6 @@ class DeepSpeedAdam:
     def params(self):
         return self.p.detach().numpy()
 
-
-def median_range(ms):
-    return f"{np.median(ms):.1f} ({min(ms):.1f}-{max(ms):.1f})"
 
 
 def main():

@@ -31,7 +31,7 @@ import numpy as np
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from _report import emit  # noqa: E402  (benchmarks/ is the script's folder)
+from _report import emit, median_range  # noqa: E402  (benchmarks/ is the script's folder)
 from refimpl.backend import get_backend  # noqa: E402
 
 
@@ -67,9 +67,6 @@ def torch_variant(torch, q, k, v, dout, causal):
         return t1, tuple(t.detach().numpy() for t in (out, qt.grad, kt.grad, vt.grad))
     return run
 
-
-def median_range(ms):
-    return f"{np.median(ms):.1f} ({min(ms):.1f}-{max(ms):.1f})"
 
 
 def main():

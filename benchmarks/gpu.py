@@ -174,16 +174,6 @@ def bench_step(args):
                 f"interleaved; torch {torch.__version__}", __file__, args.out)
 
 
-def _drop_caches() -> bool:
-    try:
-        os.sync()
-        with open("/proc/sys/vm/drop_caches", "w") as f:
-            f.write("3\n")
-        return True
-    except OSError:
-        return False
-
-
 def bench_nvme(args):
     import shutil
     import subprocess
@@ -191,6 +181,7 @@ def bench_nvme(args):
     import time
 
     import ml_dtypes
+    from nvme_bandwidth import drop_caches
     from refimpl.memory.ledger import Ledger
     from refimpl.memory.nvme import NVMeStore
     from refimpl.memory.param_offload import ParamSwapper
@@ -214,11 +205,11 @@ def bench_nvme(args):
                         "status=none"], check=True)
         rows = []
         for rep in range(args.reps):
-            dropped = _drop_caches()
+            dropped = drop_caches()
             t0 = time.perf_counter()
             subprocess.run(["dd", f"if={dd_file}", "of=/dev/null", "bs=1M", "iflag=direct", "status=none"], check=True)
             dd_s = time.perf_counter() - t0
-            dropped &= _drop_caches()
+            dropped &= drop_caches()
             t0 = time.perf_counter()
             slots = layout.slots
             for i, s in enumerate(slots):

@@ -37,7 +37,7 @@ import numpy as np
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from _report import emit, filesystem  # noqa: E402  (benchmarks/ is the script's folder)
+from _report import emit, filesystem, median_range  # noqa: E402  (benchmarks/ is the script's folder)
 from refimpl.backend import use_backend  # noqa: E402
 from refimpl.comm.local import run_ranks  # noqa: E402
 from refimpl.config import load_config  # noqa: E402
@@ -139,9 +139,6 @@ def _rank(comm, configs, warmup, steps, bar):
     return records
 
 
-def median_range(values):
-    return f"{np.median(values):.2f} ({min(values):.2f}-{max(values):.2f})"
-
 
 def exposed_s(recs, src, dst):
     """Median over steps of the seconds the compute thread waited on src->dst transfers."""
@@ -229,7 +226,7 @@ def main(argv=None):
             step = [r["step_s"] for r in recs]
             paired = np.median([a / b for a, b in zip(step, base)])   # the same round: the nearest in time
             cells = [*io_cells(recs, "read"), *io_cells(recs, "write")]
-            lines.append(f"| {dtype} | {name} | {median_range(step)} | **{np.median(step) / np.median(base):.2f}** "
+            lines.append(f"| {dtype} | {name} | {median_range(step, 2)} | **{np.median(step) / np.median(base):.2f}** "
                          f"| {paired:.2f} | {np.median([r['fb_s'] for r in recs]):.2f} "
                          f"| {np.median([r['opt_s'] for r in recs]):.2f} | {' | '.join(cells)} "
                          f"| {exposed_s(recs, 'host', 'device'):.2f} |")

@@ -41,7 +41,7 @@ import numpy as np
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from _report import emit  # noqa: E402  (benchmarks/ is the script's folder)
+from _report import emit, median_range  # noqa: E402  (benchmarks/ is the script's folder)
 from refimpl.backend import KERNELS, use_backend  # noqa: E402
 from refimpl.config import load_config  # noqa: E402
 from refimpl.engine import Engine  # noqa: E402
@@ -211,9 +211,6 @@ def profile(variants, batches):
     return {name: ({k: s / n for k, s in timers[name].seconds.items()},
                    {k: c / n for k, c in timers[name].calls.items()}, total[name] / n) for name in names}
 
-
-def median_range(ms):
-    return f"{np.median(ms):.1f} ({min(ms):.1f}-{max(ms):.1f})"
 
 
 def main():

@@ -127,11 +127,14 @@ class MPIComm(Communicator):
         check_same(op, self.rank, [bytes(row).rstrip(b"\0").decode() for row in recv])
 
     def _wait(self, op, request, timeout):
-        """Poll until `request` completes. Past self.timeout: report and abort the job; past an explicit
-        `timeout`: raise CommError (the request stays in flight)."""
-        limit = self.timeout if timeout is None else timeout
+        self.poll(op, request.Test, timeout)
+
+    def poll(self, op, done, timeout, limit=None):
+        """Poll until `done()`. Past `limit` (default self.timeout): report and abort the job; past an explicit
+        `timeout`: raise CommError (the operation stays in flight). NCCLComm polls its CUDA events through it."""
+        limit = (self.timeout if limit is None else limit) if timeout is None else timeout
         deadline, pause = time.monotonic() + limit, 1e-5
-        while not request.Test():
+        while not done():
             if time.monotonic() > deadline:
                 message = f"{op} on rank {self.rank} of {self.world_size} did not complete within {limit:g} s"
                 if timeout is not None:
