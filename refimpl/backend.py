@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+import time
 from importlib.metadata import entry_points
 
 import numpy as np
@@ -71,12 +72,25 @@ class Backend:
         """Host buffer for device transfers: page-locked on GPU backends, plain numpy here."""
         return np.empty(shape, dtype=dtype)
 
+    #: do copy_async calls on a non-current stream run beside compute (GPU copy engines)? CPU backends copy
+    #: synchronously, so refimpl/memory/transfer.py records their copies as plain synchronous transfers.
+    async_copies = False
+
     def stream(self):
         """An execution stream; CPU backends run everything in order, so a null stream will do."""
         return _NullStream()
 
+    def current_stream(self):
+        """The stream that kernels are queued on now (compute)."""
+        return _NullStream()
+
     def event(self):
+        """A marker in a stream: record(stream), synchronize(), .done; its time is read by elapsed_ms."""
         return _NullEvent()
+
+    def elapsed_ms(self, start, end) -> float:
+        """Milliseconds between two recorded (and completed) events."""
+        return (end.time - start.time) * 1e3
 
     def copy_async(self, dst, src, stream=None) -> None:
         """dst[...] = src, possibly asynchronous on `stream` (synchronous on CPU backends)."""
@@ -133,6 +147,9 @@ class _NullStream:
     def synchronize(self):
         pass
 
+    def wait_event(self, event):
+        pass
+
     def __enter__(self):
         return self
 
@@ -141,8 +158,12 @@ class _NullStream:
 
 
 class _NullEvent:
+    """On CPU backends work is done when it is queued: an event is the host time at which it was recorded."""
+    done = True
+    time = 0.0
+
     def record(self, stream=None):
-        pass
+        self.time = time.perf_counter()
 
     def synchronize(self):
         pass

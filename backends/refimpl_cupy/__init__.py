@@ -91,9 +91,19 @@ class CupyBackend(Backend):
         from . import _runtime as rt
         return rt.cupy().cuda.Stream(non_blocking=True)
 
+    async_copies = True   # copies on a second stream run on the copy engines, beside kernels
+
+    def current_stream(self):
+        from . import _runtime as rt
+        return rt.cupy().cuda.get_current_stream()
+
     def event(self):
         from . import _runtime as rt
         return rt.cupy().cuda.Event()
+
+    def elapsed_ms(self, start, end) -> float:
+        from . import _runtime as rt
+        return float(rt.cupy().cuda.get_elapsed_time(start, end))
 
     def copy_async(self, dst, src, stream=None) -> None:
         """dst[...] = src queued on `stream` (the current stream if None): host->device, device->host or

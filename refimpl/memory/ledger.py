@@ -36,6 +36,7 @@ class Ledger:
         self.used = defaultdict(int)     # tier -> bytes held now
         self.peak = defaultdict(int)     # tier -> most bytes held at once (since the last reset)
         self._lock = threading.Lock()    # I/O threads record too
+        self._flushers = []              # device copies whose times are known once their events complete
 
     def _now(self) -> float:
         return self.clock() - self.t0
@@ -86,12 +87,22 @@ class Ledger:
         with self._lock:
             self.used[tier] -= int(nbytes)
 
+    def on_flush(self, fn) -> None:
+        """fn() adds records that were waiting on the device (refimpl/memory/transfer.py); run before reading."""
+        self._flushers.append(fn)
+
+    def flush(self) -> None:
+        for fn in self._flushers:
+            fn()
+
     def next_step(self) -> None:
+        self.flush()
         self.step += 1
 
     # ---------------------------------------------------------------------------------------- summary
     def summary(self, step: int | None = None) -> dict:
         """Per tier pair: bytes, seconds, GB/s; hidden vs exposed transfer seconds; peak bytes per tier."""
+        self.flush()
         events = [e for e in self.events if step is None or e["step"] == step]
         computes = _union([(e["start"], e["end"]) for e in events if e["kind"] == "compute"])
         pairs: dict[str, dict] = {}
@@ -114,6 +125,7 @@ class Ledger:
                 "peak_bytes": dict(self.peak)}
 
     def write_jsonl(self, path) -> None:
+        self.flush()
         with open(path, "a") as f:
             for e in self.events:
                 f.write(json.dumps(e) + "\n")

@@ -66,9 +66,10 @@ def round_up(n, align=ALIGN):
     return -(-n // align) * align
 
 
-def aligned_empty(nbytes, align=ALIGN):
-    """An uninitialised uint8 array of ``nbytes`` whose data address is a multiple of ``align`` (O_DIRECT needs it)."""
-    raw = np.empty(nbytes + align, dtype=np.uint8)
+def aligned_empty(nbytes, align=ALIGN, empty=np.empty):
+    """An uninitialised uint8 array of ``nbytes`` whose data address is a multiple of ``align`` (O_DIRECT needs it).
+    `empty(n, dtype)` allocates the memory (pinned memory for copies to a GPU: refimpl/memory/transfer.py)."""
+    raw = empty(nbytes + align, np.uint8)
     skip = -raw.ctypes.data % align
     return raw[skip:skip + nbytes]
 

@@ -8,7 +8,8 @@ DeepSpeed's AsyncPartitionedParameterSwapper: chunks are read into a pool of `bu
 `buffer_size` elements each, asynchronously, ahead of use (the stage-3 prefetcher calls `swap_in_async` for
 the next modules in its trace), and written back by the optimizer step, sub-group by sub-group
 (`PartitionUpdate`). Under zero.Init the chunks arrive one parameter at a time (`write_chunk`), so the partition is
-never whole in host memory.
+never whole in host memory. Host buffers that feed the device are pinned and the host -> device copy runs on the
+copy stream beside compute (refimpl/memory/transfer.py).
 """
 from __future__ import annotations
 
@@ -25,17 +26,20 @@ class BufferPoolError(MemoryError):
 
 class ParamSwapper:
     def __init__(self, layout, rank: int, dtype, *, device: str, backend, ledger, store=None,
-                 buffer_count: int = 5, buffer_size: int = 10**8):
+                 buffer_count: int = 5, buffer_size: int = 10**8, copies=None):
+        from .transfer import CopyStream
         if device not in ("cpu", "nvme"):
             raise ValueError(f"offload_param.device must be 'cpu' or 'nvme' here, got {device!r}")
         self.layout, self.rank, self.dtype = layout, rank, np.dtype(dtype)
         self.device, self.backend, self.ledger, self.store = device, backend, ledger, store
         self.buffer_count, self.buffer_size = int(buffer_count), int(buffer_size)
+        self.copies = copies if copies is not None else CopyStream(backend, ledger)
         self._staged = 0     # host bytes of an updated partition waiting to be committed
         self._writes = []    # (buffer, handle, label) of writes in flight, oldest first
         nbytes = layout.partition_numel * self.dtype.itemsize
         if device == "cpu":
-            self.host = np.zeros(layout.partition_numel, dtype=self.dtype)  # the host tier holds the partition
+            self.host = self.copies.host_empty(nbytes).view(self.dtype)  # the host tier holds the partition
+            self.host[...] = 0
             ledger.alloc("host", nbytes, "the parameter partition (offload_param=cpu)")
         else:
             largest = max((s.chunk for s in layout.slots), default=0)
@@ -109,7 +113,7 @@ class ParamSwapper:
         nbytes = slot.chunk * self.dtype.itemsize
         if len(self.inflight) >= self.buffer_count or not self.ledger.fits("host", nbytes):
             return False
-        buf = aligned_empty(nbytes).view(self.dtype)  # 4096-aligned: O_DIRECT reads it without a bounce copy
+        buf = self.copies.host_empty(nbytes).view(self.dtype)  # 4096-aligned (O_DIRECT reads it directly), pinned
         self.ledger.alloc("host", nbytes, f"the swap buffer of {slot.name}")
         self.inflight[slot.name] = (buf, self.store.read(self._key(slot), buf))
         return True
@@ -128,7 +132,7 @@ class ParamSwapper:
             else:                               # not read ahead: read it now, outside the pool (never drop
                 nbytes = slot.chunk * self.dtype.itemsize   # reads issued ahead: they are needed next)
                 self.ledger.alloc("host", nbytes, f"the swap buffer of {slot.name}")  # raises over the budget
-                buf = aligned_empty(nbytes).view(self.dtype)
+                buf = self.copies.host_empty(nbytes).view(self.dtype)
                 handle = self.store.read(self._key(slot), buf)
             with self.ledger.wait("nvme", "host", slot.name):
                 handle.wait()                     # verified: a swap file changed behind our back is an error
@@ -136,8 +140,7 @@ class ParamSwapper:
                             src="nvme", dst="host", nbytes=buf.nbytes, label=slot.name)  # when the disk was busy
             self.ledger.free("host", buf.nbytes)
             chunk = buf
-        with self.ledger.transfer("host", "device", chunk.nbytes, slot.name):
-            return self.backend.asarray(chunk).copy()
+        return self.copies.to_device(chunk, slot.name)   # the copy keeps `chunk` until it is done
 
     def _drain_one(self) -> None:
         """The pool is full of reads nobody asked for yet (a stale prefetch): finish and drop the oldest."""

@@ -28,8 +28,10 @@ class DataParallel:
 
     def __init__(self, model, config: dict, backend, comm, dtype, ledger=None):
         from ..memory.ledger import Ledger
+        from ..memory.transfer import CopyStream
         self.model, self.config, self.backend, self.comm = model, config, backend, comm
         self.ledger = ledger if ledger is not None else Ledger(comm.rank)  # tier traffic is recorded here
+        self.copies = CopyStream(backend, self.ledger)   # host <-> device copies beside compute (GPU backends)
         self.dtype = np.dtype(dtype)
         self.rank, self.world_size = comm.rank, comm.world_size
         named = list(model.named_parameters())
@@ -65,8 +67,8 @@ class DataParallel:
         """Reduced gradients, moved to the host when the optimizer runs there (ZeRO-Offload)."""
         if not self.grads_on_host:
             return grads
-        with self.ledger.transfer("device", "host", grads.nbytes, label):
-            return np.asarray(self.backend.to_numpy(grads))
+        out = self.copies.host_empty(grads.nbytes).view(grads.dtype)
+        return self.copies.to_host(grads, out, label).wait()
 
     def _grad_partition_buffer(self, numel: int):
         return np.zeros(numel, self.dtype) if self.grads_on_host else self.backend.zeros((numel,), self.dtype)

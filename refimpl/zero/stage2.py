@@ -23,6 +23,7 @@ class GradientPartitioning(OptimizerStatePartitioning):
         self.bucket_size = self.config["zero_optimization"]["reduce_bucket_size"]
         self._bucket: list[str] = []
         self._bucket_numel = 0
+        self._grads_in_flight = []   # (HostCopy, slots): reduced buckets on their way to the host partition
         for name, p in self.params.items():
             p.register_post_accumulate_grad_hook(lambda p, name=name: self._grad_ready(name))
 
@@ -40,17 +41,34 @@ class GradientPartitioning(OptimizerStatePartitioning):
         rows = self.layout.to_rows({n: self.params[n].grad for n in self._bucket}, dtype=np.float32, slots=slots)
         # the mean over ranks before it is stored: a sum could overflow the fp16 partition N times sooner
         mine = self.comm.reduce_scatter(rows.reshape(-1)) / np.float32(self.world_size)  # (sum of chunks,) fp32
-        mine = self._to_grad_tier(mine, f"reduced gradients of {len(slots)} parameters")
+        for s in slots:
+            self.params[s.name].grad = None                          # the whole gradient is gone
+        if self.grads_on_host:  # ZeRO-Offload: into pinned host memory on the copy stream; added in once it lands
+            out = self.copies.host_empty(mine.nbytes).view(np.float32)
+            label = f"reduced gradients of {len(slots)} parameters"
+            self._grads_in_flight.append((self.copies.to_host(mine, out, label), slots))
+            self._accumulate_landed(wait=False)
+        else:
+            self._accumulate(mine, slots)
+        self._bucket, self._bucket_numel = [], 0
+
+    def _accumulate(self, mine, slots) -> None:
+        """grad_partition[slot] += this bucket's reduced rows (fp32 sum, stored in the parameters' dtype)."""
         col = 0
         for s in slots:
             view = self.layout.view(self.grad_partition, s)
             view[...] = (view.astype(np.float32) + mine[col:col + s.chunk]).astype(self.dtype)
             col += s.chunk
-            self.params[s.name].grad = None                          # the whole gradient is gone
-        self._bucket, self._bucket_numel = [], 0
+
+    def _accumulate_landed(self, wait: bool) -> None:
+        """Add in the buckets whose copies have landed, in order (all of them, waiting, when `wait`)."""
+        while self._grads_in_flight and (wait or self._grads_in_flight[0][0].done()):
+            copy, slots = self._grads_in_flight.pop(0)
+            self._accumulate(copy.wait(), slots)
 
     def after_backward(self) -> None:
         self._reduce_bucket()  # the last, partly filled bucket
+        self._accumulate_landed(wait=True)
 
     def reduce_gradients(self):
         """The gradient partition as stored (fp16/bf16 here): the optimizer kernels upcast it sub-group by

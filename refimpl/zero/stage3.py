@@ -41,6 +41,7 @@ class ParameterPartitioning(GradientPartitioning):
         self.grad_partition = self._grad_partition_buffer(S)   # device, or host with the optimizer offloaded
         self.bucket_size = zcfg["reduce_bucket_size"]
         self._bucket, self._bucket_numel = [], 0
+        self._grads_in_flight = []
         threshold = zcfg["stage3_param_persistence_threshold"]
         self._empty = self.backend.zeros((0,), self.dtype)
         for name, p in self.params.items():
@@ -49,7 +50,7 @@ class ParameterPartitioning(GradientPartitioning):
             p.ds_slot = slot
             p.ds_tensor = None if self.swapper else self.layout.view(self.lowp_partition, slot)  # this rank's chunk
             p.ds_persist = slot.numel < threshold
-            p.ds_handle = None
+            p.ds_handle = p.ds_chunk = None
             p.register_post_accumulate_grad_hook(lambda p, name=name: self._grad_ready(name))
         self.coordinator = PartitionedParameterCoordinator(self, zcfg)
         self._register_module_hooks()
@@ -86,7 +87,7 @@ class ParameterPartitioning(GradientPartitioning):
             store = NVMeStore(path, **self.config["aio"])   # DeepSpeed's aio section, by its own names
         return ParamSwapper(self.layout, self.rank, self.dtype, device=off["device"], backend=self.backend,
                             ledger=self.ledger, store=store, buffer_count=off["buffer_count"],
-                            buffer_size=off["buffer_size"])
+                            buffer_size=off["buffer_size"], copies=self.copies)
 
     # ------------------------------------------------------------------------------- gather / release
     def _chunk(self, p):
@@ -115,13 +116,21 @@ class ParameterPartitioning(GradientPartitioning):
         if not self.ledger.fits("device", need):
             self.coordinator.evict(need)   # drop parameters kept only for reuse, then try again
         self.ledger.alloc("device", need, f"gathering parameter {p.ds_name}")
-        p.ds_handle = self.comm.all_gather_async(self._chunk(p))
+        p.ds_chunk = self._chunk(p)
+        p.ds_handle = self.comm.all_gather_async(p.ds_chunk)
         p.ds_status = ZeroParamStatus.INFLIGHT
 
     def wait_for(self, p) -> None:
         gathered = p.ds_handle.wait()                                # (N * chunk,)
         p.data = gathered[:p.ds_numel].reshape(p.ds_shape)
         p.ds_handle, p.ds_status = None, ZeroParamStatus.AVAILABLE
+        self._done_with_chunk(p.ds_chunk)
+        p.ds_chunk = None
+
+    def _done_with_chunk(self, chunk) -> None:
+        """The all-gather has read an offloaded chunk: its device copy can go (after the queued readers)."""
+        if self.swapper is not None:
+            self.copies.release(chunk)
 
     def fetch(self, params) -> None:
         """Make `params` whole: start the missing all-gathers, then wait for every one in flight."""
@@ -173,9 +182,11 @@ class ParameterPartitioning(GradientPartitioning):
         if self.swapper is not None and updated is not None:
             self.swapper.commit(updated)
         persistent = [p for p in self.params.values() if p.ds_persist]
-        handles = [self.comm.all_gather_async(self._chunk(p)) for p in persistent]
-        for p, h in zip(persistent, handles):
+        chunks = [self._chunk(p) for p in persistent]
+        handles = [self.comm.all_gather_async(c) for c in chunks]
+        for p, h, c in zip(persistent, handles, chunks):
             p.data = h.wait()[:p.ds_numel].reshape(p.ds_shape)
+            self._done_with_chunk(c)
 
     def full_params(self) -> dict:
         mine = self.lowp_partition if self.swapper is None else self.backend.asarray(self.swapper.full_partition())

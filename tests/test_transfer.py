@@ -1,0 +1,172 @@
+"""Stream-ordered host <-> device copies (refimpl/memory/transfer.py) on a CPU stand-in for a GPU.
+
+`LazyBackend` is the NumPy backend with a copy stream that really is asynchronous in the way that matters: a copy
+queued on it does nothing until an event after it is waited on (by the host, or by the compute stream), and
+fresh buffers are full of NaN. So a copy's bytes are visible only where the code orders the streams correctly,
+and a missing wait shows up as NaN or stale numbers in the losses. Training with it must give bitwise the
+numbers of the synchronous NumPy backend, and the ledger must hold each copy with its device-side interval.
+"""
+import json
+
+import numpy as np
+import pytest
+
+from refimpl import backend as backend_mod
+from refimpl.backend import NumpyBackend
+from refimpl.config import load_config
+from refimpl.memory.ledger import Ledger
+from refimpl.memory.transfer import CopyStream
+from refimpl.train import train
+
+
+class _Event:
+    def __init__(self):
+        self.stream, self.time, self._ran = None, None, False
+
+    def record(self, stream=None):
+        self.stream, self._ran = stream, False
+        stream.queue.append(self)
+        if not stream.lazy:
+            stream.run_to(self)
+
+    @property
+    def done(self):
+        return self._ran
+
+    def synchronize(self):
+        self.stream.run_to(self)
+
+
+class _Stream:
+    def __init__(self, lazy):
+        self.lazy, self.queue = lazy, []
+
+    def run_to(self, event):
+        """Run queued work up to and including `event` (everything when None and the stream is not lazy)."""
+        while self.queue and (event is None or not event._ran):
+            item = self.queue.pop(0)
+            if isinstance(item, _Event):
+                item.time, item._ran = len(_CLOCK), True
+                _CLOCK.append(None)
+            else:
+                item()
+
+    def wait_event(self, event):
+        event.synchronize()          # the compute stream runs now, so it can only wait by running the copies
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+_CLOCK = []   # a tick per event: device times that differ between events
+
+
+class LazyBackend(NumpyBackend):
+    name = "lazy"
+    async_copies = True
+
+    def __init__(self):
+        self.compute = _Stream(lazy=False)
+
+    def stream(self):
+        return _Stream(lazy=True)
+
+    def current_stream(self):
+        return self.compute
+
+    def event(self):
+        return _Event()
+
+    def elapsed_ms(self, start, end):
+        assert start.done and end.done, "a device time was read before its event completed"
+        return float(end.time - start.time)
+
+    def empty(self, shape, dtype=np.float32):
+        return np.full(shape, np.nan, dtype) if np.dtype(dtype).kind == "f" else np.empty(shape, dtype)
+
+    def pinned_empty(self, shape, dtype=np.float32):
+        out = np.empty(shape, dtype)
+        out.view(np.uint8)[...] = 0xFF   # NaN in every float format
+        return out
+
+    def copy_async(self, dst, src, stream=None):
+        if stream is not None and stream.lazy:
+            stream.queue.append(lambda: dst.__setitem__(Ellipsis, src))
+        else:
+            dst[...] = src
+
+
+@pytest.fixture
+def lazy(monkeypatch):
+    be = LazyBackend()
+    monkeypatch.setitem(backend_mod._instances, "lazy", be)
+    return be
+
+
+TINY = ("model.n_layers=1", "model.d_model=32", "model.n_heads=2", "model.max_seq_len=32", "data.seq_len=32",
+        "data.max_bytes=200000", "run.eval_batches=1", "run.eval_interval=1000", "run.steps=3",
+        "scheduler.params.warmup_num_steps=1", "zero_optimization.stage3_param_persistence_threshold=0",
+        "zero_optimization.sub_group_size=3000", "zero_optimization.reduce_bucket_size=2000",
+        "train_micro_batch_size_per_gpu=4", "gradient_accumulation_steps=2")
+
+
+def _run(tmp_path, backend, *extra):
+    out = tmp_path / backend / "run"
+    train(load_config(None, [*TINY, f"backend={backend}", *extra]), out, progress=False)
+    losses = [(r["loss"], r["grad_norm"], r["overflow"]) for r in map(json.loads, (out / "metrics.jsonl").read_text()
+              .splitlines()) if "overflow" in r]
+    ledger = [json.loads(line) for line in (out / "ledger.jsonl").read_text().splitlines()]
+    return losses, ledger
+
+
+@pytest.mark.parametrize("extra", [
+    ("zero_optimization.stage=2", 'zero_optimization.offload_optimizer={"device": "cpu"}'),
+    ("zero_optimization.stage=3", 'zero_optimization.offload_optimizer={"device": "cpu"}',
+     'zero_optimization.offload_param={"device": "cpu"}'),
+    ("zero_optimization.stage=3", "world_size=2", 'zero_optimization.offload_optimizer={"device": "cpu"}',
+     'zero_optimization.offload_param={"device": "nvme", "nvme_path": "{swap}"}', "bf16.enabled=true"),
+], ids=["stage2-grads-to-host", "stage3-params-from-host", "stage3-nvme-bf16-ws2"])
+def test_stream_ordered_copies_change_nothing(tmp_path, lazy, extra):
+    extra = [x.replace("{swap}", str(tmp_path / "swap")) for x in extra]
+    ref, _ = _run(tmp_path, "numpy", *extra)
+    got, ledger = _run(tmp_path, "lazy", *extra)
+    assert not any(r[2] for r in ref) and got == ref    # bitwise; NaN from an unordered copy would skip steps
+    copies = [e for e in ledger if e["kind"] == "transfer" and "device" in (e["src"], e["dst"])]
+    assert {(e["src"], e["dst"]) for e in copies} >= {("device", "host")}
+    assert all(e["end"] > e["start"] for e in copies)            # device intervals, from the events around each copy
+    assert {e["step"] for e in copies} >= {0, 1, 2}             # recorded under the step they belong to
+
+
+def test_host_copy_lands_only_when_waited_on(lazy):
+    ledger = Ledger()
+    copies = CopyStream(lazy, ledger)
+    dev = np.arange(6, dtype=np.float32)
+    out = copies.host_empty(dev.nbytes).view(np.float32)
+    pending = copies.to_host(dev, out, "g")
+    assert not pending.done() and np.isnan(out).all()           # queued, not run: the host must not read it yet
+    assert pending.wait() is out and np.array_equal(out, dev) and pending.done()
+    waits = [e for e in ledger.events if e["kind"] == "wait"]
+    assert [(e["src"], e["dst"]) for e in waits] == [("device", "host")]
+    ledger.flush()
+    (t,) = [e for e in ledger.events if e["kind"] == "transfer"]
+    assert (t["src"], t["dst"], t["nbytes"]) == ("device", "host", dev.nbytes) and t["end"] > t["start"]
+
+
+def test_device_copy_is_waited_for_by_compute(lazy):
+    ledger = Ledger()
+    copies = CopyStream(lazy, ledger)
+    host = copies.host_empty(16).view(np.float32)
+    host[...] = [1, 2, 3, 4]
+    dev = copies.to_device(host, "p")
+    assert np.array_equal(dev, host)                  # the compute stream's wait ran the copy
+    ledger.flush()
+    kinds = sorted((e["kind"], e["src"], e["dst"]) for e in ledger.events)
+    assert kinds == [("transfer", "host", "device"), ("wait", "host", "device")]
+
+
+def test_pinned_host_buffers_are_aligned_for_o_direct(lazy):
+    buf = CopyStream(lazy, Ledger()).host_empty(10_000)
+    assert buf.ctypes.data % 4096 == 0 and buf.nbytes == 10_000
