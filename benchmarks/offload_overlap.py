@@ -11,19 +11,24 @@ same batches so that machine drift and other tenants hit every variant alike:
     nvme           offload nvme/nvme, DeepSpeed's defaults    (sub_group_size 1e9, buffer_count 5, ...)
     nvme tuned     offload nvme/nvme with the --tuned knobs   (default: TUNED below, which says why)
     cpu            offload cpu/cpu (with --cpu)
+    cpu sync       offload cpu/cpu with synchronous host<->device copies (with --sync-copies; GPU backends copy
+                   on a stream of their own otherwise: refimpl/memory/transfer.py)
 
 All run ZeRO stage 3 with ``stage3_param_persistence_threshold=0``, so every parameter crosses the tiers. The first
 table gives the median step time (min-max), its ratio to ``none`` (ratio of medians, and the median of the ratios
 of steps of the same round, which were nearest in time), the split into forward+backward and optimizer step, and
 per NVMe direction: MB per step, the disk's GB/s over the time the NVMeStore had I/O in flight, and the seconds the
 compute thread was blocked (exposed, from the ledger's waits; refimpl/memory/ledger.py). The second table splits
-each NVMe variant's exposed seconds by what waited, with counts and transfer sizes: where the time goes.
+each NVMe variant's exposed seconds by what waited, with counts and transfer sizes: where the time goes. The third
+gives the host<->device copies of the offloaded variants per step: bytes, GB/s, and the ledger's hidden and exposed
+seconds (on a GPU, device time: what the compute stream lost waiting for a copy is exposed, the rest ran beside it).
 
     python3 benchmarks/offload_overlap.py [--dtype fp32 bf16] [--steps 6] [--path DIR] [--cpu] [--out table.md]
         [--set KEY=VALUE ...]        config override for every variant (model size, ...)
         [--nvme-set KEY=VALUE ...]   for the offloaded variants only (aio.*: the in-memory peer doesn't read them)
         [--tuned KEY=VALUE ...]      the tuned variant's knobs (replace TUNED; --tuned alone: no tuned variant)
         [--world-size 2]             simulated ranks (threads; on 2 cores they oversubscribe, steps get slow)
+        [--sync-copies]              also offload cpu/cpu with synchronous host<->device copies
 """
 import argparse
 import os
@@ -42,6 +47,7 @@ from refimpl.backend import use_backend  # noqa: E402
 from refimpl.comm.local import run_ranks  # noqa: E402
 from refimpl.config import load_config  # noqa: E402
 from refimpl.engine import Engine  # noqa: E402
+from refimpl.memory.ledger import Ledger  # noqa: E402
 from refimpl.train import build, rank_slice  # noqa: E402
 
 # A size where compute dominates on a 2-core machine: 4 blocks of d_model 768 (28.9M parameters), 8 x 256 tokens;
@@ -103,7 +109,12 @@ def _rank(comm, configs, warmup, steps, bar):
     for name, cfg in configs.items():
         be, dataset, model = build(cfg)
         with use_backend(be):
-            engines[name] = (cfg, be, dataset, model, Engine(model, cfg, be, comm))
+            if name.endswith("sync"):      # the copy stream reads the flag once, when the engine is built
+                be.async_copies = False
+            try:
+                engines[name] = (cfg, be, dataset, model, Engine(model, cfg, be, comm))
+            finally:
+                vars(be).pop("async_copies", None)
     records = {name: [] for name in configs}
     order = list(configs)
     try:
@@ -119,11 +130,14 @@ def _rank(comm, configs, warmup, steps, bar):
                     with engine.ledger.compute("forward+backward"):
                         loss, _ = model.loss(batch)
                         engine.backward(loss)
+                        be.synchronize()           # GPU: the kernels queued so far have run
                     t1 = time.perf_counter()
                     engine.step()
+                    be.synchronize()
                     comm.barrier()                 # a step ends when the slowest rank's does
                     t2 = time.perf_counter()
                 led = engine.ledger
+                led.flush()                        # device-timed copies join the ledger
                 if rnd >= warmup and comm.rank == 0:
                     events = [e for e in led.events if e["step"] == led.step]
                     records[name].append({"step_s": t2 - t0, "fb_s": t1 - t0, "opt_s": t2 - t1, "events": events,
@@ -178,6 +192,22 @@ def exposed_breakdown(recs):
             for k, v in sorted(acc.items())}
 
 
+def copy_cells(recs):
+    """host->device and device->host per step: MB, GB/s, hidden s, exposed s (medians; Ledger.summary's terms)."""
+    per_pair = defaultdict(list)
+    for r in recs:
+        led = Ledger()
+        led.events = r["events"]
+        for pair, p in led.summary()["pairs"].items():
+            if "device" in pair:
+                per_pair[pair].append((p["bytes"] / 1e6, p["GB_per_s"] or 0.0, p["hidden_s"], p["exposed_s"]))
+    out = {}
+    for pair, rows in sorted(per_pair.items()):
+        mb, gbs, hidden, exposed = np.median(np.array(rows), axis=0)
+        out[pair] = (mb, f"{gbs:.2f}", hidden, exposed)
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dtype", nargs="+", choices=list(DTYPES), default=["fp32"], help="parameter dtypes (fp32)")
@@ -186,6 +216,8 @@ def main(argv=None):
                                                           "records the prefetch trace)")
     ap.add_argument("--world-size", type=int, default=1, help="simulated ranks (threads; default 1)")
     ap.add_argument("--cpu", action="store_true", help="also run offload cpu/cpu")
+    ap.add_argument("--sync-copies", action="store_true", help="also run offload cpu/cpu with synchronous "
+                                                               "host<->device copies")
     ap.add_argument("--set", dest="common", action="append", default=[], metavar="KEY=VALUE",
                     help="config override for every variant (e.g. model.d_model=1024)")
     ap.add_argument("--nvme-set", dest="offload_only", action="append", default=[], metavar="KEY=VALUE",
@@ -199,8 +231,10 @@ def main(argv=None):
     variants = {"none": ("none", []), "nvme": ("nvme", [])}
     if tuned:
         variants["nvme tuned"] = ("nvme", tuned)
-    if args.cpu:
+    if args.cpu or args.sync_copies:
         variants["cpu"] = ("cpu", [])
+    if args.sync_copies:
+        variants["cpu sync"] = ("cpu", [])
 
     swap = tempfile.mkdtemp(prefix="offload-overlap-", dir=args.path)
     results, first_cfg = {}, None
@@ -237,6 +271,13 @@ def main(argv=None):
         for name in (n for n, (dev, _) in variants.items() if dev == "nvme"):
             for what, (waits, exposed, transfers, kb) in exposed_breakdown(per[name]).items():
                 lines.append(f"| {dtype} | {name} | {what} | {waits:g} | {exposed:.3f} | {transfers:g} | {kb} |")
+
+    lines += ["", "Host<->device copies of the offloaded variants, per step (ledger; on a GPU, device time):", "",
+              "| dtype | offload | copy | MB/step | GB/s | hidden s | exposed s |", "|---|---|---|---|---|---|---|"]
+    for dtype, per in results.items():
+        for name in (n for n, (dev, _) in variants.items() if dev != "none"):
+            for pair, c in copy_cells(per[name]).items():
+                lines.append(f"| {dtype} | {name} | {pair} | {c[0]:,.1f} | {c[1]} | {c[2]:.4f} | {c[3]:.4f} |")
 
     m = first_cfg["model"]
     n_params = sum(p.size for p in build(first_cfg)[2].parameters())
