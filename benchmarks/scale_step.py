@@ -17,7 +17,8 @@ So host memory holds the bf16 gradient partition (2 bytes per parameter) plus bu
     python3 benchmarks/scale_step.py [--params 3.3e9] [--d-model 2560] [--path DIR] [--keep] [--out table.md]
         [--set backend=cupy zero_optimization.offload_optimizer.device=cpu ...]   (any config override)
 
-It needs about 14.2 bytes per parameter free on the filesystem of --path (2 with the optimizer in host memory;
+The table ends with the model as a fraction of what the tiers (GPU memory, RAM, the disk of --path) hold at 16
+bytes per parameter. It needs about 14.2 bytes per parameter free on the filesystem of --path (2 with the optimizer in host memory;
 default: a folder in the current directory) and deletes the swap files afterwards unless --keep.
 """
 import argparse
@@ -53,6 +54,14 @@ def du(path) -> int:
     return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
 
 
+def gpu_bytes(be) -> int:
+    """The GPU's memory (0 on CPU backends: the 'device' is host memory, counted once)."""
+    if not be.is_gpu:
+        return 0
+    import cupy
+    return int(cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)["totalGlobalMem"])
+
+
 def layers_for(params: float, d: int, vocab: int, seq: int) -> int:
     per_layer = 12 * d * d + 13 * d                    # q, k, v, out (4 d^2 + 4d), MLP (8 d^2 + 5d), 2 LayerNorms
     embeddings = (vocab + seq) * d + vocab * d + 2 * d  # tok_emb, pos_emb, lm_head, ln_f
@@ -77,6 +86,8 @@ def main():
 
     vocab = 256                                         # the byte-level LM's vocabulary
     n_layers = layers_for(args.params, args.d_model, vocab, args.seq)
+    if args.path:
+        os.makedirs(args.path, exist_ok=True)
     swap = tempfile.mkdtemp(prefix="scale-swap-", dir=args.path or os.getcwd())
     try:
         overrides = [
@@ -106,15 +117,18 @@ def main():
               flush=True)
         with use_backend(be):
             engine = Engine(model, cfg, be, progress=True)   # draws, partitions and writes every parameter
-            times["zero.Init + optimizer states to NVMe"], hwm["init"] = time.perf_counter() - t, vm_hwm()
+            times["zero.Init + states into their tiers"], hwm["init"] = time.perf_counter() - t, vm_hwm()
             on_disk = du(swap)
             batch = dataset.get_batch("train", 0, args.batch, args.seq)
             t = time.perf_counter()
             loss, _ = model.loss(batch)
+            be.synchronize()                            # GPU: the phase's kernels have run
             times["forward"], t = time.perf_counter() - t, time.perf_counter()
             engine.backward(loss)
+            be.synchronize()
             times["backward"], t = time.perf_counter() - t, time.perf_counter()
             applied = engine.step()
+            be.synchronize()
             times["optimizer step"] = time.perf_counter() - t
             hwm["step"] = vm_hwm()
         ledger = engine.ledger
@@ -123,13 +137,16 @@ def main():
             if e["kind"] == "transfer":
                 moved[(e["src"], e["dst"])] = moved.get((e["src"], e["dst"]), 0) + e["nbytes"]
         ru = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        gpu = gpu_bytes(be)
+        tiers = gpu + ram + shutil.disk_usage(swap).total   # what device, host and disk hold, at 16 B/param
         lines = [
             "| parameters | layers x d_model | model states (16 B/param) | / RAM | on NVMe | peak RSS: init | "
-            "peak RSS: step | peak RSS / RAM | loss | step applied |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            "peak RSS: step | peak RSS / RAM | loss | step applied | tiers hold (16 B/param) | fraction |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
             f"| {psi / 1e9:.2f}B | {n_layers} x {args.d_model} | {16 * psi / GiB:.1f} GiB | {16 * psi / ram:.2f} | "
             f"{on_disk / GiB:.1f} GiB | {hwm['init'] / GiB:.2f} GiB | {hwm['step'] / GiB:.2f} GiB | "
-            f"{max(ru, hwm['step']) / ram:.2f} | {float(be.to_numpy(loss.data)):.4f} | {applied} |",
+            f"{max(ru, hwm['step']) / ram:.2f} | {float(be.to_numpy(loss.data)):.4f} | {applied} | "
+            f"{tiers / 16 / 1e9:.1f}B | {16 * psi / tiers:.2f} |",
             "",
             "| phase | seconds |", "|---|---|",
             *[f"| {k} | {v:.1f} |" for k, v in times.items()],
@@ -137,8 +154,11 @@ def main():
             "| tier pair | GB moved (whole run) |", "|---|---|",
             *[f"| {s} -> {d} | {b / 1e9:.1f} |" for (s, d), b in sorted(moved.items())],
         ]
-        emit(lines, f"NVMe tier on {filesystem(swap)}; bf16, ZeRO stage 3, 1 rank, {args.batch} x {args.seq} tokens, "
-                    f"sub_group_size {args.sub_group_size:g}", __file__, args.out)
+        emit(lines, f"backend {be.name}; NVMe tier on {filesystem(swap)}; tiers: device {gpu / 1e9:.0f} GB, host "
+                    f"{ram / GiB:.0f} GiB, disk {shutil.disk_usage(swap).total / GiB:.0f} GiB; bf16, ZeRO stage 3, "
+                    f"1 rank, {args.batch} x {args.seq} tokens, sub_group_size {args.sub_group_size:g}; offload_param "
+                    f"{zcfg['offload_param']['device']}, offload_optimizer {zcfg['offload_optimizer']['device']}",
+             __file__, args.out)
     finally:
         if not args.keep:
             shutil.rmtree(swap, ignore_errors=True)

@@ -227,6 +227,18 @@ def get_backend(name: str | None = None) -> Backend:
         return _instances[name]
 
 
+def host_backend(backend: Backend) -> Backend:
+    """The CPU backend for host-side work behind `backend` (the offloaded optimizer's Adam): the backend itself on
+    the CPU; behind a GPU, numba when it is installed (DeepSpeedCPUAdam's role in ZeRO-Offload; bit-exact with the
+    reference's adam_step), else the NumPy reference."""
+    if not backend.is_gpu:
+        return backend
+    try:
+        return get_backend("numba")
+    except BackendError:
+        return get_backend("numpy")
+
+
 def _describe(avail) -> str:
     parts = [name if why is None else f"{name} (unusable: {why})" for name, why in avail.items()]
     return "installed backends: " + ", ".join(parts)

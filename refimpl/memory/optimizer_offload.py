@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..kernels import optim as reference_kernels
+from ..backend import host_backend
 from .nvme import aligned_empty
 from .param_offload import PartitionUpdate
 
@@ -59,8 +59,8 @@ class OffloadedAdamW:
         self.lr, self.betas, self.eps = float(lr), (float(betas[0]), float(betas[1])), float(eps)
         self.weight_decay, self.adamw_mode = float(weight_decay), bool(adamw_mode)
         self.step_count = 0
-        # the host kernel: a CPU backend's own adam_step; the NumPy reference behind a GPU backend
-        self.host_adam_step = reference_kernels.adam_step if backend.is_gpu else backend.adam_step
+        # the host kernel: a CPU backend's own adam_step; behind a GPU backend numba's, else the NumPy reference
+        self.host_adam_step = host_backend(backend).adam_step
         self.numel, self.groups = int(numel), [(int(lo), int(hi)) for lo, hi in groups]
         if self.groups[0][0] != 0 or self.groups[-1][1] != self.numel or any(
                 a[1] != b[0] for a, b in zip(self.groups, self.groups[1:])):
