@@ -17,8 +17,8 @@ So host memory holds the bf16 gradient partition (2 bytes per parameter) plus bu
     python3 benchmarks/scale_step.py [--params 3.3e9] [--d-model 2560] [--path DIR] [--keep] [--out table.md]
         [--set backend=cupy zero_optimization.offload_optimizer.device=cpu ...]   (any config override)
 
-The table ends with the model as a fraction of what the tiers (GPU memory, RAM, the disk of --path) hold at 16
-bytes per parameter. It needs about 14.2 bytes per parameter free on the filesystem of --path (2 with the optimizer in host memory;
+The table ends with the model as a fraction of what the tiers (GPU memory, RAM, the free space on the disk of
+--path) hold at 16 bytes per parameter. It needs about 14.2 bytes per parameter free on the filesystem of --path (2 with the optimizer in host memory;
 default: a folder in the current directory) and deletes the swap files afterwards unless --keep.
 """
 import argparse
@@ -108,7 +108,7 @@ def main():
         zcfg = cfg["zero_optimization"]
         on_disk_per_param = (2 if zcfg["offload_param"]["device"] == "nvme" else 0) + \
                             (12 if zcfg["offload_optimizer"]["device"] == "nvme" else 0)
-        need, free = int((on_disk_per_param + 0.2) * psi), shutil.disk_usage(swap).free
+        need, free = int((on_disk_per_param + 0.2) * psi), shutil.disk_usage(swap).free  # free: the disk tier
         if need > free:
             raise SystemExit(f"--path {swap}: the swap files need about {need / 1e9:.1f} GB, "
                              f"the filesystem has {free / 1e9:.1f} GB free; use --path on a larger disk or fewer --params")
@@ -138,7 +138,7 @@ def main():
                 moved[(e["src"], e["dst"])] = moved.get((e["src"], e["dst"]), 0) + e["nbytes"]
         ru = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         gpu = gpu_bytes(be)
-        tiers = gpu + ram + shutil.disk_usage(swap).total   # what device, host and disk hold, at 16 B/param
+        tiers = gpu + ram + free        # what device, host and (free) disk hold, at 16 B/param
         lines = [
             "| parameters | layers x d_model | model states (16 B/param) | / RAM | on NVMe | peak RSS: init | "
             "peak RSS: step | peak RSS / RAM | loss | step applied | tiers hold (16 B/param) | fraction |",
@@ -155,7 +155,7 @@ def main():
             *[f"| {s} -> {d} | {b / 1e9:.1f} |" for (s, d), b in sorted(moved.items())],
         ]
         emit(lines, f"backend {be.name}; NVMe tier on {filesystem(swap)}; tiers: device {gpu / 1e9:.0f} GB, host "
-                    f"{ram / GiB:.0f} GiB, disk {shutil.disk_usage(swap).total / GiB:.0f} GiB; bf16, ZeRO stage 3, "
+                    f"{ram / GiB:.0f} GiB, disk {free / GiB:.0f} GiB free; bf16, ZeRO stage 3, "
                     f"1 rank, {args.batch} x {args.seq} tokens, sub_group_size {args.sub_group_size:g}; offload_param "
                     f"{zcfg['offload_param']['device']}, offload_optimizer {zcfg['offload_optimizer']['device']}",
              __file__, args.out)

@@ -80,7 +80,8 @@ def main():
                                ref, got))
     cpu = ['zero_optimization.offload_optimizer={"device": "cpu"}']
     for name, sets in [
-            ("stage 2, optimizer on the host", ["zero_optimization.stage=2", *cpu]),
+            ("stage 2, optimizer on the host", ["zero_optimization.stage=2", "zero_optimization.offload_param=null",
+                                                *cpu]),
             ("stage 3, params and optimizer on the host", [*cpu, 'zero_optimization.offload_param={"device": "cpu"}']),
             ("stage 3, params on NVMe, optimizer on the host", [*cpu, swap[0]])]:
         sets = SMALL + ["world_size=2", "zero_optimization.reduce_bucket_size=20000", *sets]
