@@ -132,6 +132,7 @@ def main():
             times["optimizer step"] = time.perf_counter() - t
             hwm["step"] = vm_hwm()
         ledger = engine.ledger
+        ledger.flush()                                  # device-timed host<->device copies join the ledger
         moved = {}
         for e in ledger.events:
             if e["kind"] == "transfer":
