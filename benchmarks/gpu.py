@@ -1,14 +1,17 @@
 """GPU benchmarks of the CuPy backend against PyTorch on the same GPU, same run (issue 6).
 
-    python3 benchmarks/gpu.py attention [--seqs 1024 2048 4096 8192] [--dims 64 128] [--out FILE]
-    python3 benchmarks/gpu.py step [--batch 8] [--seq 1024] [--steps 10] [--out FILE]
+    python3 benchmarks/gpu.py attention [--seqs 1024 2048 4096 8192] [--dims 64 128] [--check] [--kernels]
+                                        [--no-compare] [--out FILE]
+    python3 benchmarks/gpu.py step [--batch 8] [--seq 1024] [--steps 10] [--profile] [--out FILE]
     python3 benchmarks/gpu.py nvme [--gib 4] [--chunk-mib 64] [--path DIR] [--out FILE]
 
 attention: forward and forward+backward of causal attention in bf16, refimpl's FlashAttention-2 RawKernels
 (`backend.attention(..., block_size=64)` and `attention_backward`) against
 `torch.nn.functional.scaled_dot_product_attention` (flash / cuDNN, whatever torch picks), at FlashAttention-2's
 benchmark shapes: batch = 16k tokens / seq, heads = 2048 / head_dim. TFLOP/s by FlashAttention's convention:
-forward 4*B*H*T*T*D, halved for causal; backward 2.5x the forward.
+forward 4*B*H*T*T*D, halved for causal; backward 2.5x the forward. --check first compares every compiled tile
+shape of the tensor-core kernels with the fp32 path (fp16 and bf16, masks, odd lengths; exits on failure);
+--kernels first times each kernel (and each tile shape of _source.TC_VARIANTS) alone with CUDA events.
 
 step: one training step of a GPT-2-small-sized model (12 layers, d_model 768, 12 heads, vocab 50257, tied
 embeddings: 124M parameters) in bf16 mixed precision: refimpl (`refimpl train`'s engine, stage 0, backend cupy,
@@ -51,12 +54,152 @@ def cuda_time(fn, reps, warmup, sync):
     return float(np.median(out))
 
 
+def _lowp(a, dtype):
+    import ml_dtypes
+    return a.astype(ml_dtypes.bfloat16 if dtype == "bf16" else np.float16)
+
+
+def check_attention(be):
+    """The tensor-core kernels (every compiled tile shape) against the plain path in fp32 on the same rounded
+    inputs, with the spec tests' bf16/fp16 tolerance (rtol of the dtype, atol 1.5e-5 of the result's scale):
+    prints the worst |error| / tolerance per output (<= 1 passes). A bug detector, not the spec suite."""
+    from refimpl_cupy import _runtime as rt
+    from refimpl_cupy import _source
+    from refimpl_cupy import attention as A
+    cases = [  # B, H, Tq, Tk, D, Dv, causal, padding mask
+        (2, 3, 300, 300, 64, 64, True, True), (2, 3, 257, 300, 128, 128, True, False),
+        (2, 3, 300, 257, 128, 128, True, False), (1, 2, 1000, 1000, 64, 64, False, False),
+        (1, 2, 1000, 1000, 128, 128, True, False), (2, 2, 130, 130, 40, 40, True, True),
+        (2, 2, 200, 200, 128, 96, False, True), (1, 1, 64, 64, 64, 64, False, False),
+        (1, 1, 3, 70, 16, 16, True, False), (1, 2, 700, 700, 64, 64, True, False)]
+    worst, lines = 0.0, []
+    for ci, (B, H, Tq, Tk, D, Dv, causal, masked) in enumerate(cases):
+        rng = np.random.default_rng(ci)
+        maxd = 64 if max(D, Dv) <= 64 else 128
+        host = [rng.standard_normal(s, dtype=np.float32) for s in ((B, H, Tq, D), (B, H, Tk, D), (B, H, Tk, Dv),
+                                                                  (B, H, Tq, Dv))]
+        mask = be.asarray(rng.random((B, Tk)) < 0.2) if masked else None
+        kw = dict(causal=causal, key_padding_mask=mask)
+        runs = [("fp16", None)] + [("bf16", None)] + [
+            ("bf16", {k: v}) for k, vs in _source.TC_VARIANTS[maxd].items() for v in vs]
+        for dtype, tiles in runs:
+            low = [_lowp(h, dtype) for h in host]
+            q, k, v, do = (be.asarray(a) for a in low)
+            q32, k32, v32, do32 = (be.asarray(a.astype(np.float32)) for a in low)
+            rtol = 1.6e-2 if dtype == "bf16" else 2.0e-3
+            out_r, lse_r = A.attention(q32, k32, v32, **kw)
+            out_t, lse_t = A.attention(q, k, v, block_size=64, tiles=tiles, **kw)
+            o_low = rt.cast(out_r, q.dtype)
+            g_r = A.attention_backward(do32, q32, k32, v32, rt.up(o_low), lse_r, **kw)
+            g_t = A.attention_backward(do, q, k, v, o_low, lse_r, block_size=64, tiles=tiles, **kw)
+            ratios = {}
+            for name, got, exp, sc in [("out", out_t, out_r, 1.0)] + [
+                    (n, a, b, 4.0) for n, a, b in zip(("dq", "dk", "dv"), g_t, g_r)]:
+                e = be.to_numpy(exp).astype(np.float64)
+                a = be.to_numpy(got).astype(np.float64)
+                scale = sc * max(float(np.abs(e).max()), 1e-30)
+                ratios[name] = float((np.abs(a - e) / (rtol * np.abs(e) + 1.5e-5 * scale)).max())
+            le, lt = be.to_numpy(lse_r).astype(np.float64), be.to_numpy(lse_t).astype(np.float64)
+            fin = np.isfinite(le)
+            same_inf = bool(np.array_equal(np.isfinite(lt), fin))
+            ratios["lse"] = float(np.abs(lt[fin] - le[fin]).max() / (1.5e-5 * 10)) if fin.any() else 0.0
+            if not same_inf:
+                ratios["lse"] = float("inf")
+            bad = max(ratios.values())
+            worst = max(worst, bad if np.isfinite(bad) else 1e9)
+            lines.append(f"check {(B, H, Tq, Tk, D, Dv)} causal={causal} mask={masked} {dtype} tiles={tiles}: "
+                         + " ".join(f"{n}={r:.2f}" for n, r in ratios.items()) + ("" if bad <= 1 else "  FAIL"))
+            print(lines[-1], flush=True)
+    print(f"check: worst error / tolerance {worst:.3f} ({'pass' if worst <= 1 else 'FAIL'})", flush=True)
+    return worst
+
+
+def kernel_ms(fn, reps):
+    """Median milliseconds of each kernel fn launches through launch_shared (CUDA events around each)."""
+    import cupy as cp
+    from refimpl_cupy import _runtime as rt
+    orig, rec = rt.launch_shared, []
+
+    def timed(name, grid, block, args, shared_bytes):
+        a, b = cp.cuda.Event(), cp.cuda.Event()
+        a.record()
+        orig(name, grid, block, args, shared_bytes)
+        b.record()
+        rec.append((name.split("<")[0], a, b))
+    rt.launch_shared = timed
+    try:
+        fn()
+        cp.cuda.Device().synchronize()
+        rec.clear()
+        for _ in range(reps):
+            fn()
+        cp.cuda.Device().synchronize()
+    finally:
+        rt.launch_shared = orig
+    per = {}
+    for name, a, b in rec:
+        per.setdefault(name, []).append(cp.cuda.get_elapsed_time(a, b))
+    return {n: float(np.median(v)) for n, v in per.items()}
+
+
+def kernels_attention(be, args):
+    """Per-kernel ms of every compiled tile shape, bf16 causal, at the benchmark's shapes, and TFLOP/s of the
+    products each kernel does (causal halves; hi + lo operands counted once): forward 2 (S, PV), dK/dV 4
+    (S, dP, dV, dK), dQ 3 (S, dP, dQ) products of B H T^2 D multiply-adds. The fwd+bwd line is by
+    FlashAttention's convention (3.5x the forward), as the comparison table."""
+    import ml_dtypes
+    from refimpl_cupy import _source
+    from refimpl_cupy import attention as A
+    lines = ["| D | T | kernel | tiles (m-tiles/warp, tile) | ms | TFLOP/s of its products |",
+             "|---|---|---|---|---|---|"]
+
+    def add(line):
+        lines.append(line)
+        print(line, flush=True)
+    for D in args.dims:
+        for T in args.seqs:
+            B, H = max(1, 16384 // T), 2048 // D
+            rng = np.random.default_rng(0)
+            q, k, v, do = (be.asarray(rng.standard_normal((B, H, T, D), dtype=np.float32)
+                                      .astype(ml_dtypes.bfloat16)) for _ in range(4))
+            fwd = 4 * B * H * T * T * D / 2
+            state = {}
+
+            def f(tiles=None):
+                state["o"], state["l"] = A.attention(q, k, v, causal=True, block_size=64, tiles=tiles)
+
+            def bwd(tiles=None):
+                A.attention_backward(do, q, k, v, state["o"], state["l"], causal=True, block_size=64, tiles=tiles)
+            f()
+            main = _source.TC_TILES[D]
+            ms = {**kernel_ms(f, args.reps), **kernel_ms(bwd, args.reps)}
+            flops = {"flash_fwd_tc": fwd, "flash_bwd_dkdv_tc": 2.0 * fwd, "flash_bwd_dq_tc": 1.5 * fwd}
+            for name, m in ms.items():
+                tf = f"{flops[name] / m / 1e9:.0f}" if name in flops else "-"
+                add(f"| {D} | {T} | {name} | {main.get(name, '-')} | {m:.3f} | {tf} |")
+            tot = sum(ms.values())
+            add(f"| {D} | {T} | fwd+bwd kernels | main | {tot:.3f} | {3.5 * fwd / tot / 1e9:.0f} |")
+            for name, variants in _source.TC_VARIANTS[D].items():
+                for tiles in variants:
+                    fn = f if name == "flash_fwd_tc" else bwd
+                    m = kernel_ms(lambda: fn({name: tiles}), args.reps)[name]  # noqa: B023 (called here)
+                    add(f"| {D} | {T} | {name} | {tiles} | {m:.3f} | {flops[name] / m / 1e9:.0f} |")
+    return lines
+
+
 def bench_attention(args):
     import ml_dtypes
     import torch
     F = torch.nn.functional
     be = get_backend("cupy")
     cp = be.xp
+    if args.check and check_attention(be) > 1:
+        sys.exit("attention check failed")
+    if args.kernels:
+        emit(kernels_attention(be, args), f"{torch.cuda.get_device_name()}; bf16, causal; per kernel, CUDA events, "
+             f"median of {args.reps}", __file__, None)
+    if args.no_compare:
+        return
     lines = ["| head dim | seq | batch x heads | torch fwd TFLOP/s | refimpl fwd TFLOP/s | torch fwd+bwd TFLOP/s "
              "| refimpl fwd+bwd TFLOP/s | refimpl / torch (fwd+bwd) |", "|---|---|---|---|---|---|---|---|"]
     for D in args.dims:
@@ -172,6 +315,89 @@ def bench_step(args):
     emit(lines, f"{torch.cuda.get_device_name()}; {n / 1e6:.0f}M parameters (12 x 768, vocab 50257, tied), "
                 f"{args.batch} x {args.seq} tokens, bf16 mixed precision; {args.steps} timed steps after 2, "
                 f"interleaved; torch {torch.__version__}", __file__, args.out)
+    if args.profile:
+        emit(profile_step(be, lambda: refimpl_step(batches[0]), 3), "refimpl (cupy) step by backend op: CUDA "
+             "events around each call, summed per step (median of 3 steps); 'other' = the rest of the step's time "
+             "(array code outside the backend's kernels, host waits)", __file__, None)
+
+
+#: the backend's kernel entry points (refimpl/backend.py) that profile_step times
+_OPS = ("matmul", "softmax", "softmax_backward", "layernorm", "layernorm_backward", "gelu", "gelu_backward",
+        "embedding", "embedding_backward", "cross_entropy", "cross_entropy_backward", "attention",
+        "attention_backward", "adam_step", "sum_squares", "has_inf_or_nan", "cast")
+
+
+def profile_step(be, step, reps):
+    """ms per step in each backend op (CUDA events around every call of be's methods) and in the rest."""
+    import time
+
+    import cupy as cp
+    rec, saved = [], {}
+
+    def timed(name, fn):
+        def call(*a, **kw):
+            s, e = cp.cuda.Event(), cp.cuda.Event()
+            s.record()
+            out = fn(*a, **kw)
+            e.record()
+            rec.append((name, s, e))
+            if name == "matmul":  # and by shape: (a, b, transpose_a, transpose_b)
+                rec.append(((tuple(a[0].shape), tuple(a[1].shape), bool(kw.get("transpose_a", a[2:3] and a[2])),
+                             bool(kw.get("transpose_b", a[3:4] and a[3]))), s, e))
+            return out
+        return call
+    for name in _OPS:
+        saved[name] = getattr(be, name)
+        setattr(be, name, timed(name, saved[name]))
+    per_step = []
+    try:
+        for _ in range(reps):
+            rec.clear()
+            be.synchronize()
+            t0 = time.perf_counter()
+            step()
+            be.synchronize()
+            wall = (time.perf_counter() - t0) * 1e3
+            ops = {}
+            for name, s, e in rec:
+                c, m = ops.get(name, (0, 0.0))
+                ops[name] = (c + 1, m + cp.cuda.get_elapsed_time(s, e))
+            per_step.append((wall, ops))
+    finally:
+        for name, fn in saved.items():
+            setattr(be, name, fn)
+    wall = float(np.median([w for w, _ in per_step]))
+    names = sorted(per_step[0][1], key=lambda n: -per_step[0][1][n][1])
+    lines = ["| op | calls per step | ms per step | share |", "|---|---|---|---|"]
+    total = 0.0
+    for n in [n for n in names if isinstance(n, str)]:
+        m = float(np.median([ops.get(n, (0, 0.0))[1] for _, ops in per_step]))
+        total += m
+        lines.append(f"| {n} | {per_step[0][1][n][0]} | {m:.2f} | {m / wall:.0%} |")
+    lines.append(f"| other | - | {wall - total:.2f} | {(wall - total) / wall:.0%} |")
+    lines.append(f"| step (wall) | - | {wall:.2f} | 100% |")
+    shapes = [n for n in names if not isinstance(n, str)][:8]
+    if shapes:
+        import torch
+        lines += ["", "| matmul (a, b, transpose_a, transpose_b) | calls | ms per step | TFLOP/s | torch.matmul "
+                  "TFLOP/s, same shapes |", "|---|---|---|---|---|"]
+        for n in shapes:
+            (sa, sb, ta, tb), (c, m) = n, per_step[0][1][n]
+            M, K = (sa[-1], sa[-2]) if ta else (sa[-2], sa[-1])
+            N = sb[-2] if tb else sb[-1]
+            flops = 2 * int(np.prod(sa[:-2], dtype=np.int64)) * M * N * K * c
+            ta_, tb_ = (torch.randn(x, device="cuda", dtype=torch.bfloat16) for x in (sa, sb))
+            x, y = ta_.mT if ta else ta_, tb_.mT if tb else tb_
+            torch.matmul(x, y)
+            t0, t1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            t0.record()
+            for _ in range(20):  # back to back: the GEMMs' time, not the launch gaps
+                torch.matmul(x, y)
+            t1.record()
+            torch.cuda.synchronize()
+            tm = t0.elapsed_time(t1) / 20 * c
+            lines.append(f"| {sa} {sb} {ta} {tb} | {c} | {m:.2f} | {flops / m / 1e9:.0f} | {flops / tm / 1e9:.0f} |")
+    return lines
 
 
 def bench_nvme(args):
@@ -240,11 +466,15 @@ def main():
     a.add_argument("--seqs", type=int, nargs="+", default=[1024, 2048, 4096, 8192])
     a.add_argument("--dims", type=int, nargs="+", default=[64, 128])
     a.add_argument("--reps", type=int, default=10)
+    a.add_argument("--check", action="store_true", help="first check every tile shape against the fp32 path")
+    a.add_argument("--kernels", action="store_true", help="first time each kernel and tile shape alone")
+    a.add_argument("--no-compare", action="store_true", help="skip the comparison with torch SDPA")
     a.add_argument("--out")
     s = sub.add_parser("step")
     s.add_argument("--batch", type=int, default=8)
     s.add_argument("--seq", type=int, default=1024)
     s.add_argument("--steps", type=int, default=10)
+    s.add_argument("--profile", action="store_true", help="then time refimpl's step by backend op")
     s.add_argument("--out")
     v = sub.add_parser("nvme")
     v.add_argument("--gib", type=float, default=4.0)

@@ -4,6 +4,8 @@ Algorithms 1 and 2), appended to the kernels of _source.py in the same NVRTC mod
 - flash_fwd / flash_bwd_*: CUDA cores, every storage type (float64/float32 inputs, and the readable version).
 - flash_*_tc: tensor cores (mma.sync.m16n8k16, fp32 accumulation) for float16/bfloat16 at head dims 64 and 128.
   P and dS enter their products as hi + lo 16-bit pairs, so the results stay within the fp32 tolerance table.
+  Tiles are double-buffered through cp.async; tile shapes are template arguments (_source.TC_TILES);
+  benchmarks/ATTENTION_NOTES.md has the measurements behind them.
 """
 
 SOURCE = r"""
@@ -253,13 +255,16 @@ __global__ void flash_bwd_dq(const T* q, const T* k, const T* v, const T* dout, 
 // pair hi + lo (hi = round(x), lo = round(x - hi)), which keeps ~16 (bf16) / ~22 (fp16) bits of the fp32
 // value: rounding them once to the input dtype would be the low-precision accumulation the tolerance table
 // rejects. fp16's P is scaled by 2^15 (P <= 1) so that lo stays a normal number; accumulators are unscaled
-// at the end. Tiles: MAXD (64 or 128) head-dim columns, zero past D, rows strided MAXD + 8 halves (16 bytes
-// of padding: ldmatrix's eight row addresses then fall in distinct banks). 4 warps, 16 rows of 16 each.
-#define TC_BQ 64    // forward, dQ: queries per block (16 per warp)
-#define TC_BK 64    // forward: keys per tile
-#define TC_BKQ 32   // dQ: keys per tile
-#define TC_BKK 64   // dK/dV: keys per block (16 per warp)
-#define TC_BQK 32   // dK/dV: queries per tile
+// at the end. Scores are kept in log2 units (scale log2(e) folded in once) so every exponential is one exp2.
+//
+// Tiles: MAXD (64 or 128) head-dim columns, zero past D, rows strided MAXD + 8 halves (16 bytes of padding:
+// ldmatrix's eight row addresses then fall in distinct banks). 4 warps; a warp owns WM (forward, dQ) or WN
+// (dK/dV) m-tiles of 16 consecutive rows, so each B fragment read from shared memory feeds WM products.
+// The tiles the loop walks are double-buffered: cp.async fetches tile j + 1 while tile j is computed.
+// Masks are applied only on tiles that need them (a causal diagonal, a sequence end, key padding).
+#define TC_NW 4
+#define TC_LOG2E 1.4426950408889634f
+#define TC_LN2 0.6931471805599453f
 
 __device__ __forceinline__ unsigned smem_u32(const void* p) {
     unsigned r;
@@ -302,10 +307,11 @@ __device__ __forceinline__ void mma16816(float* c, const unsigned* a, unsigned b
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 // c += (hi + lo) b: the fp32 operand's two halves
-__device__ __forceinline__ void mma_pair(float* c, const unsigned* hi, const unsigned* lo, unsigned b0, unsigned b1,
-                                         bf16_t t) { mma16816(c, hi, b0, b1, t); mma16816(c, lo, b0, b1, t); }
-__device__ __forceinline__ void mma_pair(float* c, const unsigned* hi, const unsigned* lo, unsigned b0, unsigned b1,
-                                         f16_t t) { mma16816(c, hi, b0, b1, t); mma16816(c, lo, b0, b1, t); }
+template <typename T> __device__ __forceinline__ void mma_pair(float* c, const unsigned* hi, const unsigned* lo,
+                                                              unsigned b0, unsigned b1) {
+    mma16816(c, hi, b0, b1, T());
+    mma16816(c, lo, b0, b1, T());
+}
 
 // (x0, x1) -> packed pair, x0 in the low half (the lower column of a fragment)
 __device__ __forceinline__ unsigned pack2(float x0, float x1, bf16_t) {
@@ -341,301 +347,541 @@ __device__ __forceinline__ float quad_sum(float x) {
     return x + __shfl_xor_sync(0xffffffffu, x, 2);
 }
 
-// dst[r * (MAXD + 8) + c] = src[(row0 + r) * D + c] for c < D and row0 + r < nvalid, else 0 (c < MAXD)
-template <typename T, int MAXD>
-__device__ __forceinline__ void tc_load(u16* dst, const T* src, int row0, int nrows, int nvalid, int D) {
-    const int LD = MAXD + 8;
+// Asynchronous copies global -> shared (sm_80+): src_size 0 fills the destination with zeros
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool ok) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" :: "r"(smem_u32(dst)), "l"(src), "r"(ok ? 16 : 0)
+                 : "memory");
+}
+__device__ __forceinline__ void cp_async4(void* dst, const void* src, bool ok) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" :: "r"(smem_u32(dst)), "l"(src), "r"(ok ? 4 : 0)
+                 : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+// wait until at most N of this thread's most recent groups are still in flight
+template <int N> __device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;" :: "n"(N) : "memory");
+}
+// 16-byte copies need every row to start on 16 bytes: head dims a multiple of 8, bases aligned
+__device__ __forceinline__ bool tc_vec(int D, int Dv, const void* a, const void* b, const void* c, const void* d) {
+    const unsigned long long m = (unsigned long long)a | (unsigned long long)b | (unsigned long long)c |
+                                 (unsigned long long)d;
+    return ((D | Dv) & 7) == 0 && (m & 15) == 0;
+}
+
+// dst[r * (MAXD + 8) + c] = src[(row0 + r) * D + c] for c < D and row0 + r < nvalid, else 0 (c < MAXD, r < NROWS):
+// by cp.async when vec (complete at the matching cp_async_wait), else by plain loads and stores. A thread copies
+// one 16-byte column chunk of every RPI-th row, so its addresses are one base plus multiples of RPI rows.
+template <typename T, int MAXD, int NROWS>
+__device__ __forceinline__ void tc_load(u16* dst, const T* src, int row0, int nvalid, int D, bool vec) {
+    constexpr int LD = MAXD + 8, CPR = MAXD / 8, RPI = TC_NW * 32 / CPR;  // chunks per row, rows per pass
     const u16* s = (const u16*)src;
-    if ((D & 7) == 0 && (((unsigned long long)s) & 15) == 0) {  // 16-byte vectors
-        const int CPR = MAXD / 8;
-        for (int idx = threadIdx.x; idx < nrows * CPR; idx += blockDim.x) {
-            const int r = idx / CPR, c = (idx - r * CPR) * 8, gr = row0 + r;
-            uint4 val = make_uint4(0u, 0u, 0u, 0u);
-            if (gr < nvalid && c < D) val = *(const uint4*)(s + (i64)gr * D + c);
-            *(uint4*)(dst + r * LD + c) = val;
+    if (vec) {
+        const int r0 = threadIdx.x / CPR, c = (threadIdx.x % CPR) * 8;
+        const u16* p = s + (i64)(row0 + r0) * D + c;
+        u16* d = dst + r0 * LD + c;
+        _Pragma("unroll") for (int j = 0; j < NROWS / RPI; ++j) {
+            const bool ok = c < D && row0 + r0 + j * RPI < nvalid;
+            cp_async16(d + j * RPI * LD, ok ? p + j * RPI * D : s, ok);
         }
     } else {
-        for (int idx = threadIdx.x; idx < nrows * MAXD; idx += blockDim.x) {
+        for (int idx = threadIdx.x; idx < NROWS * MAXD; idx += TC_NW * 32) {
             const int r = idx / MAXD, c = idx - r * MAXD, gr = row0 + r;
             dst[r * LD + c] = (gr < nvalid && c < D) ? s[(i64)gr * D + c] : (u16)0;
         }
     }
 }
 
-template <typename T, int MAXD>
+__device__ __forceinline__ unsigned tobits(float x, bf16_t) { return f2b(x); }
+__device__ __forceinline__ unsigned tobits(float x, f16_t) { return f2h(x); }
+// p[0] = x0 and, when both, p[1] = x1: one 4-byte store where the pair is aligned
+template <typename T> __device__ __forceinline__ void put2(T* p, float x0, float x1, bool both) {
+    if (both && (((unsigned long long)p) & 3) == 0) {
+        *(unsigned*)p = tobits(x0, T()) | (tobits(x1, T()) << 16);
+    } else {
+        put(p, 0, x0);
+        if (both) put(p, 1, x1);
+    }
+}
+
+// Forward. Block: BQ = 64 WM queries (warp w: rows w 16 WM ..), key tiles of BK, double-buffered.
+// Q's A fragments stay in registers when they fit (MAXD WM <= 128), else are re-read from shared memory.
+template <typename T, int MAXD, int WM, int BK>
 __global__ void __launch_bounds__(128) flash_fwd_tc(const T* q, const T* k, const T* v, T* out, float* lse,
                                                     const unsigned char* kpm, int has_mask, int causal, int H,
                                                     int Tq, int Tk, int D, int Dv, float scale) {
-    constexpr int LD = MAXD + 8, NKD = MAXD / 16, NT = MAXD / 8, NS = TC_BK / 8;
+    constexpr int LD = MAXD + 8, NKD = MAXD / 16, NT = MAXD / 8, NS = BK / 8, BQ = 16 * WM * TC_NW;
+    constexpr bool QREG = MAXD * WM <= 128;
     extern __shared__ __align__(16) unsigned char smem_raw[];
-    u16* sQ = (u16*)smem_raw;                                  // TC_BQ x LD
-    u16* sK = sQ + TC_BQ * LD;                                 // TC_BK x LD
-    u16* sV = sK + TC_BK * LD;                                 // TC_BK x LD
-    unsigned char* sM = (unsigned char*)(sV + TC_BK * LD);     // TC_BK: key exists and is not padding
-    const int bh = blockIdx.y, b = bh / H, q0 = blockIdx.x * TC_BQ, shift = Tk - Tq;
-    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, t = lane & 3;
-    const int qa = q0 + w * 16 + (lane >> 2), qb = qa + 8;    // this thread's two rows
+    u16* sQ = (u16*)smem_raw;                                  // BQ x LD
+    u16* sK = sQ + BQ * LD;                                    // 2 stages x BK x LD
+    u16* sV = sK + 2 * BK * LD;                                // 2 stages x BK x LD
+    unsigned char* sM = (unsigned char*)(sV + 2 * BK * LD);    // 2 stages x BK: key is not padding
+    const int bh = blockIdx.y, b = bh / H, shift = Tk - Tq;
+    const int q0 = (gridDim.x - 1 - blockIdx.x) * BQ;         // causal: the longest blocks start first
+    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, t = lane & 3, g = lane >> 2;
+    const int wr = w * 16 * WM, wq0 = q0 + wr;                // the warp's first row in the tile / sequence
+    const int wlast = min(wq0 + 16 * WM - 1, Tq - 1);
     const T* kb = k + (i64)bh * Tk * D;
     const T* vb = v + (i64)bh * Tk * Dv;
-    tc_load<T, MAXD>(sQ, q + (i64)bh * Tq * D, q0, TC_BQ, Tq, D);
-    __syncthreads();
-    unsigned qf[NKD][4];
-    _Pragma("unroll") for (int kc = 0; kc < NKD; ++kc) frag_a(qf[kc], sQ, LD, w * 16, kc * 16);
-    float acc[NT][4];
-    _Pragma("unroll") for (int n = 0; n < NT; ++n) { acc[n][0] = 0.f; acc[n][1] = 0.f; acc[n][2] = 0.f; acc[n][3] = 0.f; }
-    float m_a = neg_inf<float>(), m_b = neg_inf<float>(), l_a = 0.f, l_b = 0.f;  // l: this lane's columns
-    const float ps = pscale(T());
-    const int q1 = min(q0 + TC_BQ, Tq), wlast = min(q0 + w * 16 + 15, Tq - 1);
-    const int kend = causal ? min(Tk, (q1 - 1) + shift + 1) : Tk;
-    for (int k0 = 0; k0 < kend; k0 += TC_BK) {
-        __syncthreads();  // everyone is done with the previous tile
-        tc_load<T, MAXD>(sK, kb, k0, TC_BK, Tk, D);
-        tc_load<T, MAXD>(sV, vb, k0, TC_BK, Tk, Dv);
-        if (threadIdx.x < TC_BK) {
+    const bool vec = tc_vec(D, Dv, q, k, v, out);
+    const int kend = causal ? min(Tk, min(q0 + BQ, Tq) + shift) : Tk;  // keys past the last row's diagonal
+    const int ntiles = kend > 0 ? (kend + BK - 1) / BK : 0;
+    auto load_kv = [&](int tile, int st) {
+        const int k0 = tile * BK;
+        tc_load<T, MAXD, BK>(sK + st * BK * LD, kb, k0, Tk, D, vec);
+        tc_load<T, MAXD, BK>(sV + st * BK * LD, vb, k0, Tk, Dv, vec);
+        if (has_mask && threadIdx.x < BK) {
             const int kj = k0 + threadIdx.x;
-            sM[threadIdx.x] = kj < Tk && !(has_mask && kpm[(i64)b * Tk + kj]);
+            sM[st * BK + threadIdx.x] = kj < Tk && !kpm[(i64)b * Tk + kj];
         }
+    };
+    tc_load<T, MAXD, BQ>(sQ, q + (i64)bh * Tq * D, q0, Tq, D, vec);
+    cp_async_commit();
+    if (ntiles > 0) load_kv(0, 0);
+    cp_async_commit();
+    unsigned qf[QREG ? WM : 1][QREG ? NKD : 1][4];
+    if constexpr (QREG) {
+        cp_async_wait<1>();
         __syncthreads();
-        if (q0 + w * 16 >= Tq || (causal && k0 > wlast + shift)) continue;  // nothing visible to this warp
-        float s[NS][4];
-        _Pragma("unroll") for (int n = 0; n < NS; ++n) { s[n][0] = 0.f; s[n][1] = 0.f; s[n][2] = 0.f; s[n][3] = 0.f; }
-        _Pragma("unroll") for (int kc = 0; kc < NKD; ++kc)
-            _Pragma("unroll") for (int np = 0; np < NS / 2; ++np) {
-                unsigned bf[4];
-                frag_b_rows(bf, sK, LD, np * 16, kc * 16);
-                mma16816(s[2 * np], qf[kc], bf[0], bf[1], T());
-                mma16816(s[2 * np + 1], qf[kc], bf[2], bf[3], T());
+        _Pragma("unroll") for (int i = 0; i < WM; ++i)
+            _Pragma("unroll") for (int kc = 0; kc < NKD; ++kc) frag_a(qf[i][kc], sQ, LD, wr + 16 * i, kc * 16);
+    }
+    float acc[WM][NT][4], m2[WM][2], l[WM][2];  // m2: running row max in log2 units; l: this lane's columns
+    _Pragma("unroll") for (int i = 0; i < WM; ++i) {
+        _Pragma("unroll") for (int n = 0; n < NT; ++n) { acc[i][n][0] = 0.f; acc[i][n][1] = 0.f; acc[i][n][2] = 0.f; acc[i][n][3] = 0.f; }
+        m2[i][0] = m2[i][1] = neg_inf<float>();
+        l[i][0] = l[i][1] = 0.f;
+    }
+    const float sl2 = scale * TC_LOG2E, ps = pscale(T());
+    for (int it = 0; it < ntiles; ++it) {
+        const int k0 = it * BK, st = it & 1;
+        if (it + 1 < ntiles) load_kv(it + 1, st ^ 1);
+        cp_async_commit();
+        cp_async_wait<1>();  // tile it (and Q) have landed
+        __syncthreads();
+        const u16* cK = sK + st * BK * LD;
+        const u16* cV = sV + st * BK * LD;
+        const unsigned char* cM = sM + st * BK;
+        if (wq0 < Tq && !(causal && k0 > wlast + shift)) {  // some key of the tile is visible to the warp
+            float s[WM][NS][4];
+            _Pragma("unroll") for (int i = 0; i < WM; ++i)
+                _Pragma("unroll") for (int n = 0; n < NS; ++n) { s[i][n][0] = 0.f; s[i][n][1] = 0.f; s[i][n][2] = 0.f; s[i][n][3] = 0.f; }
+            _Pragma("unroll") for (int kc = 0; kc < NKD; ++kc) {
+                unsigned a[WM][4];
+                _Pragma("unroll") for (int i = 0; i < WM; ++i) {
+                    if constexpr (QREG) {
+                        a[i][0] = qf[i][kc][0]; a[i][1] = qf[i][kc][1]; a[i][2] = qf[i][kc][2]; a[i][3] = qf[i][kc][3];
+                    } else {
+                        frag_a(a[i], sQ, LD, wr + 16 * i, kc * 16);
+                    }
+                }
+                _Pragma("unroll") for (int np = 0; np < NS / 2; ++np) {
+                    unsigned bf[4];
+                    frag_b_rows(bf, cK, LD, np * 16, kc * 16);
+                    _Pragma("unroll") for (int i = 0; i < WM; ++i) {
+                        mma16816(s[i][2 * np], a[i], bf[0], bf[1], T());
+                        mma16816(s[i][2 * np + 1], a[i], bf[2], bf[3], T());
+                    }
+                }
             }
-        float mx_a = neg_inf<float>(), mx_b = neg_inf<float>();
-        _Pragma("unroll") for (int n = 0; n < NS; ++n)
-            _Pragma("unroll") for (int e = 0; e < 4; ++e) {
-                const int jl = n * 8 + 2 * t + (e & 1), kj = k0 + jl, qi = e < 2 ? qa : qb;
-                const bool ok = sM[jl] && qi < Tq && (!causal || kj <= qi + shift);
-                const float x = ok ? scale * s[n][e] : neg_inf<float>();
-                s[n][e] = x;
-                if (e < 2) mx_a = fmaxf(mx_a, x); else mx_b = fmaxf(mx_b, x);
-            }
-        const float mn_a = fmaxf(m_a, quad_max(mx_a)), mn_b = fmaxf(m_b, quad_max(mx_b));
-        const float ms_a = isfinite(mn_a) ? mn_a : 0.f, ms_b = isfinite(mn_b) ? mn_b : 0.f;  // no key yet: 0
-        const float al_a = expf(m_a - ms_a), al_b = expf(m_b - ms_b);                      // 0 while m = -inf
-        m_a = mn_a; m_b = mn_b;
-        l_a *= al_a; l_b *= al_b;
-        _Pragma("unroll") for (int n = 0; n < NT; ++n) { acc[n][0] *= al_a; acc[n][1] *= al_a; acc[n][2] *= al_b; acc[n][3] *= al_b; }
-        _Pragma("unroll") for (int n = 0; n < NS; ++n)
-            _Pragma("unroll") for (int e = 0; e < 4; ++e) {
-                const float p = expf(s[n][e] - (e < 2 ? ms_a : ms_b));  // masked: exp(-inf) = 0
-                s[n][e] = p;
-                if (e < 2) l_a += p; else l_b += p;
-            }
-        _Pragma("unroll") for (int kc = 0; kc < TC_BK / 16; ++kc) {
-            unsigned ph[4], pl[4];
-            acc_to_a<T>(s, 2 * kc, ps, ph, pl);
-            _Pragma("unroll") for (int dp = 0; dp < NKD; ++dp) {
-                unsigned bf[4];
-                frag_b_cols(bf, sV, LD, kc * 16, dp * 16);
-                mma_pair(acc[2 * dp], ph, pl, bf[0], bf[1], T());
-                mma_pair(acc[2 * dp + 1], ph, pl, bf[2], bf[3], T());
+            // log2-unit scores; -inf where invisible, on the tiles that have such keys
+            const bool edge = has_mask || k0 + BK > Tk || (causal && k0 + BK - 1 > wq0 + shift);
+            _Pragma("unroll") for (int i = 0; i < WM; ++i)
+                _Pragma("unroll") for (int n = 0; n < NS; ++n)
+                    _Pragma("unroll") for (int e = 0; e < 4; ++e) {
+                        float x = s[i][n][e] * sl2;
+                        if (edge) {
+                            const int jl = n * 8 + 2 * t + (e & 1), kj = k0 + jl, qi = wq0 + 16 * i + g + 8 * (e >> 1);
+                            if (kj >= Tk || (has_mask && !cM[jl]) || (causal && kj > qi + shift)) x = neg_inf<float>();
+                        }
+                        s[i][n][e] = x;
+                    }
+            // online softmax per row (h: the thread's rows g and g + 8 of m-tile i)
+            float al[WM][2];
+            bool moved = false;
+            _Pragma("unroll") for (int i = 0; i < WM; ++i)
+                _Pragma("unroll") for (int h = 0; h < 2; ++h) {
+                    float mx = neg_inf<float>();
+                    _Pragma("unroll") for (int n = 0; n < NS; ++n) mx = fmaxf(mx, fmaxf(s[i][n][2 * h], s[i][n][2 * h + 1]));
+                    const float mn = fmaxf(m2[i][h], quad_max(mx));
+                    const float ms = isfinite(mn) ? mn : 0.f;  // no visible key yet: shift by 0, exp2(-inf) = 0
+                    al[i][h] = exp2f(m2[i][h] - ms);           // 0 while m was -inf
+                    moved |= al[i][h] != 1.f;
+                    m2[i][h] = mn;
+                    float rs = 0.f;
+                    _Pragma("unroll") for (int n = 0; n < NS; ++n)
+                        _Pragma("unroll") for (int e = 2 * h; e < 2 * h + 2; ++e) {
+                            const float p = exp2f(s[i][n][e] - ms);
+                            s[i][n][e] = p;
+                            rs += p;
+                        }
+                    l[i][h] = l[i][h] * al[i][h] + rs;
+                }
+            if (__any_sync(0xffffffffu, moved))  // rescale O only when some row's max moved (rarer as keys pass)
+                _Pragma("unroll") for (int i = 0; i < WM; ++i)
+                    _Pragma("unroll") for (int n = 0; n < NT; ++n) {
+                        acc[i][n][0] *= al[i][0]; acc[i][n][1] *= al[i][0];
+                        acc[i][n][2] *= al[i][1]; acc[i][n][3] *= al[i][1];
+                    }
+            // O += P V, P as hi + lo
+            _Pragma("unroll") for (int kc = 0; kc < BK / 16; ++kc) {
+                unsigned ph[WM][4], pl[WM][4];
+                _Pragma("unroll") for (int i = 0; i < WM; ++i) acc_to_a<T>(s[i], 2 * kc, ps, ph[i], pl[i]);
+                _Pragma("unroll") for (int dp = 0; dp < NKD; ++dp) {
+                    unsigned bf[4];
+                    frag_b_cols(bf, cV, LD, kc * 16, dp * 16);
+                    _Pragma("unroll") for (int i = 0; i < WM; ++i) {
+                        mma_pair<T>(acc[i][2 * dp], ph[i], pl[i], bf[0], bf[1]);
+                        mma_pair<T>(acc[i][2 * dp + 1], ph[i], pl[i], bf[2], bf[3]);
+                    }
+                }
             }
         }
+        __syncthreads();  // stage st is free for tile it + 2
     }
-    l_a = quad_sum(l_a); l_b = quad_sum(l_b);
+    cp_async_wait<0>();  // no copy outlives the block (with no tile at all, Q's)
     const float inv = 1.f / ps;
-    _Pragma("unroll") for (int h = 0; h < 2; ++h) {
-        const int qi = h ? qb : qa;
-        const float l = h ? l_b : l_a, m = h ? m_b : m_a;
-        if (qi >= Tq) continue;
-        const bool has = l > 0.f;
-        const float ls = has ? l : 1.f;
-        _Pragma("unroll") for (int n = 0; n < NT; ++n)
-            _Pragma("unroll") for (int e = 0; e < 2; ++e) {
-                const int d = n * 8 + 2 * t + e;
-                if (d < Dv) put(out, ((i64)bh * Tq + qi) * Dv + d, acc[n][2 * h + e] * inv / ls);
+    _Pragma("unroll") for (int i = 0; i < WM; ++i)
+        _Pragma("unroll") for (int h = 0; h < 2; ++h) {
+            const float lsum = quad_sum(l[i][h]);  // every lane: a shuffle
+            const int qi = wq0 + 16 * i + g + 8 * h;
+            if (qi >= Tq) continue;
+            const bool has = lsum > 0.f;
+            const float f = inv / (has ? lsum : 1.f);
+            T* orow = out + ((i64)bh * Tq + qi) * Dv;
+            _Pragma("unroll") for (int n = 0; n < NT; ++n) {
+                const int d = n * 8 + 2 * t;
+                if (d < Dv) put2(orow + d, acc[i][n][2 * h] * f, acc[i][n][2 * h + 1] * f, d + 1 < Dv);
             }
-        if (t == 0) lse[(i64)bh * Tq + qi] = has ? m + logf(ls) : neg_inf<float>();
+            if (t == 0) lse[(i64)bh * Tq + qi] = has ? m2[i][h] * TC_LN2 + logf(lsum) : neg_inf<float>();
+        }
+}
+
+// Backward preprocessing, one warp per row: Di = rowsum(dO * O) in fp32, and L2 = lse log2(e), with the
+// -inf of a row that sees no key replaced by 0 (the kernels below then shift its scores by 0).
+template <typename T>
+__global__ void flash_bwd_pre_tc(const T* dout, const T* out, const float* lse, float* Di, float* L2, i64 rows,
+                                 int Dv) {
+    const i64 r = blockIdx.x * (i64)(blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (r >= rows) return;
+    const int lane = threadIdx.x & 31;
+    float s = 0.f;
+    const u16* a = (const u16*)(dout + r * Dv);
+    const u16* o = (const u16*)(out + r * Dv);
+    if (((((unsigned long long)a) | ((unsigned long long)o)) & 3) == 0) {  // pairs: 4-byte loads
+        for (int d = 2 * lane; d + 1 < Dv; d += 64) {
+            const unsigned x = *(const unsigned*)(a + d), y = *(const unsigned*)(o + d);
+            s += unpack_lo(x, T()) * unpack_lo(y, T()) + unpack_hi(x, T()) * unpack_hi(y, T());
+        }
+        if ((Dv & 1) && lane == 0) s += get(dout, r * Dv + Dv - 1) * get(out, r * Dv + Dv - 1);
+    } else {
+        for (int d = lane; d < Dv; d += 32) s += get(dout, r * Dv + d) * get(out, r * Dv + d);
+    }
+    s = warp_sum(s);
+    if (lane == 0) {
+        const float x = lse[r];
+        Di[r] = s;
+        L2[r] = isfinite(x) ? x * TC_LOG2E : 0.f;
     }
 }
 
-// dQ = scale dS K, dS = P (dP - Di), P = exp(scale S - L), dP = dO V^T; per block 64 queries, key tiles of 32.
-template <typename T, int MAXD>
+// dQ = scale dS K, dS = P (dP - Di), P = exp2(S scale log2(e) - L2), dP = dO V^T. Block: BQ = 64 WM queries,
+// key tiles of BK, double-buffered. Q's and dO's A fragments stay in registers when MAXD WM <= 128.
+template <typename T, int MAXD, int WM, int BK>
 __global__ void __launch_bounds__(128) flash_bwd_dq_tc(const T* q, const T* k, const T* v, const T* dout,
-                                                       const float* L, const float* Di, T* dq,
+                                                       const float* L2, const float* Di, T* dq,
                                                        const unsigned char* kpm, int has_mask, int causal, int H,
                                                        int Tq, int Tk, int D, int Dv, float scale) {
-    constexpr int LD = MAXD + 8, NKD = MAXD / 16, NT = MAXD / 8, NS = TC_BKQ / 8;
+    constexpr int LD = MAXD + 8, NKD = MAXD / 16, NT = MAXD / 8, NS = BK / 8, BQ = 16 * WM * TC_NW;
+    constexpr bool QREG = MAXD * WM <= 128;
     extern __shared__ __align__(16) unsigned char smem_raw[];
-    u16* sQ = (u16*)smem_raw;                                  // TC_BQ x LD
-    u16* sO = sQ + TC_BQ * LD;                                 // TC_BQ x LD   dO
-    u16* sK = sO + TC_BQ * LD;                                 // TC_BKQ x LD
-    u16* sV = sK + TC_BKQ * LD;                                // TC_BKQ x LD
-    unsigned char* sM = (unsigned char*)(sV + TC_BKQ * LD);    // TC_BKQ
-    const int bh = blockIdx.y, b = bh / H, q0 = blockIdx.x * TC_BQ, shift = Tk - Tq;
-    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, t = lane & 3;
-    const int qa = q0 + w * 16 + (lane >> 2), qb = qa + 8;
+    u16* sQ = (u16*)smem_raw;                                  // BQ x LD
+    u16* sO = sQ + BQ * LD;                                    // BQ x LD   dO
+    u16* sK = sO + BQ * LD;                                    // 2 stages x BK x LD
+    u16* sV = sK + 2 * BK * LD;                                // 2 stages x BK x LD
+    unsigned char* sM = (unsigned char*)(sV + 2 * BK * LD);    // 2 stages x BK
+    const int bh = blockIdx.y, b = bh / H, shift = Tk - Tq;
+    const int q0 = (gridDim.x - 1 - blockIdx.x) * BQ;
+    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, t = lane & 3, g = lane >> 2;
+    const int wr = w * 16 * WM, wq0 = q0 + wr;
+    const int wlast = min(wq0 + 16 * WM - 1, Tq - 1);
     const T* kb = k + (i64)bh * Tk * D;
     const T* vb = v + (i64)bh * Tk * Dv;
-    tc_load<T, MAXD>(sQ, q + (i64)bh * Tq * D, q0, TC_BQ, Tq, D);
-    tc_load<T, MAXD>(sO, dout + (i64)bh * Tq * Dv, q0, TC_BQ, Tq, Dv);
-    __syncthreads();
-    unsigned qf[NKD][4], of[NKD][4];
-    _Pragma("unroll") for (int kc = 0; kc < NKD; ++kc) {
-        frag_a(qf[kc], sQ, LD, w * 16, kc * 16);
-        frag_a(of[kc], sO, LD, w * 16, kc * 16);
-    }
-    const float L_a = qa < Tq ? L[(i64)bh * Tq + qa] : 0.f, L_b = qb < Tq ? L[(i64)bh * Tq + qb] : 0.f;
-    const float D_a = qa < Tq ? Di[(i64)bh * Tq + qa] : 0.f, D_b = qb < Tq ? Di[(i64)bh * Tq + qb] : 0.f;
-    float acc[NT][4];
-    _Pragma("unroll") for (int n = 0; n < NT; ++n) { acc[n][0] = 0.f; acc[n][1] = 0.f; acc[n][2] = 0.f; acc[n][3] = 0.f; }
-    const int q1 = min(q0 + TC_BQ, Tq), wlast = min(q0 + w * 16 + 15, Tq - 1);
-    const int kend = causal ? min(Tk, (q1 - 1) + shift + 1) : Tk;
-    for (int k0 = 0; k0 < kend; k0 += TC_BKQ) {
-        __syncthreads();
-        tc_load<T, MAXD>(sK, kb, k0, TC_BKQ, Tk, D);
-        tc_load<T, MAXD>(sV, vb, k0, TC_BKQ, Tk, Dv);
-        if (threadIdx.x < TC_BKQ) {
+    const bool vec = tc_vec(D, Dv, q, k, v, dout);
+    const int kend = causal ? min(Tk, min(q0 + BQ, Tq) + shift) : Tk;
+    const int ntiles = kend > 0 ? (kend + BK - 1) / BK : 0;
+    auto load_kv = [&](int tile, int st) {
+        const int k0 = tile * BK;
+        tc_load<T, MAXD, BK>(sK + st * BK * LD, kb, k0, Tk, D, vec);
+        tc_load<T, MAXD, BK>(sV + st * BK * LD, vb, k0, Tk, Dv, vec);
+        if (has_mask && threadIdx.x < BK) {
             const int kj = k0 + threadIdx.x;
-            sM[threadIdx.x] = kj < Tk && !(has_mask && kpm[(i64)b * Tk + kj]);
+            sM[st * BK + threadIdx.x] = kj < Tk && !kpm[(i64)b * Tk + kj];
+        }
+    };
+    tc_load<T, MAXD, BQ>(sQ, q + (i64)bh * Tq * D, q0, Tq, D, vec);
+    tc_load<T, MAXD, BQ>(sO, dout + (i64)bh * Tq * Dv, q0, Tq, Dv, vec);
+    cp_async_commit();
+    if (ntiles > 0) load_kv(0, 0);
+    cp_async_commit();
+    float Lr[WM][2], Dr[WM][2];
+    _Pragma("unroll") for (int i = 0; i < WM; ++i)
+        _Pragma("unroll") for (int h = 0; h < 2; ++h) {
+            const int qi = wq0 + 16 * i + g + 8 * h;
+            Lr[i][h] = qi < Tq ? L2[(i64)bh * Tq + qi] : 0.f;
+            Dr[i][h] = qi < Tq ? Di[(i64)bh * Tq + qi] : 0.f;
+        }
+    unsigned qf[QREG ? WM : 1][QREG ? NKD : 1][4], of[QREG ? WM : 1][QREG ? NKD : 1][4];
+    if constexpr (QREG) {
+        cp_async_wait<1>();
+        __syncthreads();
+        _Pragma("unroll") for (int i = 0; i < WM; ++i)
+            _Pragma("unroll") for (int kc = 0; kc < NKD; ++kc) {
+                frag_a(qf[i][kc], sQ, LD, wr + 16 * i, kc * 16);
+                frag_a(of[i][kc], sO, LD, wr + 16 * i, kc * 16);
+            }
+    }
+    float acc[WM][NT][4];
+    _Pragma("unroll") for (int i = 0; i < WM; ++i)
+        _Pragma("unroll") for (int n = 0; n < NT; ++n) { acc[i][n][0] = 0.f; acc[i][n][1] = 0.f; acc[i][n][2] = 0.f; acc[i][n][3] = 0.f; }
+    const float sl2 = scale * TC_LOG2E;
+    for (int it = 0; it < ntiles; ++it) {
+        const int k0 = it * BK, st = it & 1;
+        if (it + 1 < ntiles) load_kv(it + 1, st ^ 1);
+        cp_async_commit();
+        cp_async_wait<1>();
+        __syncthreads();
+        const u16* cK = sK + st * BK * LD;
+        const u16* cV = sV + st * BK * LD;
+        const unsigned char* cM = sM + st * BK;
+        if (wq0 < Tq && !(causal && k0 > wlast + shift)) {
+            float s[WM][NS][4], dp[WM][NS][4];
+            _Pragma("unroll") for (int i = 0; i < WM; ++i)
+                _Pragma("unroll") for (int n = 0; n < NS; ++n)
+                    _Pragma("unroll") for (int e = 0; e < 4; ++e) { s[i][n][e] = 0.f; dp[i][n][e] = 0.f; }
+            _Pragma("unroll") for (int kc = 0; kc < NKD; ++kc) {
+                unsigned aq[WM][4], ao[WM][4];
+                _Pragma("unroll") for (int i = 0; i < WM; ++i) {
+                    if constexpr (QREG) {
+                        _Pragma("unroll") for (int j = 0; j < 4; ++j) { aq[i][j] = qf[i][kc][j]; ao[i][j] = of[i][kc][j]; }
+                    } else {
+                        frag_a(aq[i], sQ, LD, wr + 16 * i, kc * 16);
+                        frag_a(ao[i], sO, LD, wr + 16 * i, kc * 16);
+                    }
+                }
+                _Pragma("unroll") for (int np = 0; np < NS / 2; ++np) {
+                    unsigned bk[4], bv[4];
+                    frag_b_rows(bk, cK, LD, np * 16, kc * 16);
+                    frag_b_rows(bv, cV, LD, np * 16, kc * 16);
+                    _Pragma("unroll") for (int i = 0; i < WM; ++i) {
+                        mma16816(s[i][2 * np], aq[i], bk[0], bk[1], T());
+                        mma16816(s[i][2 * np + 1], aq[i], bk[2], bk[3], T());
+                        mma16816(dp[i][2 * np], ao[i], bv[0], bv[1], T());
+                        mma16816(dp[i][2 * np + 1], ao[i], bv[2], bv[3], T());
+                    }
+                }
+            }
+            const bool edge = has_mask || k0 + BK > Tk || (causal && k0 + BK - 1 > wq0 + shift);
+            _Pragma("unroll") for (int i = 0; i < WM; ++i)
+                _Pragma("unroll") for (int n = 0; n < NS; ++n)
+                    _Pragma("unroll") for (int e = 0; e < 4; ++e) {
+                        const int h = e >> 1;
+                        const float p = exp2f(fmaf(s[i][n][e], sl2, -Lr[i][h]));
+                        float ds = p * (dp[i][n][e] - Dr[i][h]);
+                        if (edge) {
+                            const int jl = n * 8 + 2 * t + (e & 1), kj = k0 + jl, qi = wq0 + 16 * i + g + 8 * h;
+                            if (kj >= Tk || (has_mask && !cM[jl]) || (causal && kj > qi + shift)) ds = 0.f;
+                        }
+                        s[i][n][e] = ds;
+                    }
+            _Pragma("unroll") for (int kc = 0; kc < BK / 16; ++kc) {
+                unsigned dh[WM][4], dl[WM][4];
+                _Pragma("unroll") for (int i = 0; i < WM; ++i) acc_to_a<T>(s[i], 2 * kc, 1.f, dh[i], dl[i]);
+                _Pragma("unroll") for (int dd = 0; dd < NKD; ++dd) {
+                    unsigned bk[4];
+                    frag_b_cols(bk, cK, LD, kc * 16, dd * 16);
+                    _Pragma("unroll") for (int i = 0; i < WM; ++i) {
+                        mma_pair<T>(acc[i][2 * dd], dh[i], dl[i], bk[0], bk[1]);
+                        mma_pair<T>(acc[i][2 * dd + 1], dh[i], dl[i], bk[2], bk[3]);
+                    }
+                }
+            }
         }
         __syncthreads();
-        if (q0 + w * 16 >= Tq || (causal && k0 > wlast + shift)) continue;
-        float s[NS][4], dp[NS][4];
-        _Pragma("unroll") for (int n = 0; n < NS; ++n)
-            _Pragma("unroll") for (int e = 0; e < 4; ++e) { s[n][e] = 0.f; dp[n][e] = 0.f; }
-        _Pragma("unroll") for (int kc = 0; kc < NKD; ++kc)
-            _Pragma("unroll") for (int np = 0; np < NS / 2; ++np) {
-                unsigned bk[4], bv[4];
-                frag_b_rows(bk, sK, LD, np * 16, kc * 16);
-                mma16816(s[2 * np], qf[kc], bk[0], bk[1], T());
-                mma16816(s[2 * np + 1], qf[kc], bk[2], bk[3], T());
-                frag_b_rows(bv, sV, LD, np * 16, kc * 16);
-                mma16816(dp[2 * np], of[kc], bv[0], bv[1], T());
-                mma16816(dp[2 * np + 1], of[kc], bv[2], bv[3], T());
-            }
-        _Pragma("unroll") for (int n = 0; n < NS; ++n)
-            _Pragma("unroll") for (int e = 0; e < 4; ++e) {
-                const int jl = n * 8 + 2 * t + (e & 1), kj = k0 + jl, qi = e < 2 ? qa : qb;
-                float ds = 0.f;
-                if (sM[jl] && qi < Tq && (!causal || kj <= qi + shift)) {
-                    const float p = expf(scale * s[n][e] - (e < 2 ? L_a : L_b));
-                    ds = p * (dp[n][e] - (e < 2 ? D_a : D_b));
-                }
-                s[n][e] = ds;
-            }
-        _Pragma("unroll") for (int kc = 0; kc < TC_BKQ / 16; ++kc) {
-            unsigned dh[4], dl[4];
-            acc_to_a<T>(s, 2 * kc, 1.f, dh, dl);
-            _Pragma("unroll") for (int dd = 0; dd < NKD; ++dd) {
-                unsigned bk[4];
-                frag_b_cols(bk, sK, LD, kc * 16, dd * 16);
-                mma_pair(acc[2 * dd], dh, dl, bk[0], bk[1], T());
-                mma_pair(acc[2 * dd + 1], dh, dl, bk[2], bk[3], T());
+    }
+    cp_async_wait<0>();
+    _Pragma("unroll") for (int i = 0; i < WM; ++i)
+        _Pragma("unroll") for (int h = 0; h < 2; ++h) {
+            const int qi = wq0 + 16 * i + g + 8 * h;
+            if (qi >= Tq) continue;
+            T* row = dq + ((i64)bh * Tq + qi) * D;
+            _Pragma("unroll") for (int n = 0; n < NT; ++n) {
+                const int d = n * 8 + 2 * t;
+                if (d < D) put2(row + d, scale * acc[i][n][2 * h], scale * acc[i][n][2 * h + 1], d + 1 < D);
             }
         }
-    }
-    _Pragma("unroll") for (int h = 0; h < 2; ++h) {
-        const int qi = h ? qb : qa;
-        if (qi >= Tq) continue;
-        _Pragma("unroll") for (int n = 0; n < NT; ++n)
-            _Pragma("unroll") for (int e = 0; e < 2; ++e) {
-                const int d = n * 8 + 2 * t + e;
-                if (d < D) put(dq, ((i64)bh * Tq + qi) * D + d, scale * acc[n][2 * h + e]);
-            }
-    }
 }
 
-// dK = scale dS^T Q, dV = P^T dO; per block 64 keys (16 per warp), query tiles of 32; S^T = K Q^T, dP^T = V dO^T.
-template <typename T, int MAXD>
+// dK = scale dS^T Q, dV = P^T dO. Block: 64 WN keys (warp w: keys w 16 WN ..), walking the query tiles of BQ
+// that see them, double-buffered with their L2 and Di; S^T = K Q^T, dP^T = V dO^T (K's, V's A fragments stay
+// in registers when MAXD WN <= 64, else are re-read from shared memory: the dK, dV accumulators fill the
+// registers).
+template <typename T, int MAXD, int WN, int BQ>
 __global__ void __launch_bounds__(128) flash_bwd_dkdv_tc(const T* q, const T* k, const T* v, const T* dout,
-                                                         const float* L, const float* Di, T* dk, T* dv,
+                                                         const float* L2, const float* Di, T* dk, T* dv,
                                                          const unsigned char* kpm, int has_mask, int causal,
                                                          int H, int Tq, int Tk, int D, int Dv, float scale) {
-    constexpr int LD = MAXD + 8, NKD = MAXD / 16, NT = MAXD / 8, NS = TC_BQK / 8;
+    constexpr int LD = MAXD + 8, NKD = MAXD / 16, NT = MAXD / 8, NS = BQ / 8, BKB = 16 * WN * TC_NW;
+    constexpr bool KVREG = MAXD * WN <= 64;  // K's and V's A fragments stay in registers
     extern __shared__ __align__(16) unsigned char smem_raw[];
-    float* sL = (float*)smem_raw;                              // TC_BQK
-    float* sD = sL + TC_BQK;                                   // TC_BQK
-    u16* sK = (u16*)(sD + TC_BQK);                             // TC_BKK x LD
-    u16* sV = sK + TC_BKK * LD;                                // TC_BKK x LD
-    u16* sQ = sV + TC_BKK * LD;                                // TC_BQK x LD
-    u16* sO = sQ + TC_BQK * LD;                                // TC_BQK x LD   dO
-    const int bh = blockIdx.y, b = bh / H, k0 = blockIdx.x * TC_BKK, shift = Tk - Tq;
-    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, t = lane & 3;
-    const int ka = k0 + w * 16 + (lane >> 2), kb2 = ka + 8;   // this thread's two keys
-    const bool ok_a = ka < Tk && !(has_mask && kpm[(i64)b * Tk + ka]);
-    const bool ok_b = kb2 < Tk && !(has_mask && kpm[(i64)b * Tk + kb2]);
+    float* sL = (float*)smem_raw;                              // 2 stages x BQ
+    float* sD = sL + 2 * BQ;                                   // 2 stages x BQ
+    u16* sK = (u16*)(sD + 2 * BQ);                             // BKB x LD
+    u16* sV = sK + BKB * LD;                                   // BKB x LD
+    u16* sQ = sV + BKB * LD;                                   // 2 stages x BQ x LD
+    u16* sO = sQ + 2 * BQ * LD;                                // 2 stages x BQ x LD   dO
+    const int bh = blockIdx.y, b = bh / H, shift = Tk - Tq, k0 = blockIdx.x * BKB;  // causal: longest first
+    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, t = lane & 3, g = lane >> 2;
+    const int wr = w * 16 * WN, wk0 = k0 + wr;                // the warp's first key in the block / sequence
+    bool kok[WN][2];                                           // key exists and is not padding
+    _Pragma("unroll") for (int i = 0; i < WN; ++i)
+        _Pragma("unroll") for (int h = 0; h < 2; ++h) {
+            const int kj = wk0 + 16 * i + g + 8 * h;
+            kok[i][h] = kj < Tk && !(has_mask && kpm[(i64)b * Tk + kj]);
+        }
     const T* qb = q + (i64)bh * Tq * D;
     const T* ob = dout + (i64)bh * Tq * Dv;
-    tc_load<T, MAXD>(sK, k + (i64)bh * Tk * D, k0, TC_BKK, Tk, D);
-    tc_load<T, MAXD>(sV, v + (i64)bh * Tk * Dv, k0, TC_BKK, Tk, Dv);
-    float ak[NT][4], av[NT][4];
-    _Pragma("unroll") for (int n = 0; n < NT; ++n)
-        _Pragma("unroll") for (int e = 0; e < 4; ++e) { ak[n][e] = 0.f; av[n][e] = 0.f; }
-    const float ps = pscale(T());
-    const int wfirst = k0 + w * 16;                            // the warp's first key
-    const int qstart = causal ? max(0, k0 - shift) : 0;        // earlier queries see none of the block's keys
-    for (int q0 = qstart; q0 < Tq; q0 += TC_BQK) {
+    const float* Lb = L2 + (i64)bh * Tq;
+    const float* Db = Di + (i64)bh * Tq;
+    const bool vec = tc_vec(D, Dv, q, k, v, dout);
+    const int qstart = causal ? max(0, k0 - shift) : 0;      // earlier queries see none of the block's keys
+    const int ntiles = qstart < Tq ? (Tq - qstart + BQ - 1) / BQ : 0;
+    auto load_q = [&](int tile, int st) {
+        const int q0 = qstart + tile * BQ;
+        tc_load<T, MAXD, BQ>(sQ + st * BQ * LD, qb, q0, Tq, D, vec);
+        tc_load<T, MAXD, BQ>(sO + st * BQ * LD, ob, q0, Tq, Dv, vec);
+        const int x = threadIdx.x;
+        if (x < 2 * BQ) {  // L2 and Di: one float a thread, zero past Tq
+            const int r = x < BQ ? x : x - BQ, qi = q0 + r;
+            const float* src = x < BQ ? Lb : Db;
+            float* dst = (x < BQ ? sL : sD) + st * BQ + r;
+            if (vec) cp_async4(dst, qi < Tq ? src + qi : src, qi < Tq);
+            else *dst = qi < Tq ? src[qi] : 0.f;
+        }
+    };
+    tc_load<T, MAXD, BKB>(sK, k + (i64)bh * Tk * D, k0, Tk, D, vec);
+    tc_load<T, MAXD, BKB>(sV, v + (i64)bh * Tk * Dv, k0, Tk, Dv, vec);
+    cp_async_commit();
+    if (ntiles > 0) load_q(0, 0);
+    cp_async_commit();
+    unsigned kr[KVREG ? WN : 1][KVREG ? NKD : 1][4], vr[KVREG ? WN : 1][KVREG ? NKD : 1][4];
+    if constexpr (KVREG) {
+        cp_async_wait<1>();
         __syncthreads();
-        tc_load<T, MAXD>(sQ, qb, q0, TC_BQK, Tq, D);
-        tc_load<T, MAXD>(sO, ob, q0, TC_BQK, Tq, Dv);
-        if (threadIdx.x < TC_BQK) {
-            const int qi = q0 + threadIdx.x;
-            sL[threadIdx.x] = qi < Tq ? L[(i64)bh * Tq + qi] : 0.f;
-            sD[threadIdx.x] = qi < Tq ? Di[(i64)bh * Tq + qi] : 0.f;
-        }
-        __syncthreads();
-        const int qlast = min(q0 + TC_BQK - 1, Tq - 1);
-        if (wfirst >= Tk || (causal && wfirst > qlast + shift)) continue;  // nothing visible to this warp
-        float st[NS][4], dpt[NS][4];
-        _Pragma("unroll") for (int n = 0; n < NS; ++n)
-            _Pragma("unroll") for (int e = 0; e < 4; ++e) { st[n][e] = 0.f; dpt[n][e] = 0.f; }
-        _Pragma("unroll") for (int kc = 0; kc < NKD; ++kc) {
-            unsigned kf[4], vf[4];
-            frag_a(kf, sK, LD, w * 16, kc * 16);
-            frag_a(vf, sV, LD, w * 16, kc * 16);
-            _Pragma("unroll") for (int np = 0; np < NS / 2; ++np) {
-                unsigned bq[4], bo[4];
-                frag_b_rows(bq, sQ, LD, np * 16, kc * 16);
-                mma16816(st[2 * np], kf, bq[0], bq[1], T());
-                mma16816(st[2 * np + 1], kf, bq[2], bq[3], T());
-                frag_b_rows(bo, sO, LD, np * 16, kc * 16);
-                mma16816(dpt[2 * np], vf, bo[0], bo[1], T());
-                mma16816(dpt[2 * np + 1], vf, bo[2], bo[3], T());
+        _Pragma("unroll") for (int i = 0; i < WN; ++i)
+            _Pragma("unroll") for (int kc = 0; kc < NKD; ++kc) {
+                frag_a(kr[i][kc], sK, LD, wr + 16 * i, kc * 16);
+                frag_a(vr[i][kc], sV, LD, wr + 16 * i, kc * 16);
             }
-        }
-        _Pragma("unroll") for (int n = 0; n < NS; ++n)
-            _Pragma("unroll") for (int e = 0; e < 4; ++e) {
-                const int ql = n * 8 + 2 * t + (e & 1), qi = q0 + ql, kj = e < 2 ? ka : kb2;
-                float p = 0.f, ds = 0.f;
-                if ((e < 2 ? ok_a : ok_b) && qi < Tq && (!causal || kj <= qi + shift)) {
-                    p = expf(scale * st[n][e] - sL[ql]);
-                    ds = p * (dpt[n][e] - sD[ql]);
-                }
-                st[n][e] = p;
-                dpt[n][e] = ds;
-            }
-        _Pragma("unroll") for (int kc = 0; kc < TC_BQK / 16; ++kc) {
-            unsigned ph[4], pl[4], dh[4], dl[4];
-            acc_to_a<T>(st, 2 * kc, ps, ph, pl);
-            acc_to_a<T>(dpt, 2 * kc, 1.f, dh, dl);
-            _Pragma("unroll") for (int dd = 0; dd < NKD; ++dd) {
-                unsigned bo[4], bq[4];
-                frag_b_cols(bo, sO, LD, kc * 16, dd * 16);
-                mma_pair(av[2 * dd], ph, pl, bo[0], bo[1], T());
-                mma_pair(av[2 * dd + 1], ph, pl, bo[2], bo[3], T());
-                frag_b_cols(bq, sQ, LD, kc * 16, dd * 16);
-                mma_pair(ak[2 * dd], dh, dl, bq[0], bq[1], T());
-                mma_pair(ak[2 * dd + 1], dh, dl, bq[2], bq[3], T());
-            }
-        }
     }
-    const float inv = 1.f / ps;
-    _Pragma("unroll") for (int h = 0; h < 2; ++h) {
-        const int kj = h ? kb2 : ka;
-        if (kj >= Tk) continue;
+    float ak[WN][NT][4], av[WN][NT][4];
+    _Pragma("unroll") for (int i = 0; i < WN; ++i)
         _Pragma("unroll") for (int n = 0; n < NT; ++n)
-            _Pragma("unroll") for (int e = 0; e < 2; ++e) {
-                const int d = n * 8 + 2 * t + e;
-                if (d < D) put(dk, ((i64)bh * Tk + kj) * D + d, scale * ak[n][2 * h + e]);
-                if (d < Dv) put(dv, ((i64)bh * Tk + kj) * Dv + d, av[n][2 * h + e] * inv);
+            _Pragma("unroll") for (int e = 0; e < 4; ++e) { ak[i][n][e] = 0.f; av[i][n][e] = 0.f; }
+    const float sl2 = scale * TC_LOG2E, ps = pscale(T());
+    for (int it = 0; it < ntiles; ++it) {
+        const int q0 = qstart + it * BQ, st = it & 1;
+        if (it + 1 < ntiles) load_q(it + 1, st ^ 1);
+        cp_async_commit();
+        cp_async_wait<1>();
+        __syncthreads();
+        const u16* cQ = sQ + st * BQ * LD;
+        const u16* cO = sO + st * BQ * LD;
+        const float* cL = sL + st * BQ;
+        const float* cD = sD + st * BQ;
+        if (wk0 < Tk && !(causal && wk0 > q0 + BQ - 1 + shift)) {  // some query of the tile sees the warp's keys
+            float sT[WN][NS][4], dpT[WN][NS][4];
+            _Pragma("unroll") for (int i = 0; i < WN; ++i)
+                _Pragma("unroll") for (int n = 0; n < NS; ++n)
+                    _Pragma("unroll") for (int e = 0; e < 4; ++e) { sT[i][n][e] = 0.f; dpT[i][n][e] = 0.f; }
+            _Pragma("unroll") for (int kc = 0; kc < NKD; ++kc) {
+                unsigned kf[WN][4], vf[WN][4];
+                _Pragma("unroll") for (int i = 0; i < WN; ++i) {
+                    if constexpr (KVREG) {
+                        _Pragma("unroll") for (int j = 0; j < 4; ++j) { kf[i][j] = kr[i][kc][j]; vf[i][j] = vr[i][kc][j]; }
+                    } else {
+                        frag_a(kf[i], sK, LD, wr + 16 * i, kc * 16);
+                        frag_a(vf[i], sV, LD, wr + 16 * i, kc * 16);
+                    }
+                }
+                _Pragma("unroll") for (int np = 0; np < NS / 2; ++np) {
+                    unsigned bq[4], bo[4];
+                    frag_b_rows(bq, cQ, LD, np * 16, kc * 16);
+                    frag_b_rows(bo, cO, LD, np * 16, kc * 16);
+                    _Pragma("unroll") for (int i = 0; i < WN; ++i) {
+                        mma16816(sT[i][2 * np], kf[i], bq[0], bq[1], T());
+                        mma16816(sT[i][2 * np + 1], kf[i], bq[2], bq[3], T());
+                        mma16816(dpT[i][2 * np], vf[i], bo[0], bo[1], T());
+                        mma16816(dpT[i][2 * np + 1], vf[i], bo[2], bo[3], T());
+                    }
+                }
             }
+            const bool edge = has_mask || q0 + BQ > Tq || (causal && wk0 + 16 * WN - 1 > q0 + shift);
+            _Pragma("unroll") for (int i = 0; i < WN; ++i)
+                _Pragma("unroll") for (int n = 0; n < NS; ++n)
+                    _Pragma("unroll") for (int e = 0; e < 4; ++e) {
+                        const int ql = n * 8 + 2 * t + (e & 1);
+                        float p = exp2f(fmaf(sT[i][n][e], sl2, -cL[ql]));
+                        float ds = p * (dpT[i][n][e] - cD[ql]);
+                        if (edge) {
+                            const int qi = q0 + ql, kj = wk0 + 16 * i + g + 8 * (e >> 1);
+                            if (!kok[i][e >> 1] || qi >= Tq || (causal && kj > qi + shift)) { p = 0.f; ds = 0.f; }
+                        }
+                        sT[i][n][e] = p;
+                        dpT[i][n][e] = ds;
+                    }
+            _Pragma("unroll") for (int kc = 0; kc < BQ / 16; ++kc) {
+                {   // dV += P^T dO
+                    unsigned ph[WN][4], pl[WN][4];
+                    _Pragma("unroll") for (int i = 0; i < WN; ++i) acc_to_a<T>(sT[i], 2 * kc, ps, ph[i], pl[i]);
+                    _Pragma("unroll") for (int dd = 0; dd < NKD; ++dd) {
+                        unsigned bo[4];
+                        frag_b_cols(bo, cO, LD, kc * 16, dd * 16);
+                        _Pragma("unroll") for (int i = 0; i < WN; ++i) {
+                            mma_pair<T>(av[i][2 * dd], ph[i], pl[i], bo[0], bo[1]);
+                            mma_pair<T>(av[i][2 * dd + 1], ph[i], pl[i], bo[2], bo[3]);
+                        }
+                    }
+                }
+                {   // dK += dS^T Q
+                    unsigned dh[WN][4], dl[WN][4];
+                    _Pragma("unroll") for (int i = 0; i < WN; ++i) acc_to_a<T>(dpT[i], 2 * kc, 1.f, dh[i], dl[i]);
+                    _Pragma("unroll") for (int dd = 0; dd < NKD; ++dd) {
+                        unsigned bq[4];
+                        frag_b_cols(bq, cQ, LD, kc * 16, dd * 16);
+                        _Pragma("unroll") for (int i = 0; i < WN; ++i) {
+                            mma_pair<T>(ak[i][2 * dd], dh[i], dl[i], bq[0], bq[1]);
+                            mma_pair<T>(ak[i][2 * dd + 1], dh[i], dl[i], bq[2], bq[3]);
+                        }
+                    }
+                }
+            }
+        }
+        __syncthreads();
     }
+    cp_async_wait<0>();
+    const float inv = 1.f / ps;
+    _Pragma("unroll") for (int i = 0; i < WN; ++i)
+        _Pragma("unroll") for (int h = 0; h < 2; ++h) {
+            const int kj = wk0 + 16 * i + g + 8 * h;
+            if (kj >= Tk) continue;
+            T* krow = dk + ((i64)bh * Tk + kj) * D;
+            T* vrow = dv + ((i64)bh * Tk + kj) * Dv;
+            _Pragma("unroll") for (int n = 0; n < NT; ++n) {
+                const int d = n * 8 + 2 * t;
+                if (d < D) put2(krow + d, scale * ak[i][n][2 * h], scale * ak[i][n][2 * h + 1], d + 1 < D);
+                if (d < Dv) put2(vrow + d, av[i][n][2 * h] * inv, av[i][n][2 * h + 1] * inv, d + 1 < Dv);
+            }
+        }
 }
 """

@@ -337,10 +337,18 @@ OUTS = ("none_t", "float", "f16_t", "bf16_t")
 ONE_TYPE = ("gelu_fwd", "gelu_bwd", "sumsq_k", "nonfinite_k", "softmax_fwd", "softmax_bwd", "layernorm_fwd",
             "layernorm_bwd_dx", "layernorm_bwd_dwdb", "xent_fwd", "xent_bwd", "embedding_bwd", "flash_fwd",
             "flash_bwd_dkdv", "flash_bwd_dq")
-#: tensor-core attention kernels: one per 16-bit storage type and padded head dim (MAXD)
-TENSOR_CORE = ("flash_fwd_tc", "flash_bwd_dq_tc", "flash_bwd_dkdv_tc")
 HALVES = ("f16_t", "bf16_t")
-TC_HEAD_DIMS = (64, 128)
+#: tensor-core attention tiles per padded head dim (MAXD): forward and dQ (m-tiles of 16 queries per warp, keys
+#: per tile), dK/dV (m-tiles of 16 keys per warp, queries per tile); 4 warps a block (_flash_source.py)
+TC_TILES = {64: {"flash_fwd_tc": (2, 64), "flash_bwd_dq_tc": (1, 64), "flash_bwd_dkdv_tc": (1, 64)},
+            128: {"flash_fwd_tc": (2, 48), "flash_bwd_dq_tc": (1, 64), "flash_bwd_dkdv_tc": (1, 32)}}
+#: other tiles compiled for bfloat16 only, for benchmarks/gpu.py to compare (attention.py's `tiles` argument)
+TC_VARIANTS = {64: {"flash_fwd_tc": [(1, 64)], "flash_bwd_dkdv_tc": [(2, 32)]},
+               128: {"flash_fwd_tc": [(2, 32)], "flash_bwd_dkdv_tc": [(1, 64)]}}
+
+
+def tc_name(kernel, ctype, maxd, tiles):
+    return f"{kernel}<{ctype}, {maxd}, {tiles[0]}, {tiles[1]}>"
 
 
 def name_expressions():
@@ -348,5 +356,7 @@ def name_expressions():
     names = [f"{k}<{t}>" for k in ONE_TYPE for t in FLOATS]
     names += [f"cast_k<{s}, {d}>" for s in FLOATS for d in FLOATS]
     names += [f"adam_k<{g}, {o}>" for g in GRADS for o in OUTS]
-    names += [f"{k}<{t}, {d}>" for k in TENSOR_CORE for t in HALVES for d in TC_HEAD_DIMS]
+    names += [tc_name(k, t, d, tiles) for d, kt in TC_TILES.items() for k, tiles in kt.items() for t in HALVES]
+    names += [tc_name(k, "bf16_t", d, tiles) for d, kt in TC_VARIANTS.items() for k, v in kt.items() for tiles in v]
+    names += [f"flash_bwd_pre_tc<{t}>" for t in HALVES]
     return names

@@ -8,8 +8,8 @@
   The kernels' tiles are fixed, so block_size only selects this form; it must still be a positive int, as
   in the reference. Head dims up to 128 (FA_MAXD); larger ones run the reference's tiled algorithm on CuPy
   arrays. float16/bfloat16 inputs run the tensor-core kernels (*_tc: mma.sync, fp32 accumulators and
-  softmax statistics; 64 queries x 64 keys forward, 64 x 32 for dQ, 64 keys x 32 queries for dK/dV);
-  float32/float64 the CUDA-core ones (16 queries x 32 keys forward and for dQ, 32 x 32 for dK/dV).
+  softmax statistics, cp.async double-buffered tiles; tile shapes in _source.TC_TILES); float32/float64 the
+  CUDA-core ones (16 queries x 32 keys forward and for dQ, 32 x 32 for dK/dV).
 
 Masks and fully masked rows are exactly the reference's: out = 0, lse = -inf, zero gradients.
 """
@@ -18,11 +18,12 @@ import numpy as np
 from refimpl.kernels import attention as ref
 
 from . import _runtime as rt
+from . import _source
 from ._runtime import cupy, raw, scalar
 
 MAX_HEAD_DIM = 128
 _BQ, _BK = 16, 32  # FA_BQ, FA_BK in _flash_source.py
-_TC_BQ, _TC_BK, _TC_BKQ, _TC_BKK, _TC_BQK = 64, 64, 32, 64, 32  # TC_* in _flash_source.py
+_TC_WARPS = 4  # TC_NW in _flash_source.py: a block's rows are 16 x m-tiles per warp x 4 warps
 
 
 def _up_all(*arrays):
@@ -62,6 +63,28 @@ def _tc_tile_bytes(rows, maxd):
     return rows * (maxd + 8) * 2  # u16 rows padded by 8 halves (_flash_source.py's LD)
 
 
+def _tc_tiles(kernel, maxd, tiles):
+    """(m-tiles per warp, tile length) of a tensor-core kernel: `tiles` overrides _source.TC_TILES (benchmarks)."""
+    return (tiles or {}).get(kernel) or _source.TC_TILES[maxd][kernel]
+
+
+def _tc_launch(kernel, ctype, maxd, tiles, n_rows, BH, args):
+    """Launch one tensor-core kernel over the n_rows rows (queries or keys) of each of the BH (batch, head)s.
+
+    Shared memory, per _flash_source.py's layout: the block's own rows, once (forward: Q; dQ: Q and dO;
+    dK/dV: K and V), and two stages of the tiles it walks (K and V, or Q and dO with their L2 and Di)."""
+    mt, tile = _tc_tiles(kernel, maxd, tiles)
+    rows = 16 * mt * _TC_WARPS
+    if kernel == "flash_fwd_tc":
+        smem = _tc_tile_bytes(rows + 4 * tile, maxd) + 2 * tile
+    elif kernel == "flash_bwd_dq_tc":
+        smem = _tc_tile_bytes(2 * rows + 4 * tile, maxd) + 2 * tile
+    else:
+        smem = 4 * tile * 4 + _tc_tile_bytes(2 * rows + 4 * tile, maxd)
+    rt.launch_shared(_source.tc_name(kernel, ctype, maxd, (mt, tile)), (-(-n_rows // rows), BH), (32 * _TC_WARPS,),
+                     args, smem)
+
+
 def _tail(key_padding_mask, causal, H, Tq, Tk, D, Dv, scale, cdt):
     mask, has_mask = _mask_arg(key_padding_mask)
     return (mask, scalar(has_mask, np.int32), scalar(bool(causal), np.int32), scalar(H, np.int32),
@@ -69,8 +92,9 @@ def _tail(key_padding_mask, causal, H, Tq, Tk, D, Dv, scale, cdt):
             scalar(ref._scale(scale, D, cdt.type), cdt))
 
 
-def attention(q, k, v, *, causal=False, key_padding_mask=None, scale=None, block_size=None):
-    """-> (out in q's dtype, lse (B, H, Tq) in the compute dtype)."""
+def attention(q, k, v, *, causal=False, key_padding_mask=None, scale=None, block_size=None, tiles=None):
+    """-> (out in q's dtype, lse (B, H, Tq) in the compute dtype). tiles: {kernel: (m-tiles per warp, tile
+    length)} overriding _source.TC_TILES (benchmarks/gpu.py compares the compiled _source.TC_VARIANTS)."""
     B, H, Tq, Tk, D = ref._check_inputs(q, k, v, key_padding_mask, *_blocks(block_size))
     Dv = v.shape[3]
     if block_size is None or not _use_kernel(D, Dv):
@@ -86,9 +110,8 @@ def attention(q, k, v, *, causal=False, key_padding_mask=None, scale=None, block
     tail = _tail(key_padding_mask, causal, H, Tq, Tk, D, Dv, scale, cdt)
     maxd = _tc_head_dim(Q.dtype, D, Dv)
     if maxd is not None:
-        smem = _tc_tile_bytes(_TC_BQ + 2 * _TC_BK, maxd) + _TC_BK
-        rt.launch_shared(f"flash_fwd_tc<{rt.ctype(Q.dtype)}, {maxd}>", (-(-Tq // _TC_BQ), B * H), (128,),
-                         (raw(Q), raw(K), raw(V), raw(out), lse) + tail, smem)
+        _tc_launch("flash_fwd_tc", rt.ctype(Q.dtype), maxd, tiles, Tq, B * H,
+                   (raw(Q), raw(K), raw(V), raw(out), lse) + tail)
         return (out if out.dtype == q.dtype else rt.cast(out, q.dtype)), lse
     smem = (_BK * (D + 1) + _BK * (Dv + 1) + _BQ * D + _BQ * _BK) * cdt.itemsize
     rt.launch_shared(f"flash_fwd<{rt.ctype(Q.dtype)}>", (-(-Tq // _BQ), B * H), (128,),
@@ -97,8 +120,8 @@ def attention(q, k, v, *, causal=False, key_padding_mask=None, scale=None, block
 
 
 def attention_backward(dout, q, k, v, out, lse, *, causal=False, key_padding_mask=None, scale=None,
-                       block_size=None):
-    """-> (dq, dk, dv) in q's, k's and v's dtypes."""
+                       block_size=None, tiles=None):
+    """-> (dq, dk, dv) in q's, k's and v's dtypes. tiles: as attention's."""
     B, H, Tq, Tk, D = ref._check_inputs(q, k, v, key_padding_mask, *_blocks(block_size))
     ref._check_backward_inputs(dout, out, lse, q, v)
     Dv = v.shape[3]
@@ -115,22 +138,31 @@ def attention_backward(dout, q, k, v, out, lse, *, causal=False, key_padding_mas
     cp = cupy()
     Q, K, V, dO = _inputs(q, k, v, dout)
     cdt = rt.compute_dtype(Q.dtype)
-    dOc, Oc = (rt.up(a).astype(cdt, copy=False) for a in (dout, out))
-    Di = rt.contiguous((dOc * Oc).sum(axis=-1))                            # (B, H, Tq) = rowsum(P * dP)
-    Lc = rt.up(lse).astype(cdt, copy=False)
-    L = rt.contiguous(cp.where(cp.isfinite(Lc), Lc, 0).astype(cdt))        # rows with no key: shift by 0
     dq, dk, dv = (rt.empty(x.shape, Q.dtype) for x in (Q, K, V))
     tail = _tail(key_padding_mask, causal, H, Tq, Tk, D, Dv, scale, cdt)
     t = rt.ctype(Q.dtype)
     maxd = _tc_head_dim(Q.dtype, D, Dv)
     if maxd is not None:
-        smem_kv = 2 * _TC_BQK * 4 + _tc_tile_bytes(2 * _TC_BKK + 2 * _TC_BQK, maxd)
-        rt.launch_shared(f"flash_bwd_dkdv_tc<{t}, {maxd}>", (-(-Tk // _TC_BKK), B * H), (128,),
-                         (raw(Q), raw(K), raw(V), raw(dO), L, Di, raw(dk), raw(dv)) + tail, smem_kv)
-        smem_q = _tc_tile_bytes(2 * _TC_BQ + 2 * _TC_BKQ, maxd) + _TC_BKQ
-        rt.launch_shared(f"flash_bwd_dq_tc<{t}, {maxd}>", (-(-Tq // _TC_BQ), B * H), (128,),
-                         (raw(Q), raw(K), raw(V), raw(dO), L, Di, raw(dq)) + tail, smem_q)
+        # Di = rowsum(dO * O) and the lse in log2 units (0 for rows with no key), fp32; in one pass when out
+        # is stored like dO
+        Lf = rt.contiguous(lse) if lse.dtype == np.float32 else rt.cast(lse, np.float32)
+        rows = B * H * Tq
+        if out.dtype == Q.dtype and rows:
+            Di, L2 = (rt.empty((B, H, Tq), np.float32) for _ in range(2))
+            rt.launch_shared(f"flash_bwd_pre_tc<{t}>", (-(-rows // 8),), (256,),
+                             (raw(dO), raw(rt.contiguous(out)), Lf, Di, L2, scalar(rows, np.int64),
+                              scalar(Dv, np.int32)), 0)
+        else:
+            Di = rt.contiguous((rt.up(dO).astype(np.float32) * rt.up(out).astype(np.float32)).sum(axis=-1))
+            L2 = rt.contiguous(cp.where(cp.isfinite(Lf), Lf * np.float32(np.log2(np.e)), 0).astype(np.float32))
+        args = (raw(Q), raw(K), raw(V), raw(dO), L2, Di)
+        _tc_launch("flash_bwd_dkdv_tc", t, maxd, tiles, Tk, B * H, args + (raw(dk), raw(dv)) + tail)
+        _tc_launch("flash_bwd_dq_tc", t, maxd, tiles, Tq, B * H, args + (raw(dq),) + tail)
         return tuple(g if g.dtype == x.dtype else rt.cast(g, x.dtype) for g, x in zip((dq, dk, dv), (q, k, v)))
+    dOc, Oc = (rt.up(a).astype(cdt, copy=False) for a in (dout, out))
+    Di = rt.contiguous((dOc * Oc).sum(axis=-1))                            # (B, H, Tq) = rowsum(P * dP)
+    Lc = rt.up(lse).astype(cdt, copy=False)
+    L = rt.contiguous(cp.where(cp.isfinite(Lc), Lc, 0).astype(cdt))        # rows with no key: shift by 0
     smem_kv = (2 * 32 * (D + 1) + 2 * 32 * (Dv + 1) + 2 * 32 + 2 * 4 * 32) * cdt.itemsize
     rt.launch_shared(f"flash_bwd_dkdv<{t}>", (-(-Tk // 32), B * H), (128,),
                      (raw(Q), raw(K), raw(V), raw(dO), L, Di, raw(dk), raw(dv)) + tail, smem_kv)

@@ -43,6 +43,10 @@ def _gemm_lowp(a, b, ta, tb):
     if K != Kb:
         raise ValueError(f"matmul: inner dimensions differ: op(a) is {M}x{K}, op(b) is {Kb}x{N} "
                          f"(shapes {a.shape}, {b.shape}, transpose_a={ta}, transpose_b={tb})")
+    if tb and not ta and b.ndim == 2 and N % 8 == 0 and 2 * b.size <= a.size:
+        # x @ W^T with a weight much smaller than x: cuBLAS's transposed-B kernels ran 2-5x slower than its
+        # plain ones at GPT-2's linear shapes (H200, benchmarks/gpu.py step --profile); W^T is cheap to copy
+        return _gemm_lowp(a, rt.contiguous(b.T), False, False)
     if b.ndim == 2 and a.ndim > 2 and not ta:
         # (..., M, K) @ (K, N) is one (prod(...) * M, K) GEMM
         y = _gemm_lowp(rt.contiguous(a).reshape(-1, K), b, False, tb)
