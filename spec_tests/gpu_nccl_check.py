@@ -108,6 +108,9 @@ def main():
             fast.close()
 
     def mismatch():
+        if world == 1:
+            print("rank 0: mismatch check needs 2 ranks, skipped", file=sys.stderr, flush=True)
+            return
         try:
             comm.all_reduce(be.asarray(np.zeros(4 + r, np.float32)))  # ranks disagree about the size
         except CommError as exc:
