@@ -127,7 +127,7 @@ def _rank(comm, configs, warmup, steps, bar):
                 comm.barrier()
                 with use_backend(be):
                     t0 = time.perf_counter()
-                    with engine.ledger.compute("forward+backward"):
+                    with engine.ledger.compute("forward+backward", on_device=True):
                         loss, _ = model.loss(batch)
                         engine.backward(loss)
                         be.synchronize()           # GPU: the kernels queued so far have run

@@ -166,7 +166,7 @@ class Engine:
             on_device = isinstance(self.optimizer, AdamW)
             out_lowp = self.zero.lowp_output(streaming=not on_device)  # offloaded: written sub-group by sub-group
             if on_device:   # (the offloaded optimizer records its own sub-groups)
-                with self.ledger.compute("optimizer step"):
+                with self.ledger.compute("optimizer step", on_device=True):
                     self.optimizer.step(grad, lr=lr, grad_scale=scale / clip, out_lowp=out_lowp)
             else:
                 self.optimizer.step(grad, lr=lr, grad_scale=scale / clip, out_lowp=out_lowp)

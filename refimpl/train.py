@@ -176,7 +176,7 @@ def _loop(config, out, dataset, model, engine, progress) -> dict:
             loss_sum = 0.0
             for m in range(gas):
                 batch = rank_slice(dataset.get_batch("train", step * gas + m, micro * N, T), comm.rank, N)
-                with engine.ledger.compute("forward+backward"):
+                with engine.ledger.compute("forward+backward", on_device=True):
                     loss, _ = model.loss(batch)
                     engine.backward(loss)
                 loss_sum += loss.item()

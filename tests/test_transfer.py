@@ -185,3 +185,21 @@ def test_host_adam_behind_a_gpu_is_the_fastest_cpu_backend_installed(lazy):
     opt = OffloadedAdamW(iter([np.ones(4, np.float32)]), numel=4, groups=[(0, 4)], backend=GPUish(), device="cpu",
                          ledger=Ledger(), lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, adamw_mode=True)
     assert opt.host_adam_step == get_backend(want).adam_step
+
+
+def test_device_compute_is_recorded_on_the_device_timeline(lazy):
+    ledger = Ledger()
+    with ledger.compute("host work", on_device=True):        # no GPU copy stream: host clock, recorded at once
+        pass
+    assert [e["label"] for e in ledger.events] == ["host work"]
+    copies = CopyStream(lazy, ledger)
+    assert ledger.device_timer is copies
+    with ledger.compute("kernels", on_device=True):
+        copies.to_device(np.ones(4, np.float32), "p")
+    with ledger.compute("adam on the host"):                 # host work stays on the host clock
+        pass
+    assert [e["label"] for e in ledger.events if e["kind"] == "compute"] == ["host work", "adam on the host"]
+    ledger.flush()
+    (k,) = [e for e in ledger.events if e.get("label") == "kernels"]
+    (t,) = [e for e in ledger.events if e["kind"] == "transfer"]
+    assert k["kind"] == "compute" and k["start"] <= t["start"] <= t["end"] <= k["end"]

@@ -37,6 +37,7 @@ class Ledger:
         self.peak = defaultdict(int)     # tier -> most bytes held at once (since the last reset)
         self._lock = threading.Lock()    # I/O threads record too
         self._flushers = []              # device copies whose times are known once their events complete
+        self.device_timer = None         # a GPU's CopyStream: records intervals on the device's timeline
 
     def _now(self) -> float:
         return self.clock() - self.t0
@@ -64,7 +65,13 @@ class Ledger:
         self.add("wait", start, self._now(), src=src, dst=dst, label=label)
 
     @contextlib.contextmanager
-    def compute(self, label: str):
+    def compute(self, label: str, on_device: bool = False):
+        """Compute between entering and leaving. on_device: kernels queued on a GPU, recorded when the device ran
+        them (events on the compute stream, refimpl/memory/transfer.py), not when Python queued them."""
+        if on_device and self.device_timer is not None:
+            with self.device_timer.interval("compute", label=label):
+                yield
+            return
         start = self._now()
         yield
         self.add("compute", start, self._now(), label=label)

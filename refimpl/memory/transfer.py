@@ -21,6 +21,8 @@ otherwise hand the bytes to someone else while the copy engine still reads or wr
 """
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 
 from .nvme import aligned_empty
@@ -71,6 +73,7 @@ class CopyStream:
             self.stream = backend.stream()
             self.clock = DeviceClock(backend, ledger)
             ledger.on_flush(self.flush)
+            ledger.device_timer = self
 
     # ------------------------------------------------------------------------------------------- memory
     def host_empty(self, nbytes: int) -> np.ndarray:
@@ -130,6 +133,15 @@ class CopyStream:
         return HostCopy(self, out, done, (dev,), label)
 
     # ------------------------------------------------------------------------------------------- ledger
+    @contextlib.contextmanager
+    def interval(self, kind: str, **fields):
+        """Record `kind` from when the compute stream reaches the start of the block to when it finishes it."""
+        start, end = self.backend.event(), self.backend.event()
+        start.record(self.backend.current_stream())
+        yield
+        end.record(self.backend.current_stream())
+        self._record(kind, start, end, **fields)
+
     def _record(self, kind, start, end, **fields) -> None:
         self._pending.append((kind, start, end, fields, self.ledger.step))
 
