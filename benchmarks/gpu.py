@@ -2,7 +2,7 @@
 
     python3 benchmarks/gpu.py attention [--seqs 1024 2048 4096 8192] [--dims 64 128] [--check] [--kernels]
                                         [--no-compare] [--out FILE]
-    python3 benchmarks/gpu.py step [--batch 8] [--seq 1024] [--steps 10] [--profile] [--out FILE]
+    python3 benchmarks/gpu.py step [--batch 8] [--seq 1024] [--steps 10] [--profile] [--trace] [--out FILE]
     python3 benchmarks/gpu.py nvme [--gib 4] [--chunk-mib 64] [--path DIR] [--out FILE]
 
 attention: forward and forward+backward of causal attention in bf16, refimpl's FlashAttention-2 RawKernels
@@ -315,10 +315,44 @@ def bench_step(args):
     emit(lines, f"{torch.cuda.get_device_name()}; {n / 1e6:.0f}M parameters (12 x 768, vocab 50257, tied), "
                 f"{args.batch} x {args.seq} tokens, bf16 mixed precision; {args.steps} timed steps after 2, "
                 f"interleaved; torch {torch.__version__}", __file__, args.out)
+    if args.trace:
+        emit(trace_step(be, lambda: refimpl_step(batches[0])), "refimpl (cupy) step, every GPU kernel (CUPTI via "
+             "torch.profiler), per step over 2 steps; kernel times sum over streams", __file__, None)
     if args.profile:
         emit(profile_step(be, lambda: refimpl_step(batches[0]), 3), "refimpl (cupy) step by backend op: CUDA "
              "events around each call, summed per step (median of 3 steps); 'other' = the rest of the step's time "
              "(array code outside the backend's kernels, host waits)", __file__, None)
+
+
+def trace_step(be, step, reps=2):
+    """Every GPU kernel a refimpl step launches (CuPy's elementwise and reduction kernels, cuBLAS, our RawKernels),
+    from CUPTI's activity trace through torch.profiler: calls and device ms per step, by kernel name, and the sum of
+    kernel time against the step's wall time (the rest: the GPU idle while Python issues work)."""
+    import time
+
+    from torch.profiler import ProfilerActivity, profile
+    step()
+    be.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            step()
+        be.synchronize()
+        wall = (time.perf_counter() - t0) * 1e3 / reps
+    per = {}
+    for e in prof.events():
+        us = getattr(e, "device_time", None) or getattr(e, "cuda_time", 0.0)
+        if str(getattr(e, "device_type", "")).endswith("CUDA") and us:
+            c, t = per.get(e.name, (0, 0.0))
+            per[e.name] = (c + 1, t + us / 1e3)
+    busy = sum(t for _, t in per.values()) / reps
+    lines = ["| kernel | calls per step | ms per step | share of the step |", "|---|---|---|---|"]
+    for name, (c, t) in sorted(per.items(), key=lambda kv: -kv[1][1])[:30]:
+        lines.append(f"| {name[:90]} | {c / reps:g} | {t / reps:.2f} | {t / reps / wall:.0%} |")
+    lines.append(f"| all kernels ({sum(c for c, _ in per.values()) / reps:g} launches) | - | {busy:.2f} | "
+                 f"{busy / wall:.0%} |")
+    lines.append(f"| step (wall) | - | {wall:.2f} | 100% |")
+    return lines
 
 
 #: the backend's kernel entry points (refimpl/backend.py) that profile_step times
@@ -475,6 +509,8 @@ def main():
     s.add_argument("--seq", type=int, default=1024)
     s.add_argument("--steps", type=int, default=10)
     s.add_argument("--profile", action="store_true", help="then time refimpl's step by backend op")
+    s.add_argument("--trace", action="store_true", help="then list every GPU kernel of refimpl's step (CUPTI, "
+                                                        "through torch.profiler)")
     s.add_argument("--out")
     v = sub.add_parser("nvme")
     v.add_argument("--gib", type=float, default=4.0)
