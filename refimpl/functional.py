@@ -139,8 +139,20 @@ class Linear(Function):
         x2 = self.x.reshape(-1, self.x.shape[-1])                       # (N, in)
         g2 = g.reshape(-1, g.shape[-1])                                 # (N, out)
         dw = be.matmul(g2, x2, transpose_a=True).astype(weight.dtype, copy=False)  # (out, in)
-        db = g2.astype(np.promote_types(g.dtype, np.float32)).sum(axis=0).astype(g.dtype) if self.has_bias else None
+        # db = 1^T g as a GEMM: it sums in fp32 (at least) and rounds once, without an fp32 copy of g
+        db = be.matmul(_ones_row(be, g2.shape[0], g2.dtype), g2).reshape(-1) if self.has_bias else None
         return dx, dw, db
+
+
+_ONES = {}
+
+
+def _ones_row(be, n, dtype):
+    """A (1, n) row of ones on the backend's device, made once per length and dtype."""
+    key = (be.name, n, np.dtype(dtype).name)
+    if key not in _ONES:
+        _ONES[key] = be.asarray(np.ones((1, n), dtype=dtype))
+    return _ONES[key]
 
 
 class MatMul(Function):
