@@ -44,8 +44,9 @@ class GradientPartitioning(OptimizerStatePartitioning):
         for s in slots:
             self.params[s.name].grad = None                          # the whole gradient is gone
         if self.grads_on_host:  # ZeRO-Offload: into pinned host memory on the copy stream; added in once it lands
-            out = self.copies.host_empty(mine.nbytes).view(np.float32)
             label = f"reduced gradients of {len(slots)} parameters"
+            self.ledger.alloc("host", mine.nbytes, f"the pinned buffer of {label}")   # freed once added in
+            out = self.copies.host_empty(mine.nbytes).view(np.float32)
             self._grads_in_flight.append((self.copies.to_host(mine, out, label), slots))
             self._accumulate_landed(wait=False)
         else:
@@ -65,6 +66,7 @@ class GradientPartitioning(OptimizerStatePartitioning):
         while self._grads_in_flight and (wait or self._grads_in_flight[0][0].done()):
             copy, slots = self._grads_in_flight.pop(0)
             self._accumulate(copy.wait(), slots)
+            self.ledger.free("host", copy.out.nbytes)
 
     def after_backward(self) -> None:
         self._reduce_bucket()  # the last, partly filled bucket
