@@ -18,6 +18,7 @@ import bisect
 import numpy as np
 
 from .nvme import aligned_empty
+from .transfer import CopyStream
 
 
 class BufferPoolError(MemoryError):
@@ -27,7 +28,6 @@ class BufferPoolError(MemoryError):
 class ParamSwapper:
     def __init__(self, layout, rank: int, dtype, *, device: str, backend, ledger, store=None,
                  buffer_count: int = 5, buffer_size: int = 10**8, copies=None):
-        from .transfer import CopyStream
         if device not in ("cpu", "nvme"):
             raise ValueError(f"offload_param.device must be 'cpu' or 'nvme' here, got {device!r}")
         self.layout, self.rank, self.dtype = layout, rank, np.dtype(dtype)
