@@ -316,28 +316,72 @@ def bench_step(args):
                 f"{args.batch} x {args.seq} tokens, bf16 mixed precision; {args.steps} timed steps after 2, "
                 f"interleaved; torch {torch.__version__}", __file__, args.out)
     if args.trace:
-        emit(trace_step(be, lambda: refimpl_step(batches[0])), "refimpl (cupy) step, every GPU kernel (CUPTI via "
-             "torch.profiler), per step over 2 steps; kernel times sum over streams", __file__, None)
+        for name, fn, sync in (("refimpl (cupy)", refimpl_step, be.synchronize),
+                               ("torch eager", torch_step, torch.cuda.synchronize)):
+            emit(trace_step(sync, lambda: fn(batches[0])), f"{name} step, every GPU kernel (CUPTI via "  # noqa: B023
+                 "torch.profiler), per step over 2 steps; kernel times sum over streams", __file__, None)
+        emit(issue_time(be, model, engine, batches[0]), "refimpl (cupy): host time to issue forward+backward (no "
+             "synchronisation inside) against the time until the GPU has run it; median of 5", __file__, None)
+    if args.host_profile:
+        host_profile(be, lambda: refimpl_step(batches[0]))
     if args.profile:
         emit(profile_step(be, lambda: refimpl_step(batches[0]), 3), "refimpl (cupy) step by backend op: CUDA "
              "events around each call, summed per step (median of 3 steps); 'other' = the rest of the step's time "
              "(array code outside the backend's kernels, host waits)", __file__, None)
 
 
-def trace_step(be, step, reps=2):
-    """Every GPU kernel a refimpl step launches (CuPy's elementwise and reduction kernels, cuBLAS, our RawKernels),
-    from CUPTI's activity trace through torch.profiler: calls and device ms per step, by kernel name, and the sum of
-    kernel time against the step's wall time (the rest: the GPU idle while Python issues work)."""
+def host_profile(be, step, reps=3, top=45):
+    """Where the host's time goes in refimpl's step (cProfile over reps steps): by own time and by cumulative time."""
+    import cProfile
+    import pstats
+    step()
+    be.synchronize()
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(reps):
+        step()
+    be.synchronize()
+    prof.disable()
+    for key in ("tottime", "cumulative"):
+        pstats.Stats(prof).strip_dirs().sort_stats(key).print_stats(top)
+
+
+def issue_time(be, model, engine, batch, reps=5):
+    """Is the step bound by the host? Host ms to issue forward+backward (Python, autodiff, launches; nothing
+    inside waits for the GPU) against ms until the GPU has run it all, per repetition."""
+    import time
+    issue, done = [], []
+    for _ in range(reps + 1):
+        be.synchronize()
+        with use_backend(be):
+            t0 = time.perf_counter()
+            loss, _ = model.loss(batch)
+            engine.backward(loss)
+            t1 = time.perf_counter()
+            be.synchronize()
+            t2 = time.perf_counter()
+            engine.zero.zero_grads()
+            engine.micro_steps -= 1        # not a step: the next one is a boundary again
+        issue.append((t1 - t0) * 1e3)
+        done.append((t2 - t0) * 1e3)
+    return ["| forward+backward | ms |", "|---|---|", f"| host issues it | {np.median(issue[1:]):.2f} |",
+            f"| GPU has run it | {np.median(done[1:]):.2f} |"]
+
+
+def trace_step(sync, step, reps=2):
+    """Every GPU kernel a step launches (for refimpl: CuPy's elementwise and reduction kernels, cuBLAS, our
+    RawKernels), from CUPTI's activity trace through torch.profiler: calls and device ms per step, by kernel name,
+    and the sum of kernel time against the step's wall time (the rest: the GPU idle while Python issues work)."""
     import time
 
     from torch.profiler import ProfilerActivity, profile
     step()
-    be.synchronize()
+    sync()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         t0 = time.perf_counter()
         for _ in range(reps):
             step()
-        be.synchronize()
+        sync()
         wall = (time.perf_counter() - t0) * 1e3 / reps
     per = {}
     for e in prof.events():
@@ -511,6 +555,7 @@ def main():
     s.add_argument("--profile", action="store_true", help="then time refimpl's step by backend op")
     s.add_argument("--trace", action="store_true", help="then list every GPU kernel of refimpl's step (CUPTI, "
                                                         "through torch.profiler)")
+    s.add_argument("--host-profile", action="store_true", help="then profile refimpl's step on the host (cProfile)")
     s.add_argument("--out")
     v = sub.add_parser("nvme")
     v.add_argument("--gib", type=float, default=4.0)

@@ -203,9 +203,10 @@ template <typename T> __global__ void softmax_bwd(const T* dy, const T* y, T* dx
     }
 }
 
-// LayerNorm: two-pass mean and (biased) variance; w, b already in the compute type.
-template <typename T>
-__global__ void layernorm_fwd(const T* x, const typename Acc<T>::C* w, const typename Acc<T>::C* b, T* y,
+// LayerNorm: two-pass mean and (biased) variance. w, b are stored as W: x's type (read as they are) or the
+// compute type (a weight of another dtype, upcast by the caller).
+template <typename T, typename W>
+__global__ void layernorm_fwd(const T* x, const W* w, const W* b, T* y,
                               typename Acc<T>::C* mean, typename Acc<T>::C* rstd, i64 rows, int D,
                               typename Acc<T>::C eps) {
     typedef typename Acc<T>::C C;
@@ -219,14 +220,15 @@ __global__ void layernorm_fwd(const T* x, const typename Acc<T>::C* w, const typ
         for (int j = threadIdx.x; j < D; j += blockDim.x) { C d = get(x, o + j) - mu; q += d * d; }
         C var = block_reduce<C, false>(q, red) / (C)D;
         C rs = (C)1 / xsqrt(var + eps);
-        for (int j = threadIdx.x; j < D; j += blockDim.x) put(y, o + j, (get(x, o + j) - mu) * rs * w[j] + b[j]);
+        for (int j = threadIdx.x; j < D; j += blockDim.x)
+            put(y, o + j, (get(x, o + j) - mu) * rs * (C)get(w, j) + (C)get(b, j));
         if (threadIdx.x == 0) { mean[r] = mu; rstd[r] = rs; }
     }
 }
 
 // dx = rstd * (g - mean(g) - xhat * mean(g * xhat)), g = dy * w
-template <typename T>
-__global__ void layernorm_bwd_dx(const T* dy, const T* x, const typename Acc<T>::C* w,
+template <typename T, typename W>
+__global__ void layernorm_bwd_dx(const T* dy, const T* x, const W* w,
                                  const typename Acc<T>::C* mean, const typename Acc<T>::C* rstd, T* dx,
                                  i64 rows, int D) {
     typedef typename Acc<T>::C C;
@@ -236,19 +238,20 @@ __global__ void layernorm_bwd_dx(const T* dy, const T* x, const typename Acc<T>:
         C mu = mean[r], rs = rstd[r];
         C sg = 0, sgx = 0;
         for (int j = threadIdx.x; j < D; j += blockDim.x) {
-            C g = get(dy, o + j) * w[j], xh = (get(x, o + j) - mu) * rs;
+            C g = get(dy, o + j) * (C)get(w, j), xh = (get(x, o + j) - mu) * rs;
             sg += g; sgx += g * xh;
         }
         C mg = block_reduce<C, false>(sg, red) / (C)D;
         C mgx = block_reduce<C, false>(sgx, red) / (C)D;
         for (int j = threadIdx.x; j < D; j += blockDim.x) {
-            C g = get(dy, o + j) * w[j], xh = (get(x, o + j) - mu) * rs;
+            C g = get(dy, o + j) * (C)get(w, j), xh = (get(x, o + j) - mu) * rs;
             put(dx, o + j, rs * (g - mg - xh * mgx));
         }
     }
 }
 
-// dweight, dbias: per (row chunk, column) partial sums, summed over chunks by the caller (deterministic).
+// dweight, dbias: per (row chunk, column) partial sums, then layernorm_bwd_dwdb_sum adds the chunks in order
+// (deterministic) and rounds once to the weight's type.
 template <typename T>
 __global__ void layernorm_bwd_dwdb(const T* dy, const T* x, const typename Acc<T>::C* mean,
                                    const typename Acc<T>::C* rstd, typename Acc<T>::C* pw,
@@ -265,6 +268,16 @@ __global__ void layernorm_bwd_dwdb(const T* dy, const T* x, const typename Acc<T
     }
     pw[(i64)blockIdx.y * D + j] = aw;
     pb[(i64)blockIdx.y * D + j] = ab;
+}
+
+template <typename C, typename W>
+__global__ void layernorm_bwd_dwdb_sum(const C* pw, const C* pb, W* dw, W* db, int chunks, int D) {
+    int j = blockIdx.x * blockDim.x + threadIdx.x;
+    if (j >= D) return;
+    C aw = 0, ab = 0;
+    for (int c = 0; c < chunks; ++c) { aw += pw[(i64)c * D + j]; ab += pb[(i64)c * D + j]; }
+    put(dw, j, aw);
+    put(db, j, ab);
 }
 
 // Cross-entropy: per-row log-sum-exp and NLL (0 on ignored rows, NaN for a target outside [0, C)).
@@ -306,19 +319,21 @@ __global__ void xent_bwd(const T* z, const i64* t, const typename Acc<T>::C* lse
     }
 }
 
-// Embedding backward, sort-based (deterministic, no atomics): rows of dout sorted by id; one block row per
-// run of equal ids sums its rows in position order and writes the table row once.
+// Embedding backward, sort-based (deterministic, no atomics): rows of dout sorted by (id, position); the block
+// row at the first position of each run of equal ids sums the run's rows in position order and writes the table
+// row once. One block row per position (the others return at once), so the host never needs the run count.
 template <typename T>
-__global__ void embedding_bwd(const T* dout, const i64* order, const i64* sorted_ids, const i64* seg_start,
-                              i64 nseg, i64 n, int D, typename Acc<T>::C* dw) {
+__global__ void embedding_bwd(const T* dout, const i64* order, const i64* sorted_ids, i64 n, int D,
+                              typename Acc<T>::C* dw) {
     typedef typename Acc<T>::C C;
-    i64 s = blockIdx.x;
+    i64 a = blockIdx.x;
     int j = blockIdx.y * blockDim.x + threadIdx.x;
-    if (s >= nseg || j >= D) return;
-    i64 a = seg_start[s], e = s + 1 < nseg ? seg_start[s + 1] : n;
+    if (a >= n || j >= D) return;
+    i64 id = sorted_ids[a];
+    if (a > 0 && sorted_ids[a - 1] == id) return;   // not the first of its run
     C acc = 0;
-    for (i64 k = a; k < e; ++k) acc += get(dout, order[k] * D + j);
-    dw[sorted_ids[a] * D + j] = acc;
+    for (i64 k = a; k < n && sorted_ids[k] == id; ++k) acc += get(dout, order[k] * D + j);
+    dw[id * D + j] = acc;
 }
 
 """
@@ -334,8 +349,7 @@ FLOATS = tuple(CTYPE.values())
 GRADS = ("double", "float", "f16_t", "bf16_t")
 OUTS = ("none_t", "float", "f16_t", "bf16_t")
 
-ONE_TYPE = ("gelu_fwd", "gelu_bwd", "sumsq_k", "nonfinite_k", "softmax_fwd", "softmax_bwd", "layernorm_fwd",
-            "layernorm_bwd_dx", "layernorm_bwd_dwdb", "xent_fwd", "xent_bwd", "embedding_bwd", "flash_fwd",
+ONE_TYPE = ("gelu_fwd", "gelu_bwd", "sumsq_k", "nonfinite_k", "softmax_fwd", "softmax_bwd", "layernorm_bwd_dwdb", "xent_fwd", "xent_bwd", "embedding_bwd", "flash_fwd",
             "flash_bwd_dkdv", "flash_bwd_dq")
 HALVES = ("f16_t", "bf16_t")
 #: tensor-core attention tiles per padded head dim (MAXD): forward and dQ (m-tiles of 16 queries per warp, keys
@@ -355,6 +369,10 @@ def name_expressions():
     """Every template instantiation the backend calls (NVRTC compiles exactly these)."""
     names = [f"{k}<{t}>" for k in ONE_TYPE for t in FLOATS]
     names += [f"cast_k<{s}, {d}>" for s in FLOATS for d in FLOATS]
+    # layernorm's weight: stored as x (W = T) or in the compute type (W = C)
+    names += [f"{k}<{t}, {w}>" for k in ("layernorm_fwd", "layernorm_bwd_dx") for t in FLOATS
+              for w in dict.fromkeys((t, "double" if t == "double" else "float"))]
+    names += [f"layernorm_bwd_dwdb_sum<{c}, {w}>" for c in ("float", "double") for w in FLOATS]
     names += [f"adam_k<{g}, {o}>" for g in GRADS for o in OUTS]
     names += [tc_name(k, t, d, tiles) for d, kt in TC_TILES.items() for k, tiles in kt.items() for t in HALVES]
     names += [tc_name(k, "bf16_t", d, tiles) for d, kt in TC_VARIANTS.items() for k, v in kt.items() for tiles in v]

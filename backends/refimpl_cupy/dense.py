@@ -4,6 +4,9 @@ matmul goes to cuBLAS: float32/float64 through cupy.matmul (TF32 stays off: CuPy
 CUPY_TF32=1), float16/bfloat16 through cublasGemmStridedBatchedEx with fp32 accumulation
 (CUBLAS_COMPUTE_32F) and one rounding of the result. The rest are the fused kernels of _source.py.
 """
+import functools
+import math
+
 import numpy as np
 
 from . import _runtime as rt
@@ -13,6 +16,7 @@ from ._runtime import cupy, raw, scalar
 # ----------------------------------------------------------------------------------------------- matmul
 _ONE = np.ones(1, np.float32)    # host scalars cuBLAS reads through a pointer (alpha, beta)
 _ZERO = np.zeros(1, np.float32)
+_ONE_PTR, _ZERO_PTR = _ONE.ctypes.data, _ZERO.ctypes.data
 
 
 def matmul(a, b, transpose_a=False, transpose_b=False):
@@ -34,9 +38,8 @@ def matmul(a, b, transpose_a=False, transpose_b=False):
 
 def _gemm_lowp(a, b, ta, tb):
     """fp16/bf16 GEMM in cuBLAS with fp32 accumulation. Row-major C = op(A) op(B) is column-major
-    C^T = op(B)^T op(A)^T, so B goes first; a contiguous row-major X is X^T to column-major cuBLAS."""
-    cp = cupy()
-    from cupy.cuda import cublas, device, runtime
+    C^T = op(B)^T op(A)^T, so B goes first; a contiguous row-major X is X^T to column-major cuBLAS.
+    (Shapes are Python ints and math.prod, not numpy: this runs ~300 times a GPT-2 step, on the host.)"""
     dtype = a.dtype
     M, K = (a.shape[-1], a.shape[-2]) if ta else (a.shape[-2], a.shape[-1])
     Kb, N = (b.shape[-1], b.shape[-2]) if tb else (b.shape[-2], b.shape[-1])
@@ -51,33 +54,47 @@ def _gemm_lowp(a, b, ta, tb):
         # (..., M, K) @ (K, N) is one (prod(...) * M, K) GEMM
         y = _gemm_lowp(rt.contiguous(a).reshape(-1, K), b, False, tb)
         return y.reshape(*a.shape[:-1], N)
-    batch = tuple(np.broadcast_shapes(a.shape[:-2], b.shape[:-2]))
-    nbatch = int(np.prod(batch, dtype=np.int64))
+    batch = () if a.ndim == b.ndim == 2 else tuple(np.broadcast_shapes(a.shape[:-2], b.shape[:-2]))
     out = rt.empty(batch + (M, N), dtype)
     if out.size == 0:
         return out
     if K == 0:
         return rt.zeros(batch + (M, N), dtype)
+    a_c, stride_a = _operand(a, batch)
+    b_c, stride_b = _operand(b, batch)
+    _cublas_gemm(dtype, tb, ta, N, M, K, b_c, b.shape[-1], stride_b, a_c, a.shape[-1], stride_a, out,
+                 math.prod(batch))
+    return out
 
-    def operand(x):  # contiguous, broadcast to the batch; stride 0 when the operand has one matrix
-        mat = x.shape[-2] * x.shape[-1]
-        if int(np.prod(x.shape[:-2], dtype=np.int64)) == 1:
-            return rt.contiguous(x), 0
-        xb = cp.broadcast_to(raw(x), batch + x.shape[-2:])
-        return cp.ascontiguousarray(xb), mat
 
-    a_c, stride_a = operand(a)
-    b_c, stride_b = operand(b)
-    code = runtime.CUDA_R_16F if dtype == np.float16 else getattr(runtime, "CUDA_R_16BF", 14)
-    handle = device.get_cublas_handle()
+def _operand(x, batch):
+    """x contiguous and broadcast to the batch, and its batch stride (0 when x has one matrix)."""
+    if x.ndim == 2 or math.prod(x.shape[:-2]) == 1:
+        return rt.contiguous(x), 0
+    cp = cupy()
+    return cp.ascontiguousarray(cp.broadcast_to(raw(x), batch + x.shape[-2:])), x.shape[-2] * x.shape[-1]
+
+
+@functools.lru_cache(maxsize=None)
+def _cublas():
+    """cuBLAS's constants, looked up once: the 16-bit type codes, fp32 compute, the default algorithm."""
+    from cupy.cuda import cublas, runtime
+    return (cublas, {np.dtype(np.float16): runtime.CUDA_R_16F, rt.bfloat16: getattr(runtime, "CUDA_R_16BF", 14)},
+            getattr(cublas, "CUBLAS_COMPUTE_32F", 68), getattr(cublas, "CUBLAS_GEMM_DEFAULT", -1))
+
+
+def _cublas_gemm(dtype, tb, ta, N, M, K, b_c, ldb, stride_b, a_c, lda, stride_a, out, nbatch):
+    """One cublasGemmStridedBatchedEx on the current stream: C (N x M, column-major) = op(B) op(A)."""
+    cp = cupy()
+    cublas, codes, compute, algo = _cublas()
+    code = codes[dtype]
+    handle = cp.cuda.device.get_cublas_handle()
     cublas.setStream(handle, cp.cuda.get_current_stream().ptr)
     cublas.gemmStridedBatchedEx(
         handle, 1 if tb else 0, 1 if ta else 0, N, M, K,
-        _ONE.ctypes.data, b_c.data.ptr, code, b.shape[-1], stride_b,
-        a_c.data.ptr, code, a.shape[-1], stride_a,
-        _ZERO.ctypes.data, out.data.ptr, code, N, M * N, nbatch,
-        getattr(cublas, "CUBLAS_COMPUTE_32F", 68), getattr(cublas, "CUBLAS_GEMM_DEFAULT", -1))
-    return out
+        _ONE_PTR, b_c.data.ptr, code, ldb, stride_b,
+        a_c.data.ptr, code, lda, stride_a,
+        _ZERO_PTR, out.data.ptr, code, N, M * N, nbatch, compute, algo)
 
 
 # ------------------------------------------------------------------------------------------------ rows
@@ -116,6 +133,14 @@ def softmax_backward(dy, y, axis=-1):
     return back(dx)
 
 
+def _ln_weight(w, x_dtype, cdt, as_stored=True):
+    """A layernorm weight/bias as the kernels read it, and its C++ type: as stored when it has x's dtype (no
+    copy, converted in registers), else upcast to the compute dtype."""
+    if as_stored and w.dtype == x_dtype:
+        return raw(rt.contiguous(w)), rt.ctype(x_dtype)
+    return rt.contiguous(rt.up(w).astype(cdt, copy=False)), rt.ctype(cdt)
+
+
 def layernorm(x, weight, bias, eps=1e-5):
     """Returns (y, mean, rstd); mean/rstd (..., 1) in the compute dtype."""
     cdt = rt.compute_dtype(x.dtype)
@@ -124,35 +149,41 @@ def layernorm(x, weight, bias, eps=1e-5):
     rows = xr.size // d
     y = rt.empty(x.shape, x.dtype)
     mean, rstd = rt.empty(x.shape[:-1] + (1,), cdt), rt.empty(x.shape[:-1] + (1,), cdt)
-    w, b = rt.contiguous(rt.up(weight).astype(cdt, copy=False)), rt.contiguous(rt.up(bias).astype(cdt, copy=False))
-    rt.launch_rows(f"layernorm_fwd<{rt.ctype(x.dtype)}>", rows, d, raw(xr), w, b, raw(y), mean, rstd,
+    (w, wt), (b, bt) = _ln_weight(weight, x.dtype, cdt), _ln_weight(bias, x.dtype, cdt)
+    if wt != bt:   # one weight type per kernel: both in the compute dtype
+        (w, wt), (b, bt) = (_ln_weight(a, x.dtype, cdt, as_stored=False) for a in (weight, bias))
+    rt.launch_rows(f"layernorm_fwd<{rt.ctype(x.dtype)}, {wt}>", rows, d, raw(xr), w, b, raw(y), mean, rstd,
                    scalar(rows, np.int64), scalar(d, np.int32), scalar(eps, cdt))
     return y, mean, rstd
 
 
 def layernorm_backward(dy, x, weight, mean, rstd):
     """Returns (dx, dweight, dbias): dx in x's dtype, dweight/dbias in weight's."""
-    cp = cupy()
     cdt = rt.compute_dtype(x.dtype)
     dyr = rt.contiguous(dy if dy.dtype == x.dtype else rt.cast(dy, x.dtype))
     xr = rt.contiguous(x)
     d = x.shape[-1]
     rows = xr.size // d
-    w = rt.contiguous(rt.up(weight).astype(cdt, copy=False))
+    w, wt = _ln_weight(weight, x.dtype, cdt)
     mu, rs = (rt.contiguous(rt.up(a).astype(cdt, copy=False)) for a in (mean, rstd))
     dx = rt.empty(x.shape, x.dtype)
-    rt.launch_rows(f"layernorm_bwd_dx<{rt.ctype(x.dtype)}>", rows, d, raw(dyr), raw(xr), w, mu, rs, raw(dx),
+    rt.launch_rows(f"layernorm_bwd_dx<{rt.ctype(x.dtype)}, {wt}>", rows, d, raw(dyr), raw(xr), w, mu, rs, raw(dx),
                    scalar(rows, np.int64), scalar(d, np.int32))
     chunks = max(1, min(256, -(-rows // 64)))
     per = -(-rows // chunks) if rows else 1
-    pw, pb = cp.zeros((chunks, d), cdt), cp.zeros((chunks, d), cdt)
+    # per (row chunk, column) partial sums, then the chunks in order, rounded once to the weight's dtype
+    pw, pb = (rt.empty((chunks, d), cdt) if rows else rt.zeros((chunks, d), cdt) for _ in range(2))
     if rows:
         rt.kernel(f"layernorm_bwd_dwdb<{rt.ctype(x.dtype)}>")(
             (-(-d // 128), chunks), (128,),
             (raw(dyr), raw(xr), mu, rs, pw, pb, scalar(rows, np.int64), scalar(d, np.int32),
              scalar(per, np.int64)))
-    dweight, dbias = pw.sum(axis=0), pb.sum(axis=0)
-    return dx, rt.cast(dweight, weight.dtype), rt.cast(dbias, weight.dtype)
+    dweight, dbias = rt.empty((d,), weight.dtype), rt.empty((d,), weight.dtype)
+    if d:
+        rt.kernel(f"layernorm_bwd_dwdb_sum<{rt.ctype(cdt)}, {rt.ctype(weight.dtype)}>")(
+            (-(-d // 128),), (128,), (pw, pb, raw(dweight), raw(dbias), scalar(chunks, np.int32),
+                                     scalar(d, np.int32)))
+    return dx, dweight, dbias
 
 
 def gelu(x):
@@ -191,13 +222,10 @@ def embedding_backward(dout, ids, num_embeddings):
         flat = cp.where(flat < 0, flat + num_embeddings, flat)
         order = cp.argsort(flat * n + cp.arange(n, dtype=cp.int64))  # unique keys: a fixed order
         sorted_ids = flat[order]
-        starts = cp.flatnonzero(cp.concatenate([cp.ones(1, bool), sorted_ids[1:] != sorted_ids[:-1]]))
-        nseg = int(starts.size)
         rows = rt.contiguous(dout).reshape(n, d)
         rt.kernel(f"embedding_bwd<{rt.ctype(dout.dtype)}>")(
-            (nseg, -(-d // 128)), (128,),
-            (raw(rows), order, sorted_ids, starts.astype(cp.int64), scalar(nseg, np.int64), scalar(n, np.int64),
-             scalar(d, np.int32), dw))
+            (n, -(-d // 128)), (128,),
+            (raw(rows), order, sorted_ids, scalar(n, np.int64), scalar(d, np.int32), dw))
     return rt.cast(dw, dout.dtype) if dw.dtype != dout.dtype else dw
 
 
