@@ -187,7 +187,7 @@ def _graph(root: Tensor) -> tuple[list[Function], dict[int, int]]:
 
 
 def _add(a, b):
-    return b if a is None else a + b  # out of place: gradients may alias forward arrays
+    return b if a is None else get_backend().add(a, b)  # out of place: gradients may alias forward arrays
 
 
 def backward(root: Tensor, grad=None, retain_graph=False) -> None:

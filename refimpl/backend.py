@@ -29,7 +29,7 @@ ENTRY_POINT_GROUP = "refimpl.backends"
 #: The kernel half of the interface. The spec_tests meta-test fails when one of these has no
 #: equivalence test, so adding a kernel here obliges a test.
 KERNELS = (
-    "matmul",
+    "matmul", "add",
     "softmax", "softmax_backward",
     "layernorm", "layernorm_backward",
     "gelu", "gelu_backward",
@@ -101,6 +101,7 @@ class Backend:
 
     # ------------------------------------------------------------------------------------ kernels
     matmul = staticmethod(_dense.matmul)
+    add = staticmethod(_dense.add)
     softmax = staticmethod(_dense.softmax)
     softmax_backward = staticmethod(_dense.softmax_backward)
     layernorm = staticmethod(_dense.layernorm)

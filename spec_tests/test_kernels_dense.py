@@ -220,6 +220,37 @@ def test_layernorm_reference_matches_torch():
     assert_close(y, ty.numpy(), np.float64, what="layernorm vs torch")
 
 
+# --------------------------------------------------------------------------------------------------- add
+@pytest.mark.kernel("add")
+@all_dtypes
+@given(shape=shapes(max_dims=3, max_size=33), seed=seeds, bias=st.booleans(), wide=st.booleans())
+def test_add(backend, dtype, shape, seed, bias, wide):
+    """a + b, b of a's shape or a bias over its last dim. wide: sizes a multiple of 8 (the GPU's 16-byte path)."""
+    if wide:
+        shape = shape[:-1] + (8 * shape[-1],) if shape else (8,)
+    rng = np.random.default_rng(seed)
+    a = random_array(rng, shape, dtype)
+    b = random_array(rng, shape[len(shape) - 1:] if bias else shape, dtype)
+    y = run_kernel(backend, "add", a, b)
+    expected = ref.add(a, b)
+    # the reference is the exact sum, rounded (float32, then the dtype, as NumPy and ml_dtypes add 16-bit floats)
+    assert_close(expected, f64(a) + f64(b), dtype, scale=np.abs(f64(a)) + np.abs(f64(b)), what="reference add")
+    assert_dtype(y, dtype, "add")
+    # one addition and its rounding are fully determined: every backend gives the reference's bits
+    np.testing.assert_array_equal(y.view(np.uint8), np.asarray(expected).view(np.uint8))
+
+
+@pytest.mark.kernel("add")
+@given(seed=seeds, swap=st.booleans())
+def test_add_bias_first_and_scalars(backend, seed, swap):
+    """bias + x (the broadcast operand first), and an array plus a Python float, as NumPy adds them."""
+    rng = np.random.default_rng(seed)
+    x, bias = random_array(rng, (3, 16), np.float32), random_array(rng, (16,), np.float32)
+    a, b = (bias, x) if swap else (x, bias)
+    np.testing.assert_array_equal(run_kernel(backend, "add", a, b), a + b)
+    np.testing.assert_array_equal(run_kernel(backend, "add", x, 0.5), x + 0.5)
+
+
 # -------------------------------------------------------------------------------------------------- gelu
 _C = math.sqrt(2.0 / math.pi)
 

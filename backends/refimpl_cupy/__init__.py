@@ -143,6 +143,10 @@ class CupyBackend(Backend):
         from . import dense
         return dense.matmul(a, b, transpose_a, transpose_b)
 
+    def add(self, a, b):
+        from . import dense
+        return dense.add(a, b)
+
     def softmax(self, x, axis=-1):
         from . import dense
         return dense.softmax(x, axis)

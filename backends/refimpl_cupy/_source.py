@@ -105,25 +105,26 @@ template <typename S, typename D> __global__ void cast_k(const S* x, D* y, i64 n
 }
 
 // GELU, tanh form, term for term as refimpl/kernels/dense.py
+template <typename C> __device__ __forceinline__ C gelu_of(C v) {
+    const C k = (C)0.7978845608028654, c = (C)0.044715;
+    C inner = k * (v + c * (v * v * v));
+    return (C)0.5 * v * ((C)1 + xtanh(inner));
+}
+template <typename C> __device__ __forceinline__ C gelu_grad_of(C v) {
+    const C k = (C)0.7978845608028654, c = (C)0.044715, c3 = (C)0.134145;
+    C t = xtanh(k * (v + c * (v * v * v)));
+    C dinner = k * ((C)1 + c3 * (v * v));
+    return (C)0.5 * ((C)1 + t) + (C)0.5 * v * ((C)1 - t * t) * dinner;
+}
 template <typename T> __global__ void gelu_fwd(const T* x, T* y, i64 n) {
     typedef typename Acc<T>::C C;
-    const C k = (C)0.7978845608028654, c = (C)0.044715;
-    for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x) {
-        C v = get(x, i);
-        C inner = k * (v + c * (v * v * v));
-        put(y, i, (C)0.5 * v * ((C)1 + xtanh(inner)));
-    }
+    for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x)
+        put(y, i, gelu_of<C>(get(x, i)));
 }
 template <typename T> __global__ void gelu_bwd(const T* dy, const T* x, T* dx, i64 n) {
     typedef typename Acc<T>::C C;
-    const C k = (C)0.7978845608028654, c = (C)0.044715, c3 = (C)0.134145;
-    for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x) {
-        C v = get(x, i);
-        C t = xtanh(k * (v + c * (v * v * v)));
-        C dinner = k * ((C)1 + c3 * (v * v));
-        C dg = (C)0.5 * ((C)1 + t) + (C)0.5 * v * ((C)1 - t * t) * dinner;
-        put(dx, i, get(dy, i) * dg);
-    }
+    for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x)
+        put(dx, i, get(dy, i) * gelu_grad_of<C>(get(x, i)));
 }
 
 // IEEE float32 arithmetic that keeps subnormals. cp.RawModule appends -ftz=true to the caller's options, so every
@@ -134,6 +135,54 @@ __device__ __forceinline__ float sub_rn(float a, float b) { float r; asm("sub.rn
 __device__ __forceinline__ float mul_rn(float a, float b) { float r; asm("mul.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b)); return r; }
 __device__ __forceinline__ float div_rn(float a, float b) { float r; asm("div.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b)); return r; }
 __device__ __forceinline__ float sqrt_rn(float a) { float r; asm("sqrt.rn.f32 %0, %1;" : "=f"(r) : "f"(a)); return r; }
+
+// ------------------------------------------------------------------------ 16-bit elementwise, 8 values a load
+// fp16/bf16 arrays are read and written 8 values per 16-byte access (uint4): these kernels are bound by memory,
+// and 2-byte accesses used about a third of the H200's bandwidth. The arithmetic per value is the scalar kernels'.
+template <typename T> __device__ __forceinline__ float h16_get(u16 b);
+template <> __device__ __forceinline__ float h16_get<bf16_t>(u16 b) { return b2f(b); }
+template <> __device__ __forceinline__ float h16_get<f16_t>(u16 b) { return h2f(b); }
+template <typename T> __device__ __forceinline__ u16 h16_put(float f);
+template <> __device__ __forceinline__ u16 h16_put<bf16_t>(float f) { return f2b(f); }
+template <> __device__ __forceinline__ u16 h16_put<f16_t>(float f) { return f2h(f); }
+
+template <typename T> __global__ void gelu_fwd8(const uint4* x, uint4* y, i64 n8) {
+    for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < n8; i += (i64)gridDim.x * blockDim.x) {
+        uint4 vx = x[i], r;
+        const u16* hx = reinterpret_cast<const u16*>(&vx);
+        u16* hr = reinterpret_cast<u16*>(&r);
+#pragma unroll
+        for (int k = 0; k < 8; ++k) hr[k] = h16_put<T>(gelu_of<float>(h16_get<T>(hx[k])));
+        y[i] = r;
+    }
+}
+template <typename T> __global__ void gelu_bwd8(const uint4* dy, const uint4* x, uint4* dx, i64 n8) {
+    for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < n8; i += (i64)gridDim.x * blockDim.x) {
+        uint4 vd = dy[i], vx = x[i], r;
+        const u16 *hd = reinterpret_cast<const u16*>(&vd), *hx = reinterpret_cast<const u16*>(&vx);
+        u16* hr = reinterpret_cast<u16*>(&r);
+#pragma unroll
+        for (int k = 0; k < 8; ++k) hr[k] = h16_put<T>(h16_get<T>(hd[k]) * gelu_grad_of<float>(h16_get<T>(hx[k])));
+        dx[i] = r;
+    }
+}
+
+// y = a + b, b repeating every nb values (nb = n: same shape; a bias over a's trailing dims: its size). An fp32
+// add that keeps subnormals (add_rn), rounded once to the storage type: NumPy's and ml_dtypes' a + b, bit for bit.
+template <typename T> __global__ void add_k(const T* a, const T* b, T* y, i64 n, i64 nb) {
+    for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x)
+        put(y, i, add_rn(get(a, i), get(b, nb == n ? i : i % nb)));
+}
+template <typename T> __global__ void add8(const uint4* a, const uint4* b, uint4* y, i64 n8, i64 nb8) {
+    for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < n8; i += (i64)gridDim.x * blockDim.x) {
+        uint4 va = a[i], vb = b[nb8 == n8 ? i : i % nb8], r;
+        const u16 *ha = reinterpret_cast<const u16*>(&va), *hb = reinterpret_cast<const u16*>(&vb);
+        u16* hr = reinterpret_cast<u16*>(&r);
+#pragma unroll
+        for (int k = 0; k < 8; ++k) hr[k] = h16_put<T>(add_rn(h16_get<T>(ha[k]), h16_get<T>(hb[k])));
+        y[i] = r;
+    }
+}
 
 // One fused AdamW step (refimpl/kernels/optim.py::adam_step, operation for operation, no FMA contraction).
 template <typename G, typename O>
@@ -321,7 +370,8 @@ __global__ void xent_bwd(const T* z, const i64* t, const typename Acc<T>::C* lse
 
 // Embedding backward, sort-based (deterministic, no atomics): rows of dout sorted by (id, position); the block
 // row at the first position of each run of equal ids sums the run's rows in position order and writes the table
-// row once. One block row per position (the others return at once), so the host never needs the run count.
+// row once. One block row per position (the others return at once), so the host never needs the run count
+// (which would wait for the GPU).
 template <typename T>
 __global__ void embedding_bwd(const T* dout, const i64* order, const i64* sorted_ids, i64 n, int D,
                               typename Acc<T>::C* dw) {
@@ -331,8 +381,10 @@ __global__ void embedding_bwd(const T* dout, const i64* order, const i64* sorted
     if (a >= n || j >= D) return;
     i64 id = sorted_ids[a];
     if (a > 0 && sorted_ids[a - 1] == id) return;   // not the first of its run
+    i64 lo = a + 1, hi = n;                         // the run's end: binary search, ids are sorted
+    while (lo < hi) { i64 mid = (lo + hi) >> 1; if (sorted_ids[mid] == id) lo = mid + 1; else hi = mid; }
     C acc = 0;
-    for (i64 k = a; k < n && sorted_ids[k] == id; ++k) acc += get(dout, order[k] * D + j);
+    for (i64 k = a; k < lo; ++k) acc += get(dout, order[k] * D + j);
     dw[id * D + j] = acc;
 }
 
@@ -377,4 +429,5 @@ def name_expressions():
     names += [tc_name(k, t, d, tiles) for d, kt in TC_TILES.items() for k, tiles in kt.items() for t in HALVES]
     names += [tc_name(k, "bf16_t", d, tiles) for d, kt in TC_VARIANTS.items() for k, v in kt.items() for tiles in v]
     names += [f"flash_bwd_pre_tc<{t}>" for t in HALVES]
+    names += [f"{k}<{t}>" for k in ("add_k", "add8", "gelu_fwd8", "gelu_bwd8") for t in HALVES]
     return names

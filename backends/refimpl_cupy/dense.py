@@ -46,33 +46,40 @@ def _gemm_lowp(a, b, ta, tb):
     if K != Kb:
         raise ValueError(f"matmul: inner dimensions differ: op(a) is {M}x{K}, op(b) is {Kb}x{N} "
                          f"(shapes {a.shape}, {b.shape}, transpose_a={ta}, transpose_b={tb})")
-    if tb and not ta and b.ndim == 2 and N % 8 == 0 and 2 * b.size <= a.size:
-        # x @ W^T with a weight much smaller than x: cuBLAS's transposed-B kernels ran 2-5x slower than its
-        # plain ones at GPT-2's linear shapes (H200, benchmarks/gpu.py step --profile); W^T is cheap to copy
-        return _gemm_lowp(a, rt.contiguous(b.T), False, False)
     if b.ndim == 2 and a.ndim > 2 and not ta:
         # (..., M, K) @ (K, N) is one (prod(...) * M, K) GEMM
         y = _gemm_lowp(rt.contiguous(a).reshape(-1, K), b, False, tb)
         return y.reshape(*a.shape[:-1], N)
     batch = () if a.ndim == b.ndim == 2 else tuple(np.broadcast_shapes(a.shape[:-2], b.shape[:-2]))
-    out = rt.empty(batch + (M, N), dtype)
-    if out.size == 0:
-        return out
+    if math.prod(batch) * M * N == 0:
+        return rt.empty(batch + (M, N), dtype)
     if K == 0:
         return rt.zeros(batch + (M, N), dtype)
-    a_c, stride_a = _operand(a, batch)
-    b_c, stride_b = _operand(b, batch)
-    _cublas_gemm(dtype, tb, ta, N, M, K, b_c, b.shape[-1], stride_b, a_c, a.shape[-1], stride_a, out,
-                 math.prod(batch))
-    return out
+    (a_c, lda, stride_a), (b_c, ldb, stride_b) = _operand(a, batch), _operand(b, batch)
+    ldc = _padded(N)
+    out = rt.empty(batch + (M, ldc), dtype)
+    _cublas_gemm(dtype, tb, ta, N, M, K, b_c, ldb, stride_b, a_c, lda, stride_a, out, ldc, math.prod(batch))
+    return out if ldc == N else rt.contiguous(out[..., :N])
+
+
+def _padded(n):
+    """A leading dimension of n rounded up to 8 elements (16 bytes): with 16-byte aligned rows cuBLAS runs its
+    vectorised kernels; otherwise its align1 ones, ~6x slower on GPT-2's LM head (vocab 50257, H200)."""
+    return -(-n // 8) * 8
 
 
 def _operand(x, batch):
-    """x contiguous and broadcast to the batch, and its batch stride (0 when x has one matrix)."""
+    """x as cuBLAS reads it: rows 16-byte aligned (a padded copy when they are not), broadcast to the batch;
+    with its leading dimension and batch stride (0 when x has one matrix)."""
+    ld = _padded(x.shape[-1])
+    if not (x.flags.c_contiguous and ld == x.shape[-1] and x.data.ptr % 16 == 0):
+        pad = rt.empty(x.shape[:-1] + (ld,), x.dtype)
+        raw(pad)[..., :x.shape[-1]] = raw(x)
+        x = pad
     if x.ndim == 2 or math.prod(x.shape[:-2]) == 1:
-        return rt.contiguous(x), 0
+        return x, ld, 0
     cp = cupy()
-    return cp.ascontiguousarray(cp.broadcast_to(raw(x), batch + x.shape[-2:])), x.shape[-2] * x.shape[-1]
+    return cp.ascontiguousarray(cp.broadcast_to(raw(x), batch + x.shape[-2:])), ld, x.shape[-2] * ld
 
 
 @functools.lru_cache(maxsize=None)
@@ -83,7 +90,7 @@ def _cublas():
             getattr(cublas, "CUBLAS_COMPUTE_32F", 68), getattr(cublas, "CUBLAS_GEMM_DEFAULT", -1))
 
 
-def _cublas_gemm(dtype, tb, ta, N, M, K, b_c, ldb, stride_b, a_c, lda, stride_a, out, nbatch):
+def _cublas_gemm(dtype, tb, ta, N, M, K, b_c, ldb, stride_b, a_c, lda, stride_a, out, ldc, nbatch):
     """One cublasGemmStridedBatchedEx on the current stream: C (N x M, column-major) = op(B) op(A)."""
     cp = cupy()
     cublas, codes, compute, algo = _cublas()
@@ -94,7 +101,7 @@ def _cublas_gemm(dtype, tb, ta, N, M, K, b_c, ldb, stride_b, a_c, lda, stride_a,
         handle, 1 if tb else 0, 1 if ta else 0, N, M, K,
         _ONE_PTR, b_c.data.ptr, code, ldb, stride_b,
         a_c.data.ptr, code, lda, stride_a,
-        _ZERO_PTR, out.data.ptr, code, N, M * N, nbatch, compute, algo)
+        _ZERO_PTR, out.data.ptr, code, ldc, M * ldc, nbatch, compute, algo)
 
 
 # ------------------------------------------------------------------------------------------------ rows
@@ -186,10 +193,43 @@ def layernorm_backward(dy, x, weight, mean, rstd):
     return dx, dweight, dbias
 
 
+def _wide(*arrays):
+    """Can these contiguous arrays go through the 8-values-a-load kernels? 16-bit, sizes a multiple of 8, and
+    16-byte aligned."""
+    return all(a.dtype in rt._TWO_BYTE_FLOATS and a.size % 8 == 0 and a.data.ptr % 16 == 0 for a in arrays)
+
+
+def add(a, b):
+    """a + b. fp16/bf16 arrays of one dtype where one is the other's shape or broadcasts over its leading dims
+    (a bias) run our kernel; everything else is CuPy's a + b."""
+    cp = cupy()
+    if not (isinstance(a, cp.ndarray) and isinstance(b, cp.ndarray) and a.dtype == b.dtype
+            and a.dtype in rt._TWO_BYTE_FLOATS):
+        return a + b
+    if b.size > a.size:
+        a, b = b, a   # the same sum: IEEE addition commutes
+    if b.ndim > a.ndim or a.shape[a.ndim - b.ndim:] != b.shape or (b.size == 0 and a.size):
+        return a + b
+    ac, bc = rt.contiguous(a), rt.contiguous(b)
+    y = rt.empty(a.shape, a.dtype)
+    t = rt.ctype(a.dtype)
+    if _wide(ac, bc):
+        rt.launch_elementwise(f"add8<{t}>", ac.size // 8, raw(ac), raw(bc), raw(y), scalar(ac.size // 8, np.int64),
+                              scalar(bc.size // 8, np.int64))
+    else:
+        rt.launch_elementwise(f"add_k<{t}>", ac.size, raw(ac), raw(bc), raw(y), scalar(ac.size, np.int64),
+                              scalar(bc.size, np.int64))
+    return y
+
+
 def gelu(x):
     xr = rt.contiguous(x)
     y = rt.empty(x.shape, x.dtype)
-    rt.launch_elementwise(f"gelu_fwd<{rt.ctype(x.dtype)}>", xr.size, raw(xr), raw(y), scalar(xr.size, np.int64))
+    if _wide(xr):
+        rt.launch_elementwise(f"gelu_fwd8<{rt.ctype(x.dtype)}>", xr.size // 8, raw(xr), raw(y),
+                              scalar(xr.size // 8, np.int64))
+    else:
+        rt.launch_elementwise(f"gelu_fwd<{rt.ctype(x.dtype)}>", xr.size, raw(xr), raw(y), scalar(xr.size, np.int64))
     return y
 
 
@@ -197,8 +237,12 @@ def gelu_backward(dy, x):
     xr = rt.contiguous(x if x.dtype == dy.dtype else rt.cast(x, dy.dtype))
     dyr = rt.contiguous(dy)
     dx = rt.empty(dy.shape, dy.dtype)
-    rt.launch_elementwise(f"gelu_bwd<{rt.ctype(dy.dtype)}>", dyr.size, raw(dyr), raw(xr), raw(dx),
-                          scalar(dyr.size, np.int64))
+    if _wide(dyr, xr):
+        rt.launch_elementwise(f"gelu_bwd8<{rt.ctype(dy.dtype)}>", dyr.size // 8, raw(dyr), raw(xr), raw(dx),
+                              scalar(dyr.size // 8, np.int64))
+    else:
+        rt.launch_elementwise(f"gelu_bwd<{rt.ctype(dy.dtype)}>", dyr.size, raw(dyr), raw(xr), raw(dx),
+                              scalar(dyr.size, np.int64))
     return dx
 
 

@@ -83,6 +83,13 @@ def layernorm_backward(dy, x, weight, mean, rstd):
             dbias.astype(weight.dtype, copy=False))
 
 
+# -------------------------------------------------------------------------------------------------- add
+def add(a, b):
+    """a + b with NumPy broadcasting, in the result dtype, rounded once: the residual stream, bias adds and
+    gradient accumulation. A kernel so GPU backends can run the 16-bit adds with wide memory accesses."""
+    return a + b
+
+
 # ------------------------------------------------------------------------------------------------- gelu
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 

@@ -30,12 +30,12 @@ class FlatParams:
             p.data = view.reshape(p.shape)
 
     def flat_grads(self, dtype=np.float32):
-        """The parameters' .grad laid out like the buffer (zeros for params without a gradient), in `dtype`.
-        One concatenation and one cast: on a GPU two kernels, not one copy per parameter."""
-        be = self.backend
-        parts = [p.grad.reshape(-1) if p.grad is not None else be.zeros((p.size,), self.dtype) for p in self.params]
-        flat = be.xp.concatenate(parts) if parts else be.zeros((0,), dtype)
-        return flat if flat.dtype == np.dtype(dtype) else be.cast(flat, dtype)
+        """The parameters' .grad laid out like the buffer (zeros for params without a gradient)."""
+        out = self.backend.zeros((self.numel,), dtype)
+        for off, p in zip(self.offsets, self.params):
+            if p.grad is not None:
+                out[off:off + p.size] = p.grad.reshape(-1)
+        return out
 
     def unflatten(self, flat) -> dict:
         """name -> view of `flat` with the parameter's shape."""
