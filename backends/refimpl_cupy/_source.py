@@ -167,6 +167,14 @@ template <typename T> __global__ void gelu_bwd8(const uint4* dy, const uint4* x,
     }
 }
 
+// dst (R x C, contiguous) = src (r x c, element strides sr, sc) and zeros beyond it: 16-bit values as bits. The
+// padded, aligned operands of the 16-bit GEMMs (dense.py's _gemm_2d); also their strided copies.
+__global__ void pad2d_u16(const u16* src, i64 r, i64 c, i64 sr, i64 sc, u16* dst, i64 R, i64 C) {
+    for (i64 y = blockIdx.y; y < R; y += gridDim.y)
+        for (i64 x = blockIdx.x * (i64)blockDim.x + threadIdx.x; x < C; x += (i64)gridDim.x * blockDim.x)
+            dst[y * C + x] = (y < r && x < c) ? src[y * sr + x * sc] : (u16)0;
+}
+
 // y = a + b, b repeating every nb values (nb = n: same shape; a bias over a's trailing dims: its size). An fp32
 // add that keeps subnormals (add_rn), rounded once to the storage type: NumPy's and ml_dtypes' a + b, bit for bit.
 template <typename T> __global__ void add_k(const T* a, const T* b, T* y, i64 n, i64 nb) {
@@ -429,5 +437,5 @@ def name_expressions():
     names += [tc_name(k, t, d, tiles) for d, kt in TC_TILES.items() for k, tiles in kt.items() for t in HALVES]
     names += [tc_name(k, "bf16_t", d, tiles) for d, kt in TC_VARIANTS.items() for k, v in kt.items() for tiles in v]
     names += [f"flash_bwd_pre_tc<{t}>" for t in HALVES]
-    names += [f"{k}<{t}>" for k in ("add_k", "add8", "gelu_fwd8", "gelu_bwd8") for t in HALVES]
+    names += [f"{k}<{t}>" for k in ("add_k", "add8", "gelu_fwd8", "gelu_bwd8") for t in HALVES] + ["pad2d_u16"]
     return names

@@ -55,31 +55,53 @@ def _gemm_lowp(a, b, ta, tb):
         return rt.empty(batch + (M, N), dtype)
     if K == 0:
         return rt.zeros(batch + (M, N), dtype)
-    (a_c, lda, stride_a), (b_c, ldb, stride_b) = _operand(a, batch), _operand(b, batch)
-    ldc = _padded(N)
-    out = rt.empty(batch + (M, ldc), dtype)
-    _cublas_gemm(dtype, tb, ta, N, M, K, b_c, ldb, stride_b, a_c, lda, stride_a, out, ldc, math.prod(batch))
-    return out if ldc == N else rt.contiguous(out[..., :N])
+    if not batch:
+        return _gemm_2d(a, b, ta, tb, M, N, K)
+    (a_c, stride_a), (b_c, stride_b) = _operand(a, batch), _operand(b, batch)
+    out = rt.empty(batch + (M, N), dtype)
+    _cublas_gemm(dtype, tb, ta, N, M, K, b_c, b.shape[-1], stride_b, a_c, a.shape[-1], stride_a, out, N,
+                 math.prod(batch))
+    return out
 
 
 def _padded(n):
-    """A leading dimension of n rounded up to 8 elements (16 bytes): with 16-byte aligned rows cuBLAS runs its
-    vectorised kernels; otherwise its align1 ones, ~6x slower on GPT-2's LM head (vocab 50257, H200)."""
     return -(-n // 8) * 8
 
 
+def _gemm_2d(a, b, ta, tb, M, N, K):
+    """One GEMM on operands whose rows are 16-byte aligned and whose K and N are multiples of 8, padded with zeros
+    where they are not: only then does cuBLAS run its vectorised kernels. GPT-2's vocab (50257) sent the LM head's
+    three GEMMs to align1 kernels, ~6x slower (H200, benchmarks/gpu.py step --trace). Zeros along K add nothing;
+    the output's padded columns are cut off."""
+    N8, K8 = _padded(N), _padded(K)
+    # a: (M, K), or (K, M) when ta; b: (K, N), or (N, K) when tb. Rows padded where they run along K or N.
+    a_p = _pad2d(a, K8 if ta else a.shape[0])
+    b_p = _pad2d(b, N8 if tb else K8)
+    out = rt.empty((M, N8), a.dtype)
+    _cublas_gemm(a.dtype, tb, ta, N8, M, K8, b_p, b_p.shape[1], 0, a_p, a_p.shape[1], 0, out, N8, 1)
+    return out if N8 == N else _pad2d(out[:, :N], M, N)
+
+
+def _pad2d(x, rows, cols=None):
+    """x (2-D, any strides) in a new C-contiguous (rows, cols) array, zeros beyond x; cols defaults to x's row
+    length rounded up to 8. x itself when it already is that array, 16-byte aligned."""
+    cols = _padded(x.shape[1]) if cols is None else cols
+    if x.shape == (rows, cols) and x.flags.c_contiguous and x.data.ptr % 16 == 0:
+        return x
+    out = rt.empty((rows, cols), x.dtype)
+    sr, sc = (st // x.itemsize for st in x.strides)
+    rt.kernel("pad2d_u16")((min(-(-cols // rt.THREADS), 1024), min(rows, rt.MAX_BLOCKS)), (rt.THREADS,),
+                           (raw(x), scalar(x.shape[0], np.int64), scalar(x.shape[1], np.int64), scalar(sr, np.int64),
+                            scalar(sc, np.int64), raw(out), scalar(rows, np.int64), scalar(cols, np.int64)))
+    return out
+
+
 def _operand(x, batch):
-    """x as cuBLAS reads it: rows 16-byte aligned (a padded copy when they are not), broadcast to the batch;
-    with its leading dimension and batch stride (0 when x has one matrix)."""
-    ld = _padded(x.shape[-1])
-    if not (x.flags.c_contiguous and ld == x.shape[-1] and x.data.ptr % 16 == 0):
-        pad = rt.empty(x.shape[:-1] + (ld,), x.dtype)
-        raw(pad)[..., :x.shape[-1]] = raw(x)
-        x = pad
+    """A batched operand: contiguous, broadcast to the batch, with its batch stride (0 when x has one matrix)."""
     if x.ndim == 2 or math.prod(x.shape[:-2]) == 1:
-        return x, ld, 0
+        return rt.contiguous(x), 0
     cp = cupy()
-    return cp.ascontiguousarray(cp.broadcast_to(raw(x), batch + x.shape[-2:])), ld, x.shape[-2] * ld
+    return cp.ascontiguousarray(cp.broadcast_to(raw(x), batch + x.shape[-2:])), x.shape[-2] * x.shape[-1]
 
 
 @functools.lru_cache(maxsize=None)
