@@ -151,3 +151,60 @@ def test_flash_attention_matches_plain_at_head_dim(cupy_backend, D, causal):
     for name, a, b in zip(("dq", "dk", "dv"), gt, gp):
         b = be.to_numpy(b)
         assert_close(be.to_numpy(a), b, np.float32, scale=float(np.abs(b).max()) * 4, what=f"flash {name}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", ["bthd", "bthd_d40", "contiguous", "d20", "sliced"])
+@pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("lowp", [np.float16, bfloat16], ids=["float16", "bfloat16"])
+def test_flash_tensor_cores_read_and_write_head_strided_arrays(cupy_backend, monkeypatch, lowp, causal, masked,
+                                                               layout):
+    """The tensor-core kernels take q, k, v, dO (and O) in their own strides and write out, dq, dk, dv in
+    (B, T, H, D) order: bit for bit what the same calls give on contiguous copies. bthd: the model's head views
+    of (B, T, H, D) arrays, read with no copy (D = 40: a padded head dim); d20 (rows 40 bytes apart) and sliced
+    (rows starting 8 bytes in) are not 16-byte aligned, so the wrapper copies them first."""
+    from refimpl_cupy import _runtime as rt
+    be = cupy_backend
+    B, H, Tq, Tk, D = 2, 3, 90, 130, {"bthd_d40": 40, "d20": 20}.get(layout, 64)
+    rng = np.random.default_rng(0)
+
+    def make(T):
+        """(the array in `layout`, a contiguous (B, H, T, D) copy of it) on the device"""
+        h = rng.standard_normal((B, T, H, D)).astype(lowp)
+        ref = be.asarray(np.ascontiguousarray(h.transpose(0, 2, 1, 3)))
+        if layout == "contiguous":
+            return be.asarray(np.ascontiguousarray(h.transpose(0, 2, 1, 3))), ref
+        if layout == "sliced":
+            wide = np.zeros((B, T, H, D + 8), lowp)
+            wide[..., 4:4 + D] = h
+            return be.asarray(wide)[..., 4:4 + D].transpose(0, 2, 1, 3), ref
+        return be.asarray(h).transpose(0, 2, 1, 3), ref
+
+    (q, qc), (k, kc), (v, vc), (do, doc) = make(Tq), make(Tk), make(Tk), make(Tq)
+    mask = rng.random((B, Tk)) < 0.3
+    mask[1, :] = True                                  # batch 1: no key at all (out = 0, lse = -inf)
+    kw = dict(causal=causal, key_padding_mask=be.asarray(mask) if masked else None, block_size=64)
+    copies, contiguous = [], rt.contiguous
+
+    def counted(x):
+        if not x.flags.c_contiguous:
+            copies.append(x.shape)
+        return contiguous(x)
+    monkeypatch.setattr(rt, "contiguous", counted)
+    out, lse = be.attention(q, k, v, **kw)
+    grads = be.attention_backward(do, q, k, v, out, lse, **kw)
+    assert (copies == []) == (layout in ("bthd", "bthd_d40", "contiguous")), copies
+    out_c, lse_c = be.attention(qc, kc, vc, **kw)
+    grads_c = be.attention_backward(doc, qc, kc, vc, contiguous(out_c), lse_c, **kw)
+
+    def bits(x):
+        h = be.to_numpy(x)
+        return h.view(f"u{h.itemsize}")
+    for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), (out, lse) + tuple(grads), (out_c, lse_c) + tuple(grads_c)):
+        np.testing.assert_array_equal(bits(a), bits(b), err_msg=f"{layout}: {name}")
+    # outputs are (B, H, T, D) views of (B, T, H, D) arrays, so the model's transpose(1, 2).reshape copies nothing
+    for x, T in ((out, Tq), (grads[0], Tq), (grads[1], Tk), (grads[2], Tk)):
+        s = x.itemsize
+        assert x.shape == (B, H, T, D) and x.strides == (T * H * D * s, D * s, H * D * s, s)
+        assert x.transpose(0, 2, 1, 3).flags.c_contiguous

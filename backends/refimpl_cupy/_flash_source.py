@@ -262,6 +262,12 @@ __global__ void flash_bwd_dq(const T* q, const T* k, const T* v, const T* dout, 
 // (dK/dV) m-tiles of 16 consecutive rows, so each B fragment read from shared memory feeds WM products.
 // The tiles the loop walks are double-buffered: cp.async fetches tile j + 1 while tile j is computed.
 // Masks are applied only on tiles that need them (a causal diagonal, a sequence end, key padding).
+//
+// Layout: q, k, v, dO, out, dq, dk, dv are (B, H, T, D) arrays of any element strides along B, H and T (each
+// pointer is followed by its three strides; D has stride 1), so (B, T, H, D)-contiguous arrays, the model's
+// head transposes, are read and written in place. lse, Di, L2 are (B, H, Tq) contiguous. vec (the wrapper's
+// check): D and Dv are multiples of 8 and every row of q, k, v (dO) starts on 16 bytes, so tiles come by cp.async.
+// Grid: (blocks of rows, H, B).
 #define TC_NW 4
 #define TC_LOG2E 1.4426950408889634f
 #define TC_LN2 0.6931471805599453f
@@ -361,32 +367,27 @@ __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commi
 template <int N> __device__ __forceinline__ void cp_async_wait() {
     asm volatile("cp.async.wait_group %0;" :: "n"(N) : "memory");
 }
-// 16-byte copies need every row to start on 16 bytes: head dims a multiple of 8, bases aligned
-__device__ __forceinline__ bool tc_vec(int D, int Dv, const void* a, const void* b, const void* c, const void* d) {
-    const unsigned long long m = (unsigned long long)a | (unsigned long long)b | (unsigned long long)c |
-                                 (unsigned long long)d;
-    return ((D | Dv) & 7) == 0 && (m & 15) == 0;
-}
-
-// dst[r * (MAXD + 8) + c] = src[(row0 + r) * D + c] for c < D and row0 + r < nvalid, else 0 (c < MAXD, r < NROWS):
-// by cp.async when vec (complete at the matching cp_async_wait), else by plain loads and stores. A thread copies
-// one 16-byte column chunk of every RPI-th row, so its addresses are one base plus multiples of RPI rows.
+// dst[r * (MAXD + 8) + c] = src[(row0 + r) * ld + c] for c < D and row0 + r < nvalid, else 0 (c < MAXD,
+// r < NROWS; ld: src's sequence stride): by cp.async when vec (complete at the matching cp_async_wait), else by
+// plain loads and stores. A thread copies one 16-byte column chunk of every RPI-th row: one address, advanced
+// RPI rows at a time (a 64-bit add; multiplying by the 64-bit stride for each row costs the loop instructions).
 template <typename T, int MAXD, int NROWS>
-__device__ __forceinline__ void tc_load(u16* dst, const T* src, int row0, int nvalid, int D, bool vec) {
+__device__ __forceinline__ void tc_load(u16* dst, const T* src, i64 ld, int row0, int nvalid, int D, bool vec) {
     constexpr int LD = MAXD + 8, CPR = MAXD / 8, RPI = TC_NW * 32 / CPR;  // chunks per row, rows per pass
     const u16* s = (const u16*)src;
     if (vec) {
         const int r0 = threadIdx.x / CPR, c = (threadIdx.x % CPR) * 8;
-        const u16* p = s + (i64)(row0 + r0) * D + c;
+        const u16* p = s + (row0 + r0) * ld + c;
+        const i64 step = RPI * ld;
         u16* d = dst + r0 * LD + c;
-        _Pragma("unroll") for (int j = 0; j < NROWS / RPI; ++j) {
+        _Pragma("unroll") for (int j = 0; j < NROWS / RPI; ++j, p += step) {
             const bool ok = c < D && row0 + r0 + j * RPI < nvalid;
-            cp_async16(d + j * RPI * LD, ok ? p + j * RPI * D : s, ok);
+            cp_async16(d + j * RPI * LD, ok ? p : s, ok);
         }
     } else {
         for (int idx = threadIdx.x; idx < NROWS * MAXD; idx += TC_NW * 32) {
             const int r = idx / MAXD, c = idx - r * MAXD, gr = row0 + r;
-            dst[r * LD + c] = (gr < nvalid && c < D) ? s[(i64)gr * D + c] : (u16)0;
+            dst[r * LD + c] = (gr < nvalid && c < D) ? s[gr * ld + c] : (u16)0;
         }
     }
 }
@@ -406,7 +407,10 @@ template <typename T> __device__ __forceinline__ void put2(T* p, float x0, float
 // Forward. Block: BQ = 64 WM queries (warp w: rows w 16 WM ..), key tiles of BK, double-buffered.
 // Q's A fragments stay in registers when they fit (MAXD WM <= 128), else are re-read from shared memory.
 template <typename T, int MAXD, int WM, int BK>
-__global__ void __launch_bounds__(128) flash_fwd_tc(const T* q, const T* k, const T* v, T* out, float* lse,
+__global__ void __launch_bounds__(128) flash_fwd_tc(const T* q, i64 q_sb, i64 q_sh, i64 q_st,
+                                                    const T* k, i64 k_sb, i64 k_sh, i64 k_st,
+                                                    const T* v, i64 v_sb, i64 v_sh, i64 v_st,
+                                                    T* out, i64 o_sb, i64 o_sh, i64 o_st, float* lse, int vec,
                                                     const unsigned char* kpm, int has_mask, int causal, int H,
                                                     int Tq, int Tk, int D, int Dv, float scale) {
     constexpr int LD = MAXD + 8, NKD = MAXD / 16, NT = MAXD / 8, NS = BK / 8, BQ = 16 * WM * TC_NW;
@@ -416,26 +420,25 @@ __global__ void __launch_bounds__(128) flash_fwd_tc(const T* q, const T* k, cons
     u16* sK = sQ + BQ * LD;                                    // 2 stages x BK x LD
     u16* sV = sK + 2 * BK * LD;                                // 2 stages x BK x LD
     unsigned char* sM = (unsigned char*)(sV + 2 * BK * LD);    // 2 stages x BK: key is not padding
-    const int bh = blockIdx.y, b = bh / H, shift = Tk - Tq;
+    const int head = blockIdx.y, b = blockIdx.z, bh = b * H + head, shift = Tk - Tq;
     const int q0 = (gridDim.x - 1 - blockIdx.x) * BQ;         // causal: the longest blocks start first
     const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, t = lane & 3, g = lane >> 2;
     const int wr = w * 16 * WM, wq0 = q0 + wr;                // the warp's first row in the tile / sequence
     const int wlast = min(wq0 + 16 * WM - 1, Tq - 1);
-    const T* kb = k + (i64)bh * Tk * D;
-    const T* vb = v + (i64)bh * Tk * Dv;
-    const bool vec = tc_vec(D, Dv, q, k, v, out);
+    const T* kb = k + b * k_sb + head * k_sh;                 // this (batch, head)'s keys, k_st apart
+    const T* vb = v + b * v_sb + head * v_sh;
     const int kend = causal ? min(Tk, min(q0 + BQ, Tq) + shift) : Tk;  // keys past the last row's diagonal
     const int ntiles = kend > 0 ? (kend + BK - 1) / BK : 0;
     auto load_kv = [&](int tile, int st) {
         const int k0 = tile * BK;
-        tc_load<T, MAXD, BK>(sK + st * BK * LD, kb, k0, Tk, D, vec);
-        tc_load<T, MAXD, BK>(sV + st * BK * LD, vb, k0, Tk, Dv, vec);
+        tc_load<T, MAXD, BK>(sK + st * BK * LD, kb, k_st, k0, Tk, D, vec);
+        tc_load<T, MAXD, BK>(sV + st * BK * LD, vb, v_st, k0, Tk, Dv, vec);
         if (has_mask && threadIdx.x < BK) {
             const int kj = k0 + threadIdx.x;
             sM[st * BK + threadIdx.x] = kj < Tk && !kpm[(i64)b * Tk + kj];
         }
     };
-    tc_load<T, MAXD, BQ>(sQ, q + (i64)bh * Tq * D, q0, Tq, D, vec);
+    tc_load<T, MAXD, BQ>(sQ, q + b * q_sb + head * q_sh, q_st, q0, Tq, D, vec);
     cp_async_commit();
     if (ntiles > 0) load_kv(0, 0);
     cp_async_commit();
@@ -548,7 +551,7 @@ __global__ void __launch_bounds__(128) flash_fwd_tc(const T* q, const T* k, cons
             if (qi >= Tq) continue;
             const bool has = lsum > 0.f;
             const float f = inv / (has ? lsum : 1.f);
-            T* orow = out + ((i64)bh * Tq + qi) * Dv;
+            T* orow = out + b * o_sb + head * o_sh + qi * o_st;
             _Pragma("unroll") for (int n = 0; n < NT; ++n) {
                 const int d = n * 8 + 2 * t;
                 if (d < Dv) put2(orow + d, acc[i][n][2 * h] * f, acc[i][n][2 * h + 1] * f, d + 1 < Dv);
@@ -557,39 +560,51 @@ __global__ void __launch_bounds__(128) flash_fwd_tc(const T* q, const T* k, cons
         }
 }
 
-// Backward preprocessing, one warp per row: Di = rowsum(dO * O) in fp32, and L2 = lse log2(e), with the
-// -inf of a row that sees no key replaced by 0 (the kernels below then shift its scores by 0).
+// Backward preprocessing, one warp per row: Di = rowsum(dO * O) in fp32, and L2 = lse log2(e), with the -inf
+// of a row that sees no key replaced by 0 (the kernels below then shift its scores by 0). dO and O: strided as
+// above. Warps take the rows in (b, qi, head) order, the storage order of the out flash_fwd_tc writes (and of
+// the model's dO), so a block's warps read neighbouring rows; i is the row's index in lse, Di, L2.
 template <typename T>
-__global__ void flash_bwd_pre_tc(const T* dout, const T* out, const float* lse, float* Di, float* L2, i64 rows,
-                                 int Dv) {
+__global__ void flash_bwd_pre_tc(const T* dout, i64 do_sb, i64 do_sh, i64 do_st, const T* out, i64 o_sb,
+                                 i64 o_sh, i64 o_st, const float* lse, float* Di, float* L2, i64 rows, int H,
+                                 int Tq, int Dv) {
     const i64 r = blockIdx.x * (i64)(blockDim.x >> 5) + (threadIdx.x >> 5);
     if (r >= rows) return;
+    const i64 bq = r / H;
+    const int head = (int)(r - bq * H), b = (int)(bq / Tq), qi = (int)(bq - (i64)b * Tq);
+    const i64 i = ((i64)b * H + head) * Tq + qi;
+    const T* drow = dout + b * do_sb + head * do_sh + qi * do_st;
+    const T* orow = out + b * o_sb + head * o_sh + qi * o_st;
     const int lane = threadIdx.x & 31;
     float s = 0.f;
-    const u16* a = (const u16*)(dout + r * Dv);
-    const u16* o = (const u16*)(out + r * Dv);
+    const u16* a = (const u16*)drow;
+    const u16* o = (const u16*)orow;
     if (((((unsigned long long)a) | ((unsigned long long)o)) & 3) == 0) {  // pairs: 4-byte loads
         for (int d = 2 * lane; d + 1 < Dv; d += 64) {
             const unsigned x = *(const unsigned*)(a + d), y = *(const unsigned*)(o + d);
             s += unpack_lo(x, T()) * unpack_lo(y, T()) + unpack_hi(x, T()) * unpack_hi(y, T());
         }
-        if ((Dv & 1) && lane == 0) s += get(dout, r * Dv + Dv - 1) * get(out, r * Dv + Dv - 1);
+        if ((Dv & 1) && lane == 0) s += get(drow, Dv - 1) * get(orow, Dv - 1);
     } else {
-        for (int d = lane; d < Dv; d += 32) s += get(dout, r * Dv + d) * get(out, r * Dv + d);
+        for (int d = lane; d < Dv; d += 32) s += get(drow, d) * get(orow, d);
     }
     s = warp_sum(s);
     if (lane == 0) {
-        const float x = lse[r];
-        Di[r] = s;
-        L2[r] = isfinite(x) ? x * TC_LOG2E : 0.f;
+        const float x = lse[i];
+        Di[i] = s;
+        L2[i] = isfinite(x) ? x * TC_LOG2E : 0.f;
     }
 }
 
 // dQ = scale dS K, dS = P (dP - Di), P = exp2(S scale log2(e) - L2), dP = dO V^T. Block: BQ = 64 WM queries,
 // key tiles of BK, double-buffered. Q's and dO's A fragments stay in registers when MAXD WM <= 128.
 template <typename T, int MAXD, int WM, int BK>
-__global__ void __launch_bounds__(128) flash_bwd_dq_tc(const T* q, const T* k, const T* v, const T* dout,
-                                                       const float* L2, const float* Di, T* dq,
+__global__ void __launch_bounds__(128) flash_bwd_dq_tc(const T* q, i64 q_sb, i64 q_sh, i64 q_st,
+                                                       const T* k, i64 k_sb, i64 k_sh, i64 k_st,
+                                                       const T* v, i64 v_sb, i64 v_sh, i64 v_st,
+                                                       const T* dout, i64 do_sb, i64 do_sh, i64 do_st,
+                                                       const float* L2, const float* Di,
+                                                       T* dq, i64 dq_sb, i64 dq_sh, i64 dq_st, int vec,
                                                        const unsigned char* kpm, int has_mask, int causal, int H,
                                                        int Tq, int Tk, int D, int Dv, float scale) {
     constexpr int LD = MAXD + 8, NKD = MAXD / 16, NT = MAXD / 8, NS = BK / 8, BQ = 16 * WM * TC_NW;
@@ -600,27 +615,26 @@ __global__ void __launch_bounds__(128) flash_bwd_dq_tc(const T* q, const T* k, c
     u16* sK = sO + BQ * LD;                                    // 2 stages x BK x LD
     u16* sV = sK + 2 * BK * LD;                                // 2 stages x BK x LD
     unsigned char* sM = (unsigned char*)(sV + 2 * BK * LD);    // 2 stages x BK
-    const int bh = blockIdx.y, b = bh / H, shift = Tk - Tq;
+    const int head = blockIdx.y, b = blockIdx.z, bh = b * H + head, shift = Tk - Tq;
     const int q0 = (gridDim.x - 1 - blockIdx.x) * BQ;
     const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, t = lane & 3, g = lane >> 2;
     const int wr = w * 16 * WM, wq0 = q0 + wr;
     const int wlast = min(wq0 + 16 * WM - 1, Tq - 1);
-    const T* kb = k + (i64)bh * Tk * D;
-    const T* vb = v + (i64)bh * Tk * Dv;
-    const bool vec = tc_vec(D, Dv, q, k, v, dout);
+    const T* kb = k + b * k_sb + head * k_sh;
+    const T* vb = v + b * v_sb + head * v_sh;
     const int kend = causal ? min(Tk, min(q0 + BQ, Tq) + shift) : Tk;
     const int ntiles = kend > 0 ? (kend + BK - 1) / BK : 0;
     auto load_kv = [&](int tile, int st) {
         const int k0 = tile * BK;
-        tc_load<T, MAXD, BK>(sK + st * BK * LD, kb, k0, Tk, D, vec);
-        tc_load<T, MAXD, BK>(sV + st * BK * LD, vb, k0, Tk, Dv, vec);
+        tc_load<T, MAXD, BK>(sK + st * BK * LD, kb, k_st, k0, Tk, D, vec);
+        tc_load<T, MAXD, BK>(sV + st * BK * LD, vb, v_st, k0, Tk, Dv, vec);
         if (has_mask && threadIdx.x < BK) {
             const int kj = k0 + threadIdx.x;
             sM[st * BK + threadIdx.x] = kj < Tk && !kpm[(i64)b * Tk + kj];
         }
     };
-    tc_load<T, MAXD, BQ>(sQ, q + (i64)bh * Tq * D, q0, Tq, D, vec);
-    tc_load<T, MAXD, BQ>(sO, dout + (i64)bh * Tq * Dv, q0, Tq, Dv, vec);
+    tc_load<T, MAXD, BQ>(sQ, q + b * q_sb + head * q_sh, q_st, q0, Tq, D, vec);
+    tc_load<T, MAXD, BQ>(sO, dout + b * do_sb + head * do_sh, do_st, q0, Tq, Dv, vec);
     cp_async_commit();
     if (ntiles > 0) load_kv(0, 0);
     cp_async_commit();
@@ -714,7 +728,7 @@ __global__ void __launch_bounds__(128) flash_bwd_dq_tc(const T* q, const T* k, c
         _Pragma("unroll") for (int h = 0; h < 2; ++h) {
             const int qi = wq0 + 16 * i + g + 8 * h;
             if (qi >= Tq) continue;
-            T* row = dq + ((i64)bh * Tq + qi) * D;
+            T* row = dq + b * dq_sb + head * dq_sh + qi * dq_st;
             _Pragma("unroll") for (int n = 0; n < NT; ++n) {
                 const int d = n * 8 + 2 * t;
                 if (d < D) put2(row + d, scale * acc[i][n][2 * h], scale * acc[i][n][2 * h + 1], d + 1 < D);
@@ -727,8 +741,13 @@ __global__ void __launch_bounds__(128) flash_bwd_dq_tc(const T* q, const T* k, c
 // in registers when MAXD WN <= 64, else are re-read from shared memory: the dK, dV accumulators fill the
 // registers).
 template <typename T, int MAXD, int WN, int BQ>
-__global__ void __launch_bounds__(128) flash_bwd_dkdv_tc(const T* q, const T* k, const T* v, const T* dout,
-                                                         const float* L2, const float* Di, T* dk, T* dv,
+__global__ void __launch_bounds__(128) flash_bwd_dkdv_tc(const T* q, i64 q_sb, i64 q_sh, i64 q_st,
+                                                         const T* k, i64 k_sb, i64 k_sh, i64 k_st,
+                                                         const T* v, i64 v_sb, i64 v_sh, i64 v_st,
+                                                         const T* dout, i64 do_sb, i64 do_sh, i64 do_st,
+                                                         const float* L2, const float* Di,
+                                                         T* dk, i64 dk_sb, i64 dk_sh, i64 dk_st,
+                                                         T* dv, i64 dv_sb, i64 dv_sh, i64 dv_st, int vec,
                                                          const unsigned char* kpm, int has_mask, int causal,
                                                          int H, int Tq, int Tk, int D, int Dv, float scale) {
     constexpr int LD = MAXD + 8, NKD = MAXD / 16, NT = MAXD / 8, NS = BQ / 8, BKB = 16 * WN * TC_NW;
@@ -740,7 +759,8 @@ __global__ void __launch_bounds__(128) flash_bwd_dkdv_tc(const T* q, const T* k,
     u16* sV = sK + BKB * LD;                                   // BKB x LD
     u16* sQ = sV + BKB * LD;                                   // 2 stages x BQ x LD
     u16* sO = sQ + 2 * BQ * LD;                                // 2 stages x BQ x LD   dO
-    const int bh = blockIdx.y, b = bh / H, shift = Tk - Tq, k0 = blockIdx.x * BKB;  // causal: longest first
+    const int head = blockIdx.y, b = blockIdx.z, bh = b * H + head, shift = Tk - Tq;
+    const int k0 = blockIdx.x * BKB;                          // causal: longest first
     const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, t = lane & 3, g = lane >> 2;
     const int wr = w * 16 * WN, wk0 = k0 + wr;                // the warp's first key in the block / sequence
     bool kok[WN][2];                                           // key exists and is not padding
@@ -749,17 +769,16 @@ __global__ void __launch_bounds__(128) flash_bwd_dkdv_tc(const T* q, const T* k,
             const int kj = wk0 + 16 * i + g + 8 * h;
             kok[i][h] = kj < Tk && !(has_mask && kpm[(i64)b * Tk + kj]);
         }
-    const T* qb = q + (i64)bh * Tq * D;
-    const T* ob = dout + (i64)bh * Tq * Dv;
+    const T* qb = q + b * q_sb + head * q_sh;
+    const T* ob = dout + b * do_sb + head * do_sh;
     const float* Lb = L2 + (i64)bh * Tq;
     const float* Db = Di + (i64)bh * Tq;
-    const bool vec = tc_vec(D, Dv, q, k, v, dout);
     const int qstart = causal ? max(0, k0 - shift) : 0;      // earlier queries see none of the block's keys
     const int ntiles = qstart < Tq ? (Tq - qstart + BQ - 1) / BQ : 0;
     auto load_q = [&](int tile, int st) {
         const int q0 = qstart + tile * BQ;
-        tc_load<T, MAXD, BQ>(sQ + st * BQ * LD, qb, q0, Tq, D, vec);
-        tc_load<T, MAXD, BQ>(sO + st * BQ * LD, ob, q0, Tq, Dv, vec);
+        tc_load<T, MAXD, BQ>(sQ + st * BQ * LD, qb, q_st, q0, Tq, D, vec);
+        tc_load<T, MAXD, BQ>(sO + st * BQ * LD, ob, do_st, q0, Tq, Dv, vec);
         const int x = threadIdx.x;
         if (x < 2 * BQ) {  // L2 and Di: one float a thread, zero past Tq
             const int r = x < BQ ? x : x - BQ, qi = q0 + r;
@@ -769,8 +788,8 @@ __global__ void __launch_bounds__(128) flash_bwd_dkdv_tc(const T* q, const T* k,
             else *dst = qi < Tq ? src[qi] : 0.f;
         }
     };
-    tc_load<T, MAXD, BKB>(sK, k + (i64)bh * Tk * D, k0, Tk, D, vec);
-    tc_load<T, MAXD, BKB>(sV, v + (i64)bh * Tk * Dv, k0, Tk, Dv, vec);
+    tc_load<T, MAXD, BKB>(sK, k + b * k_sb + head * k_sh, k_st, k0, Tk, D, vec);
+    tc_load<T, MAXD, BKB>(sV, v + b * v_sb + head * v_sh, v_st, k0, Tk, Dv, vec);
     cp_async_commit();
     if (ntiles > 0) load_q(0, 0);
     cp_async_commit();
@@ -875,8 +894,8 @@ __global__ void __launch_bounds__(128) flash_bwd_dkdv_tc(const T* q, const T* k,
         _Pragma("unroll") for (int h = 0; h < 2; ++h) {
             const int kj = wk0 + 16 * i + g + 8 * h;
             if (kj >= Tk) continue;
-            T* krow = dk + ((i64)bh * Tk + kj) * D;
-            T* vrow = dv + ((i64)bh * Tk + kj) * Dv;
+            T* krow = dk + b * dk_sb + head * dk_sh + kj * dk_st;
+            T* vrow = dv + b * dv_sb + head * dv_sh + kj * dv_st;
             _Pragma("unroll") for (int n = 0; n < NT; ++n) {
                 const int d = n * 8 + 2 * t;
                 if (d < D) put2(krow + d, scale * ak[i][n][2 * h], scale * ak[i][n][2 * h + 1], d + 1 < D);
