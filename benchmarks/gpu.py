@@ -2,7 +2,8 @@
 
     python3 benchmarks/gpu.py attention [--seqs 1024 2048 4096 8192] [--dims 64 128] [--check] [--kernels]
                                         [--no-compare] [--out FILE]
-    python3 benchmarks/gpu.py step [--batch 8] [--seq 1024] [--steps 10] [--profile] [--trace] [--out FILE]
+    python3 benchmarks/gpu.py step [--batch 8] [--seq 1024] [--steps 10] [--profile] [--trace] [--host-profile]
+                                   [--out FILE]
     python3 benchmarks/gpu.py nvme [--gib 4] [--chunk-mib 64] [--path DIR] [--out FILE]
 
 attention: forward and forward+backward of causal attention in bf16, refimpl's FlashAttention-2 RawKernels
@@ -17,7 +18,10 @@ step: one training step of a GPT-2-small-sized model (12 layers, d_model 768, 12
 embeddings: 124M parameters) in bf16 mixed precision: refimpl (`refimpl train`'s engine, stage 0, backend cupy,
 bf16 parameters and gradients, fp32 master and AdamW) against the same architecture in PyTorch eager
 (`torch.autocast` bf16, fp32 parameters, fused AdamW), tokens/s, and model FLOP utilisation: 6 N + 12 L T d FLOPs
-per token (PaLM's count) against the H200's dense bf16 peak, 989 TFLOP/s.
+per token (PaLM's count) against the H200's dense bf16 peak, 989 TFLOP/s. --trace lists every GPU kernel of one
+step of each (CUPTI, through torch.profiler) and compares the host's time to issue refimpl's forward+backward
+with the GPU's time to run it (which of the two bounds the step); --host-profile runs cProfile over refimpl's
+step; --profile times each backend op with CUDA events.
 
 nvme: NVMe -> GPU parameter streaming, the path stage 3 with offload_param=nvme takes (ParamSwapper: swap_in_async
 reads `buffer_count` chunks ahead into aligned host buffers, to_device waits for the read, verifies its crc32 and

@@ -130,7 +130,7 @@ class Linear(Function):
     def forward(self, x, weight, bias=None):
         self.x, self.has_bias = x, bias is not None  # the weight is re-read in backward (see Function.input_data)
         y = self.backend.matmul(x, weight, transpose_b=True)
-        return y if bias is None else y + bias
+        return y if bias is None else self.backend.add(y, bias)
 
     def backward(self, g):
         be = self.backend
