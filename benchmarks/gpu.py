@@ -557,7 +557,7 @@ def main():
     s.add_argument("--seq", type=int, default=1024)
     s.add_argument("--steps", type=int, default=10)
     s.add_argument("--profile", action="store_true", help="then time refimpl's step by backend op")
-    s.add_argument("--trace", action="store_true", help="then list every GPU kernel of refimpl's step (CUPTI, "
+    s.add_argument("--trace", action="store_true", help="then list every GPU kernel of both steps (CUPTI, "
                                                         "through torch.profiler)")
     s.add_argument("--host-profile", action="store_true", help="then profile refimpl's step on the host (cProfile)")
     s.add_argument("--out")
