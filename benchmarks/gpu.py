@@ -259,7 +259,7 @@ def bench_step(args):
     from refimpl.config import load_config
     from refimpl.engine import Engine
     from refimpl.train import build
-    from train_step_cpu import torch_model
+    from refimpl.interop.torch import TorchTransformer
     sets = ["backend=cupy", "world_size=1", "zero_optimization.stage=0", "zero_optimization.offload_param=null",
             "zero_optimization.offload_optimizer=null", "memory.device_bytes=null", "bf16.enabled=true",
             "model.vocab_size=50257", "model.n_layers=12", "model.d_model=768", "model.n_heads=12",
@@ -271,8 +271,7 @@ def bench_step(args):
     with use_backend(be):
         engine = Engine(model, config, be)
     cfg = model.cfg
-    tm = torch_model(torch, cfg).cuda()
-    tm.lm_head.weight = tm.tok_emb.weight                     # tied, as refimpl's tie_embeddings
+    tm = TorchTransformer(cfg).cuda()                         # tied head, as refimpl's tie_embeddings
     opt = torch.optim.AdamW(tm.parameters(), lr=1e-4, fused=True)
     batches = [dataset.get_batch("train", s, args.batch, args.seq) for s in range(args.steps + 2)]
 

@@ -3,8 +3,7 @@
 A whole step is what a user waits for: forward, backward (refimpl's tape autodiff and the backend's kernels), the
 gradient's overflow check and norm, clipping folded into the fused AdamW step, exactly as ``refimpl train`` runs
 it (refimpl/train.py ``_loop``: ``model.loss``, ``engine.backward``, ``engine.step``). The peer is the same model
-written with torch.nn (the architecture of tests/test_crosscheck_torch.py, the independent spec of
-refimpl/model.py), loaded with refimpl's initial weights by name, fp32, eager, stepped with the same recipe:
+written with torch.nn (refimpl/interop/torch.py, the independent spec of refimpl/model.py), loaded with refimpl's initial weights by name, fp32, eager, stepped with the same recipe:
 ``clip_grad_norm_`` to the config's gradient_clipping, then ``torch.optim.AdamW`` (torch's default implementation
 for CPU tensors) with the config's hyperparameters and the same LR schedule. The issue's target: numba's step no
 slower than PyTorch eager.
@@ -49,75 +48,6 @@ from refimpl.lr_schedules import lr_at  # noqa: E402
 from refimpl.train import build  # noqa: E402
 
 
-# ------------------------------------------------------------------------------------------ torch model
-def torch_model(torch, cfg):
-    """The model of refimpl/model.py with torch.nn (as tests/test_crosscheck_torch.py writes it)."""
-    nn, F = torch.nn, torch.nn.functional
-
-    class Attention(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.h, self.d, self.causal = cfg.n_heads, cfg.head_dim, cfg.task == "lm"
-            inner = cfg.n_heads * cfg.head_dim
-            self.q_proj, self.k_proj, self.v_proj = (nn.Linear(cfg.d_model, inner) for _ in range(3))
-            self.out_proj = nn.Linear(inner, cfg.d_model)
-
-        def forward(self, x, key_padding_mask=None):
-            B, T, _ = x.shape
-            q, k, v = (p(x).view(B, T, self.h, self.d).transpose(1, 2) for p in (self.q_proj, self.k_proj,
-                                                                                 self.v_proj))
-            mask = None if key_padding_mask is None else ~key_padding_mask[:, None, None, :]  # True = attend
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=self.causal)  # (B, H, T, D)
-            return self.out_proj(o.transpose(1, 2).reshape(B, T, self.h * self.d))
-
-    class MLP(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc1, self.fc2 = nn.Linear(cfg.d_model, cfg.ff_dim), nn.Linear(cfg.ff_dim, cfg.d_model)
-
-        def forward(self, x):
-            return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
-
-    class Block(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.ln_1, self.attn = nn.LayerNorm(cfg.d_model, eps=cfg.layernorm_eps), Attention()
-            self.ln_2, self.mlp = nn.LayerNorm(cfg.d_model, eps=cfg.layernorm_eps), MLP()
-
-        def forward(self, x, key_padding_mask=None):
-            x = x + self.attn(self.ln_1(x), key_padding_mask)
-            return x + self.mlp(self.ln_2(x))
-
-    class Transformer(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.task = cfg.task
-            self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
-            self.pos_emb = nn.Embedding(cfg.max_seq_len, cfg.d_model)
-            self.blocks = nn.ModuleList(Block() for _ in range(cfg.n_layers))
-            self.ln_f = nn.LayerNorm(cfg.d_model, eps=cfg.layernorm_eps)
-            if cfg.task == "lm":
-                self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-            else:
-                self.head = nn.Linear(cfg.d_model, cfg.n_classes)
-
-        def forward(self, ids, key_padding_mask=None):
-            x = self.tok_emb(ids) + self.pos_emb(torch.arange(ids.shape[1], device=ids.device))[None]
-            for block in self.blocks:
-                x = block(x, key_padding_mask)
-            x = self.ln_f(x)
-            return self.head(x[:, 0]) if self.task == "classify" else self.lm_head(x)
-
-        def loss(self, batch):
-            kpm = None if batch.key_padding_mask is None else torch.from_numpy(batch.key_padding_mask)
-            logits = self(torch.from_numpy(batch.ids), kpm)
-            if self.task == "classify":
-                return F.cross_entropy(logits, torch.from_numpy(batch.labels))
-            return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), torch.from_numpy(batch.targets).reshape(-1))
-
-    return Transformer()
-
-
 # ------------------------------------------------------------------------------------------- variants
 class RefimplStep:
     """refimpl on one backend: build(config) and Engine, stepped as refimpl/train.py _loop steps."""
@@ -141,21 +71,21 @@ class TorchStep:
     """The same model in torch eager, refimpl's initial weights, the same optimizer recipe and schedule."""
 
     def __init__(self, torch, config, refimpl_model):
+        from refimpl.interop.torch import to_torch
         self.torch, self.config = torch, config
-        self.model = torch_model(torch, refimpl_model.cfg)
-        state = {n: torch.from_numpy(np.array(a, dtype=np.float32)) for n, a in refimpl_model.state_dict().items()}
-        self.model.load_state_dict(state, strict=True)   # every name must match: the same model
+        self.model = to_torch(refimpl_model)   # refimpl's initial weights; every name must match: the same model
         opt = config["optimizer"]["params"]
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=opt["lr"], betas=tuple(opt["betas"]), eps=opt["eps"],
                                      weight_decay=opt["weight_decay"])
         self.steps = 0
 
     def step(self, batch):
+        from refimpl.interop.torch import torch_loss
         torch, cfg = self.torch, self.config
         for group in self.opt.param_groups:
             group["lr"] = lr_at(self.steps, cfg["scheduler"], cfg["optimizer"]["params"]["lr"])
         self.opt.zero_grad(set_to_none=True)
-        loss = self.model.loss(batch)
+        loss = torch_loss(self.model, batch)
         loss.backward()
         if cfg["gradient_clipping"]:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg["gradient_clipping"])

@@ -22,6 +22,7 @@ from .comm.base import CommError
 from .comm.mpi import launched_under_mpi
 from .config import CLI_DEFAULT_CONFIG, ConfigError, load_config
 from .data import DataError
+from .loss_scaler import MinLossScaleError
 from .memory.ledger import TierBudgetError
 from .memory.nvme import SwapError
 from .memory.param_offload import BufferPoolError
@@ -134,7 +135,7 @@ def main(argv=None) -> int:
     except USER_ERRORS as exc:
         print(f"refimpl: error: {exc}", file=sys.stderr)
         return 2
-    except CommError as exc:  # a rank failed or a collective timed out: the job ends, with the reason
+    except (CommError, MinLossScaleError) as exc:  # a rank failed, a collective timed out, fp16 gave up
         print(f"refimpl: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

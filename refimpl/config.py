@@ -25,7 +25,9 @@ import tomllib
 from dataclasses import dataclass
 from typing import Any, Callable
 
-__all__ = ["ConfigError", "DEFAULT_CONFIG", "SCHEMA", "load_config", "validate", "parse_override", "dumps",
+from . import deepspeed_keys
+
+__all__ = ["ConfigError", "DEFAULT_CONFIG", "SCHEMA", "load_config", "merge_layers", "validate", "parse_override", "dumps",
            "SUPPORTED_ZERO_STAGES", "SUPPORTED_OFFLOAD_DEVICES"]
 
 # What this version implements of what DeepSpeed accepts. Widen these as the features land.
@@ -174,7 +176,7 @@ REQUIRED = _Required()   # a Field default meaning "no default: the key must be 
 
 _WARMUP = {"warmup_min_lr": Field(0.0, number(0)),
            "warmup_max_lr": Field(None, nullable(number(0))),    # null: the optimizer's lr (DeepSpeed)
-           "warmup_num_steps": Field(1000, integer(0)),
+           "warmup_num_steps": Field(1000, integer(1)),
            "warmup_type": Field("log", one_of("log", "linear"))}
 SCHEDULER_PARAMS = {
     "WarmupLR": _WARMUP,
@@ -183,7 +185,7 @@ SCHEDULER_PARAMS = {
                       "total_num_steps": Field(REQUIRED, steps_or_auto)},
     "WarmupCosineLR": {"total_num_steps": Field(REQUIRED, steps_or_auto),
                        "warmup_min_ratio": Field(0.0, number(0, 1)),
-                       "warmup_num_steps": Field(1000, integer(0)),
+                       "warmup_num_steps": Field(1000, integer(1)),
                        "cos_min_ratio": Field(0.0001, number(0, 1)),
                        "warmup_type": Field("log", one_of("log", "linear"))},
 }
@@ -202,26 +204,28 @@ def _check_scheduler(path, v):
 
 _OFFLOAD_DEVICE = Field("none", one_of("none", "cpu", "nvme"))
 OFFLOAD_PARAM = {"device": _OFFLOAD_DEVICE, "nvme_path": Field(None, nullable(string)),
-                 "buffer_count": Field(5, integer(1)), "buffer_size": Field(1e8, size(1)),
-                 "max_in_cpu": Field(1e9, size(0)), "pin_memory": Field(False, boolean)}
+                 "buffer_count": Field(5, integer(1)), "buffer_size": Field(1e8, size(1))}
 OFFLOAD_OPTIMIZER = {"device": _OFFLOAD_DEVICE, "nvme_path": Field(None, nullable(string)),
-                     "buffer_count": Field(4, integer(1)), "pin_memory": Field(False, boolean),
-                     "fast_init": Field(False, boolean), "ratio": Field(1.0, number(0, 1))}
+                     "buffer_count": Field(4, integer(1))}
 
 SCHEMA = {
-    "train_batch_size": Field(None, nullable(integer(1))),  # null: micro * accumulation * world_size
-    "train_micro_batch_size_per_gpu": Field(16, integer(1)),
-    "gradient_accumulation_steps": Field(1, integer(1)),
-    "gradient_clipping": Field(1.0, number(0)),             # 0 = off
-    "steps_per_print": Field(10, integer(1)),
-    "wall_clock_breakdown": Field(False, boolean),
+    # the batch sizes: any two determine the third, as in DeepSpeed (null: derived; see _resolve_batch_sizes)
+    "train_batch_size": Field(None, nullable(integer(1))),
+    "train_micro_batch_size_per_gpu": Field(None, nullable(integer(1))),
+    "gradient_accumulation_steps": Field(None, nullable(integer(1))),
+    "gradient_clipping": Field(1.0, number(0)),             # 0 = off; DeepSpeed's default is 1.0
     "optimizer": {
-        # "Adam" with weight_decay is L2 in DeepSpeed/torch; the optimizer code decides, we keep the name.
         "type": Field("AdamW", one_of("AdamW", "Adam", ignore_case=True)),
+        # DeepSpeed's FusedAdam / DeepSpeedCPUAdam defaults. Decoupled weight decay (AdamW) unless type is "Adam"
+        # and adam_w_mode is false (refimpl.optim.adam_w_mode); weight_decay null: 0.0, or torch.optim.AdamW's
+        # 0.01 with torch_adam.
         "params": {"lr": Field(1e-3, number(0, lo_open=True)),
                    "betas": Field([0.9, 0.999], pair(number(0, 1, hi_open=True))),
                    "eps": Field(1e-8, number(0, lo_open=True)),
-                   "weight_decay": Field(0.01, number(0))},
+                   "weight_decay": Field(None, nullable(number(0))),
+                   "adam_w_mode": Field(True, boolean),
+                   "torch_adam": Field(False, boolean),
+                   "bias_correction": Field(True, boolean)},
     },
     "scheduler": Field(None, nullable(_check_scheduler)),
     "fp16": {"enabled": Field(False, boolean),
@@ -232,34 +236,21 @@ SCHEMA = {
              "consecutive_hysteresis": Field(False, boolean),
              "min_loss_scale": Field(1.0, number(0, lo_open=True))},
     "bf16": {"enabled": Field(False, boolean)},
+    # The DeepSpeed keys refimpl accepts without acting on them are in refimpl/deepspeed_keys.py.
     "zero_optimization": {
         "stage": Field(0, integer()),                        # the supported set is SUPPORTED_ZERO_STAGES
-        "contiguous_gradients": Field(True, boolean),
-        "overlap_comm": Field(False, boolean),
-        "reduce_scatter": Field(True, boolean),
         "reduce_bucket_size": Field(5e8, size(1)),
-        "allgather_partitions": Field(True, boolean),
-        "allgather_bucket_size": Field(5e8, size(1)),
-        "round_robin_gradients": Field(False, boolean),
         "sub_group_size": Field(1e9, size(1)),
         "stage3_prefetch_bucket_size": Field(5e7, size(0)),
         "stage3_param_persistence_threshold": Field(1e5, size(0)),
         "stage3_max_live_parameters": Field(1e9, size(0)),
         "stage3_max_reuse_distance": Field(1e9, size(0)),
-        "stage3_gather_16bit_weights_on_model_save": Field(False, boolean),
         "offload_param": Field(None, nullable(section(OFFLOAD_PARAM))),
         "offload_optimizer": Field(None, nullable(section(OFFLOAD_OPTIMIZER))),
     },
-    "activation_checkpointing": {
-        "partition_activations": Field(False, boolean), "cpu_checkpointing": Field(False, boolean),
-        "contiguous_memory_optimization": Field(False, boolean),
-        "number_checkpoints": Field(None, nullable(integer(1))),
-        "synchronize_checkpoint_boundary": Field(False, boolean), "profile": Field(False, boolean),
-    },
+    "activation_checkpointing": {"cpu_checkpointing": Field(False, boolean)},
     "aio": {"block_size": Field(1048576, size(1)), "queue_depth": Field(8, integer(1)),
-            "intra_op_parallelism": Field(1, integer(1)),    # old name: thread_count
-            "single_submit": Field(False, boolean), "overlap_events": Field(True, boolean),
-            "use_gds": Field(False, boolean)},
+            "intra_op_parallelism": Field(1, integer(1))},    # old name: thread_count
     "backend": Field("numpy", string),                       # the backend registry checks the name at run time
     "world_size": Field(1, integer(1)),                      # ranks; under mpiexec the MPI world decides
     # byte budgets per rank (refimpl's own section): null = unlimited. On CPU backends the "device" is a RAM
@@ -277,6 +268,9 @@ SCHEMA = {
         "attention_block_size": Field(64, integer(1)),
         "layernorm_eps": Field(1e-5, number(0, lo_open=True)),
         "init_std": Field(0.02, number(0, lo_open=True)),
+        # parameters, activations and optimizer states when fp16/bf16 are off; float64 is the rounding-free
+        # reference a cross-check arbitrates with (the weights start from the same fp32-rounded draw)
+        "dtype": Field("float32", one_of("float32", "float64")),
         "tie_embeddings": Field(False, boolean),
         # memory-centric tiling: each MLP linear as an mlp_tiles x mlp_tiles grid of separately gathered tiles
         "mlp_tiles": Field(1, integer(1)),
@@ -307,6 +301,7 @@ SCHEMA = {
 
 # The default run, on top of the schema defaults. The model size and schedule are tuned here.
 DEFAULT_RUN = {
+    "train_micro_batch_size_per_gpu": 16,
     "optimizer": {"type": "AdamW", "params": {"lr": 3e-3, "betas": [0.9, 0.95], "weight_decay": 0.01}},
     "scheduler": {"type": "WarmupCosineLR",
                   "params": {"total_num_steps": "auto", "warmup_num_steps": 30, "warmup_type": "linear",
@@ -339,7 +334,8 @@ def _join(path, key):
 
 
 def _unknown_key(path, key, allowed):
-    close = difflib.get_close_matches(str(key), list(allowed), n=1)
+    known = [k.rpartition(".")[2] for k in deepspeed_keys.KNOWN if k.rpartition(".")[0] == path]
+    close = difflib.get_close_matches(str(key), list(allowed) + known, n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
     raise ConfigError(_join(path, key), f"unknown key{hint}; allowed in {path or 'the top level'}: "
                                         f"{', '.join(sorted(allowed))}")
@@ -349,8 +345,11 @@ def _validate_section(schema, value, path):
     if not isinstance(value, dict):
         raise ConfigError(path, f"must be a table (keys: {', '.join(schema)}), got {_show(value)}")
     for key in value:
-        if key not in schema:
+        if key in schema:
+            continue
+        if deepspeed_keys.lookup(_join(path, key)) is None:
             _unknown_key(path, key, schema)
+        deepspeed_keys.check_known(_join(path, key), value[key], ConfigError)  # warns, or refuses a strict one
     out = {}
     for key, spec in schema.items():
         sub = _join(path, key)
@@ -365,18 +364,50 @@ def _validate_section(schema, value, path):
     return out
 
 
+def _pop_path(layer, path):
+    """Remove ``a.b.c`` from a nested dict layer; (found, value). Parents are copied, never changed in place."""
+    *parents, last = path.split(".")
+    node = layer
+    for key in parents:
+        node = node.get(key) if isinstance(node, dict) else None
+    if not isinstance(node, dict) or last not in node:
+        return False, None
+    return True, node.pop(last)
+
+
+def _put_path(layer, path, value, old_path):
+    *parents, last = path.split(".")
+    node = layer
+    for key in parents:
+        node = node.setdefault(key, {})
+    if last in node and node[last] != value:
+        raise ConfigError(old_path, f"is another name of {path}; both are given and differ ({value!r} vs "
+                                    f"{node[last]!r})")
+    node[last] = value
+
+
 def _normalise_aliases(layer):
-    """Rename DeepSpeed's old key ``aio.thread_count`` to ``aio.intra_op_parallelism`` in one layer."""
-    aio = layer.get("aio") if isinstance(layer, dict) else None
-    if not isinstance(aio, dict) or "thread_count" not in aio:
+    """One layer with DeepSpeed's other spellings of honoured keys written as refimpl's (deepspeed_keys.RENAMED:
+    ``prefetch_bucket_size`` -> ``stage3_prefetch_bucket_size``, ``aio.thread_count`` -> ``aio.intra_op_parallelism``,
+    ...) and DeepSpeed's deprecated ``cpu_offload`` / ``cpu_offload_param`` turned into offload sections."""
+    if not isinstance(layer, dict):
         return layer
-    aio = dict(aio)
-    old = aio.pop("thread_count")
-    if "intra_op_parallelism" in aio and aio["intra_op_parallelism"] != old:
-        raise ConfigError("aio.thread_count", f"is the old name of aio.intra_op_parallelism; both are given "
-                                              f"and differ ({old!r} vs {aio['intra_op_parallelism']!r})")
-    aio.setdefault("intra_op_parallelism", old)
-    return {**layer, "aio": aio}
+    layer = copy.deepcopy(layer)
+    for old, (new, _) in deepspeed_keys.RENAMED.items():
+        found, value = _pop_path(layer, old)
+        if found:
+            _put_path(layer, new, value, old)
+    for old, new in deepspeed_keys.DEPRECATED_OFFLOAD.items():
+        found, value = _pop_path(layer, old)
+        if not found:
+            continue
+        if not isinstance(value, bool):
+            raise ConfigError(old, f"must be true or false, got {_show(value)}")
+        if value:
+            if _pop_path(copy.deepcopy(layer), new)[0]:   # DeepSpeed asserts the same
+                raise ConfigError(old, f"is DeepSpeed's deprecated form of {new}; give only one of them")
+            _put_path(layer, new, {"device": "cpu"}, old)
+    return layer
 
 
 def _require_supported(path, value, supported, what):
@@ -408,13 +439,11 @@ def _resolve(cfg):
                                                   "(the tied head would use the embedding outside its module)")
     if cfg["fp16"]["enabled"] and cfg["bf16"]["enabled"]:
         raise ConfigError("fp16.enabled", "only one of fp16/bf16 may be enabled, and bf16.enabled is true too")
-    micro, gas, ws = cfg["train_micro_batch_size_per_gpu"], cfg["gradient_accumulation_steps"], cfg["world_size"]
-    if cfg["train_batch_size"] is None:
-        cfg["train_batch_size"] = micro * gas * ws
-    elif cfg["train_batch_size"] != micro * gas * ws:   # DeepSpeed's batch-size rule
-        raise ConfigError("train_batch_size", f"must equal train_micro_batch_size_per_gpu * "
-                          f"gradient_accumulation_steps * world_size = {micro} * {gas} * {ws} = {micro * gas * ws}, "
-                          f"got {cfg['train_batch_size']}")
+    if cfg["model"]["dtype"] == "float64" and (cfg["fp16"]["enabled"] or cfg["bf16"]["enabled"]):
+        raise ConfigError("model.dtype", f"float64 is the full-precision reference; it needs fp16.enabled and "
+                                         f"bf16.enabled false, got fp16={cfg['fp16']['enabled']}, "
+                                         f"bf16={cfg['bf16']['enabled']}")
+    _resolve_batch_sizes(cfg)
 
     model, data, run = cfg["model"], cfg["data"], cfg["run"]
     if model["d_head"] is None:
@@ -436,6 +465,11 @@ def _resolve(cfg):
     if data["seed"] is None:
         data["seed"] = run["seed"]
 
+    opt = cfg["optimizer"]
+    if opt["params"]["weight_decay"] is None:   # the default of the Adam DeepSpeed would build
+        from .optim import adam_w_mode
+        opt["params"]["weight_decay"] = 0.01 if opt["params"]["torch_adam"] and adam_w_mode(opt) else 0.0
+
     if cfg["scheduler"] is not None:
         params = cfg["scheduler"]["params"]
         if params.get("total_num_steps") == "auto":
@@ -447,6 +481,34 @@ def _resolve(cfg):
             make_scheduler(cfg["scheduler"], cfg["optimizer"]["params"]["lr"])
         except ValueError as exc:
             raise ConfigError("scheduler", str(exc)) from None
+
+
+def _resolve_batch_sizes(cfg):
+    """DeepSpeed's rule (DeepSpeedConfig._set_batch_related_parameters): any two of train_batch_size,
+    train_micro_batch_size_per_gpu and gradient_accumulation_steps give the third; train_batch_size alone means
+    gradient_accumulation_steps 1; the micro batch alone means accumulation 1. Then the three must agree.
+    DeepSpeed refuses a config with neither batch size; refimpl takes a micro batch of 16 (its default run's)."""
+    tbs, micro, gas, ws = (cfg["train_batch_size"], cfg["train_micro_batch_size_per_gpu"],
+                           cfg["gradient_accumulation_steps"], cfg["world_size"])
+    if tbs is None and micro is None:
+        micro = 16
+    if tbs is not None and micro is not None and gas is None:
+        gas = tbs // micro // ws
+    elif tbs is not None and micro is None:
+        gas = gas or 1
+        micro = tbs // ws // gas
+    gas = gas or 1
+    tbs = micro * gas * ws if tbs is None else tbs
+    for key, value in (("train_micro_batch_size_per_gpu", micro), ("gradient_accumulation_steps", gas)):
+        if value < 1:
+            raise ConfigError(key, f"is {value} when derived from train_batch_size={tbs} and world_size={ws}; "
+                                   f"train_batch_size must be at least world_size * the other batch factor")
+    if tbs != micro * gas * ws:
+        raise ConfigError("train_batch_size", f"must equal train_micro_batch_size_per_gpu * "
+                          f"gradient_accumulation_steps * world_size = {micro} * {gas} * {ws} = {micro * gas * ws}, "
+                          f"got {tbs}")
+    cfg["train_batch_size"], cfg["train_micro_batch_size_per_gpu"], cfg["gradient_accumulation_steps"] = \
+        tbs, micro, gas
 
 
 def validate(cfg: dict) -> dict:
@@ -516,25 +578,32 @@ def parse_override(text: str) -> tuple[list[str], object]:
     return keys, value
 
 
-def load_config(path: str | None = None, overrides: list[str] = (), base: dict | None = None) -> dict:
-    """``base`` (default DEFAULT_CONFIG) <- the file at ``path`` <- ``overrides``, validated and resolved.
-    Neither ``base`` nor DEFAULT_CONFIG is changed."""
+def merge_layers(path: str | None = None, overrides: list[str] = (), base: dict | None = None) -> dict:
+    """The raw config before validation: ``base`` <- the file at ``path`` <- ``overrides``, DeepSpeed's other
+    spellings normalised. ``base`` defaults to DEFAULT_CONFIG, or to FILE_BASE_CONFIG under a file."""
     if isinstance(overrides, str):
         raise TypeError("overrides must be a list of 'a.b.c=VALUE' strings, not one string")
-    cfg = _normalise_aliases(DEFAULT_CONFIG if base is None else base)
+    cfg = _normalise_aliases((DEFAULT_CONFIG if path is None else FILE_BASE_CONFIG) if base is None else base)
     if path is not None:
         cfg = _deep_merge(cfg, _normalise_aliases(_read_file(path)))
-    parsed = [(text, *parse_override(text)) for text in overrides]
-    for _, keys, value in parsed:
+    for text in overrides:
+        keys, value = parse_override(text)
         layer = value
         for key in reversed(keys):
             layer = {key: layer}
         cfg = _deep_merge(cfg, _normalise_aliases(layer))
+    return cfg
+
+
+def load_config(path: str | None = None, overrides: list[str] = (), base: dict | None = None) -> dict:
+    """``merge_layers(path, overrides, base)``, validated and resolved. Neither ``base`` nor DEFAULT_CONFIG is
+    changed. An error caused by a ``--set`` names it."""
+    cfg = merge_layers(path, overrides, base)
     try:
         return validate(cfg)
     except ConfigError as e:
-        for text, keys, _ in reversed(parsed):   # name the --set that caused it (the last one wins)
-            p = ".".join(keys)
+        for text in reversed(overrides):   # name the --set that caused it (the last one wins)
+            p = ".".join(parse_override(text)[0])
             if p == e.key_path or p.startswith(e.key_path + ".") or e.key_path.startswith((p + ".", p + "[")):
                 raise ConfigError(e.key_path, f"{e.detail} (from --set {text})") from None
         raise
@@ -552,4 +621,8 @@ def _schema_defaults(schema):
 # The schema defaults with the default run on top. Derived keys stay null / "auto" here, so that a later
 # layer changing d_model or run.steps still gets consistent d_ff and total_num_steps.
 DEFAULT_CONFIG: dict = _deep_merge(_schema_defaults(SCHEMA), DEFAULT_RUN)
+# Under a config file DeepSpeed's sections mean what they mean to DeepSpeed (its defaults; no scheduler unless the
+# file has one); refimpl's own sections (model, data, run) start from the default run's.
+OWN_SECTIONS = ("model", "data", "backend", "world_size", "memory", "run")
+FILE_BASE_CONFIG: dict = _deep_merge(_schema_defaults(SCHEMA), {k: v for k, v in DEFAULT_RUN.items() if k in OWN_SECTIONS})
 CLI_DEFAULT_CONFIG: dict = _deep_merge(DEFAULT_CONFIG, INFINITY_RUN)   # the base of `refimpl train` without --config

@@ -25,19 +25,20 @@ from .kernels import array_module
 from .kernels import optim as host_kernels
 from .memory.ledger import Ledger
 from .memory.optimizer_offload import OffloadedAdamW, sub_groups
-from .loss_scaler import make_loss_scaler
+from .loss_scaler import MinLossScaleError, make_loss_scaler
 from .lr_schedules import lr_at
-from .optim import AdamW, clip_coefficient
+from .optim import AdamW, adam_w_mode, clip_coefficient
 from .zero import ZERO_STAGES
 
 
 def param_dtype(config: dict):
-    """The dtype parameters and gradients are stored in: fp16, bf16 or fp32 (DeepSpeed's sections)."""
+    """The dtype parameters and gradients are stored in: fp16 or bf16 (DeepSpeed's sections), else
+    model.dtype (float32, or float64 for the rounding-free reference run)."""
     if config["fp16"]["enabled"]:
         return np.dtype(np.float16)
     if config["bf16"]["enabled"]:
         return np.dtype(ml_dtypes.bfloat16)
-    return np.dtype(np.float32)
+    return np.dtype(config["model"].get("dtype", "float32"))
 
 
 class Engine:
@@ -62,19 +63,22 @@ class Engine:
         self.global_steps = 0      # optimizer steps attempted (DeepSpeed's global_steps)
         self.skipped_steps = 0     # of which skipped for fp16 overflow
         self.last = {}             # facts about the last boundary step, for logging
+        # callables (grad_partition, loss_scale) run at each boundary on the reduced, still loss-scaled gradient
+        # partition, before the overflow check: how `refimpl crosscheck` records gradients
+        self.gradient_hooks = []
 
     def _make_optimizer(self):
         """AdamW on the device, or on the host with its states in host memory or NVMe files (ZeRO-Offload).
         Stage 3 hands over the fp32 master in pieces as zero.Init draws the parameters (master_pieces)."""
         opt, zcfg = self.config["optimizer"], self.config["zero_optimization"]
-        kw = dict(backend=self.backend, lr=opt["params"]["lr"], betas=tuple(opt["params"]["betas"]),
-                  eps=opt["params"]["eps"], weight_decay=opt["params"]["weight_decay"],
-                  adamw_mode=opt["type"] == "AdamW")
+        p = opt["params"]
+        kw = dict(backend=self.backend, lr=p["lr"], betas=tuple(p["betas"]), eps=p["eps"],
+                  weight_decay=p["weight_decay"], adamw_mode=adam_w_mode(opt), bias_correction=p["bias_correction"])
         layout = self.zero.layout
         off = zcfg["offload_optimizer"]
         if off is None or off["device"] == "none":
             if self.zero.master is None:       # stage 3: assemble the device partition piece by piece
-                self.zero.master, lo = self.backend.empty((layout.partition_numel,), np.float32), 0
+                self.zero.master, lo = self.backend.empty((layout.partition_numel,), self.zero.master_dtype), 0
                 for piece in self._master_pieces():
                     self.zero.master[lo:lo + piece.size] = piece
                     lo += piece.size
@@ -87,7 +91,7 @@ class Engine:
         groups = sub_groups([s.chunk for s in layout.slots], zcfg["sub_group_size"])
         optimizer = OffloadedAdamW(self._master_pieces(), numel=layout.partition_numel, groups=groups,
                                    device=off["device"], ledger=self.ledger, store=store,
-                                   buffer_count=off["buffer_count"], **kw)
+                                   buffer_count=off["buffer_count"], dtype=self.zero.master_dtype, **kw)
         self.zero.master = None  # the fp32 master now lives in the host or NVMe tier only
         return optimizer
 
@@ -142,16 +146,21 @@ class Engine:
     def _all_ranks(self, value: float, op: str) -> float:
         return float(self.comm.all_reduce(np.array([value], dtype=np.float64), op=op)[0])
 
-    def step(self) -> bool:
-        """Apply the accumulated gradient if at a boundary. Returns False when the step was skipped."""
+    def step(self, force_skip: bool = False) -> bool:
+        """Apply the accumulated gradient if at a boundary. Returns False when the step was skipped.
+
+        ``force_skip``: skip this step as an fp16 overflow would (the fp64 reference run of a cross-check
+        replays the skipped steps of the run it arbitrates)."""
         if not self.is_gradient_accumulation_boundary():
             return True
         scale, lr = self.loss_scale, self.current_lr()
         with np.errstate(over="ignore", invalid="ignore"):
             grad = self.zero.reduce_gradients()             # (S,) mean over ranks, still loss-scaled
+            for hook in self.gradient_hooks:
+                hook(grad, scale)
             # the optimizer offloaded: the gradient is in host memory, checked there by the reference kernels
             be = host_kernels if self.backend.is_gpu and array_module(grad) is np else self.backend
-            overflow = self._all_ranks(float(be.has_inf_or_nan(grad)), "max") > 0  # any rank: all skip
+            overflow = self._all_ranks(float(be.has_inf_or_nan(grad)), "max") > 0 or force_skip  # any rank: all
         self.global_steps += 1
         if overflow:
             self.skipped_steps += 1
@@ -172,7 +181,10 @@ class Engine:
                 self.optimizer.step(grad, lr=lr, grad_scale=scale / clip, out_lowp=out_lowp)
             self.zero.publish_params(out_lowp)
             self.last = {"overflow": False, "grad_norm": grad_norm, "lr": lr, "loss_scale": scale}
-        self.loss_scaler.update_scale(bool(overflow))
+        try:
+            self.loss_scaler.update_scale(bool(overflow))
+        except MinLossScaleError as exc:   # DeepSpeed ends the run here too
+            raise MinLossScaleError(f"optimizer step {self.global_steps}: {exc}") from None
         self.zero.zero_grads()
         return not overflow
 

@@ -18,16 +18,19 @@ class DynamicLossScaler:
     - An overflow halves ``cur_scale`` (never below ``min_scale``), unless hysteresis still has
       credit: with ``delayed_shift`` = h > 1, the first h-1 overflows only decrement
       ``cur_hysteresis``; once it reaches 1 every further overflow halves the scale.
-    - After ``scale_window`` iterations without overflow (counted from the last overflow, or
-      from iteration -1 at start), the scale doubles and, by default, the hysteresis credit is
-      restored. With ``consecutive_hysteresis`` the credit is restored by any clean iteration.
+    - With s = cur_iter - last_overflow_iter - 1 (last_overflow_iter is -1 at start), a clean
+      iteration with s > 0 and s % scale_window == 0 doubles the scale and, by default, restores
+      the hysteresis credit: the first doubling comes on the (scale_window + 1)-th clean
+      iteration. With ``consecutive_hysteresis`` the credit is restored by any clean iteration.
+    - An overflow with the scale already at ``min_scale`` (and no hysteresis credit) raises
+      ``MinLossScaleError``, as DeepSpeed's engine does (its ``raise_error_at_min_scale`` default).
     - ``cur_iter`` counts ``update_scale`` calls (overflowed or not).
     """
 
     dynamic = True
 
     def __init__(self, init_scale=2**16, scale_factor=2.0, scale_window=1000, min_scale=1.0,
-                 delayed_shift=1, consecutive_hysteresis=False, raise_error_at_min_scale=False):
+                 delayed_shift=1, consecutive_hysteresis=False, raise_error_at_min_scale=True):
         for name, value, ok, allowed in (
                 ("init_scale", init_scale, init_scale > 0, "> 0"),
                 ("scale_factor", scale_factor, scale_factor > 1, "> 1"),
@@ -68,7 +71,10 @@ class DynamicLossScaler:
         else:
             if self.consecutive_hysteresis:
                 self.cur_hysteresis = self.delayed_shift
-            if (self.cur_iter - self.last_overflow_iter) % self.scale_window == 0:
+            # clean iterations since the last overflow, not counting this one: the scale doubles on the
+            # (scale_window + 1)-th clean iteration, then every scale_window more
+            stable_interval = (self.cur_iter - self.last_overflow_iter) - 1
+            if stable_interval > 0 and stable_interval % self.scale_window == 0:
                 if not self.consecutive_hysteresis:
                     self.cur_hysteresis = self.delayed_shift
                 self.cur_scale *= self.scale_factor

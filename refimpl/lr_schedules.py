@@ -42,9 +42,9 @@ class LRScheduler:
         return self.last_batch_iteration / self.warmup_num_steps
 
     def _set_warmup(self, warmup_num_steps, warmup_type):
-        if not isinstance(warmup_num_steps, Integral) or warmup_num_steps < 0:
+        if not isinstance(warmup_num_steps, Integral) or warmup_num_steps < 1:   # DeepSpeed 0.19.8 raises too
             raise ValueError(f"scheduler.params.warmup_num_steps={warmup_num_steps!r} is invalid; "
-                             f"it must be an integer >= 0")
+                             f"it must be an integer >= 1")
         if warmup_type not in WARMUP_TYPES:
             # DeepSpeed logs a warning and falls back to log; we refuse the typo instead.
             raise ValueError(f"scheduler.params.warmup_type={warmup_type!r} is invalid; "
@@ -109,9 +109,10 @@ class WarmupCosineLR(LRScheduler):
     """DeepSpeed ``WarmupCosineLR``: ratios of the optimizer's lr; warmup, then cosine decay.
 
     ratio = r0 + (1 - r0) * gamma during warmup (r0 = warmup_min_ratio), then with
-    s = i - W + 1 and S = T - W: ratio = max(0, c + (1 - c) * (1 + cos(pi * s / S)) / 2)
-    (c = cos_min_ratio). Before the first ``step()`` the lr is 0.0, as in DeepSpeed. Like
-    DeepSpeed, the cosine is not clamped: past i = T - 1 the ratio rises again.
+    s = i - W + 1 and S = max(1, T - W): ratio = max(0, c + (1 - c) * (1 + cos(pi * min(1, s / S))) / 2)
+    (c = cos_min_ratio). Before the first ``step()`` the lr is 0.0, as in DeepSpeed. As in DeepSpeed
+    0.19.8, the cosine progress is clamped at 1: from i = T - 1 on (and right after the warmup when
+    T <= W) the ratio stays at cos_min_ratio.
     """
 
     def __init__(self, base_lr, total_num_steps, warmup_min_ratio=0.0, warmup_num_steps=1000,
@@ -124,8 +125,7 @@ class WarmupCosineLR(LRScheduler):
         if not isinstance(total_num_steps, Integral) or total_num_steps < 1:
             raise ValueError(f"scheduler.params.total_num_steps={total_num_steps!r} is invalid; it must "
                              f"be an integer >= 1")
-        # total_num_steps <= warmup_num_steps: DeepSpeed warns and the run stays in warmup; so do we
-        # (get_lr_ratio guards the division DeepSpeed would make by zero past the warmup).
+        # total_num_steps <= warmup_num_steps: DeepSpeed warns, warms up, then holds cos_min_ratio; so do we.
         self.total_num_steps = int(total_num_steps)
         self.warmup_min_ratio = float(warmup_min_ratio)
         self.cos_min_ratio = float(cos_min_ratio)
@@ -136,7 +136,8 @@ class WarmupCosineLR(LRScheduler):
             return self.warmup_min_ratio + ratio * (1.0 - self.warmup_min_ratio)
         real_last_step = self.last_batch_iteration - self.warmup_num_steps + 1
         real_total_steps = max(1, self.total_num_steps - self.warmup_num_steps)
-        ratio = (1 + math.cos(math.pi * real_last_step / real_total_steps)) / 2
+        progress = min(1.0, real_last_step / real_total_steps)   # past the end: hold the floor
+        ratio = (1 + math.cos(math.pi * progress)) / 2
         return max(0.0, self.cos_min_ratio + (1.0 - self.cos_min_ratio) * ratio)
 
     def get_lr(self) -> float:

@@ -34,15 +34,16 @@ class AdamW:
     """AdamW on flat fp32 master weights (ZeRO-Infinity §5 keeps fp32 master + moments as flat partitions).
 
     ``master`` is a flat float32 backend array (the fp32 master weights, possibly this rank's
-    shard); it is updated in place. ``exp_avg`` / ``exp_avg_sq`` are allocated as zeros, as
-    torch does lazily on the first step. ``backend`` supplies ``adam_step``, ``zeros``, ``xp``
-    and ``to_numpy``.
+    shard; float64 in the fp64 reference run); it is updated in place. ``exp_avg`` / ``exp_avg_sq``
+    are allocated as zeros of its dtype, as torch does lazily on the first step. ``backend``
+    supplies ``adam_step``, ``zeros``, ``xp`` and ``to_numpy``. ``adamw_mode`` and
+    ``bias_correction`` are DeepSpeed's (see ``adam_w_mode`` for how a config chooses the mode).
     """
 
     def __init__(self, master, *, backend, lr=1e-3, betas=(0.9, 0.999), eps=1e-8,
-                 weight_decay=0.01, adamw_mode=True):
-        if master.ndim != 1 or master.dtype != np.float32:
-            raise ValueError(f"AdamW: master must be a flat float32 array, got shape {master.shape} "
+                 weight_decay=0.01, adamw_mode=True, bias_correction=True):
+        if master.ndim != 1 or master.dtype not in (np.float32, np.float64):
+            raise ValueError(f"AdamW: master must be a flat float32 (or float64) array, got shape {master.shape} "
                              f"dtype {master.dtype}")
         beta1, beta2 = betas
         # Same admissible ranges as torch.optim.Adam's constructor checks.
@@ -60,9 +61,9 @@ class AdamW:
         self.betas = (float(beta1), float(beta2))
         self.eps = float(eps)
         self.weight_decay = float(weight_decay)
-        self.adamw_mode = bool(adamw_mode)
-        self.exp_avg = backend.zeros(master.shape, np.float32)
-        self.exp_avg_sq = backend.zeros(master.shape, np.float32)
+        self.adamw_mode, self.bias_correction = bool(adamw_mode), bool(bias_correction)
+        self.exp_avg = backend.zeros(master.shape, master.dtype)
+        self.exp_avg_sq = backend.zeros(master.shape, master.dtype)
         self.step_count = 0
 
     def step(self, grad, *, lr=None, grad_scale=1.0, out_lowp=None) -> None:
@@ -78,14 +79,15 @@ class AdamW:
             self.master, grad, self.exp_avg, self.exp_avg_sq,
             lr=self.lr if lr is None else float(lr), beta1=self.betas[0], beta2=self.betas[1],
             eps=self.eps, weight_decay=self.weight_decay, step=self.step_count,
-            grad_scale=grad_scale, adamw_mode=self.adamw_mode, out_lowp=out_lowp)
+            grad_scale=grad_scale, adamw_mode=self.adamw_mode, bias_correction=self.bias_correction,
+            out_lowp=out_lowp)
 
     def partitions(self) -> dict:
         """Host copies of this rank's fp32 partitions: master weights and both moments (for checkpoints)."""
-        to_np = self.backend.to_numpy
-        return {"master": np.array(to_np(self.master), dtype=np.float32, copy=True),
-                "exp_avg": np.array(to_np(self.exp_avg), dtype=np.float32, copy=True),
-                "exp_avg_sq": np.array(to_np(self.exp_avg_sq), dtype=np.float32, copy=True)}
+        to_np, dt = self.backend.to_numpy, self.master.dtype
+        return {"master": np.array(to_np(self.master), dtype=dt, copy=True),
+                "exp_avg": np.array(to_np(self.exp_avg), dtype=dt, copy=True),
+                "exp_avg_sq": np.array(to_np(self.exp_avg_sq), dtype=dt, copy=True)}
 
     def load_partitions(self, parts: dict) -> None:
         """Overwrite master weights and moments in place (the model's parameters may be views of master)."""
@@ -102,8 +104,8 @@ class AdamW:
         """Host copies of the moments and the step count: ``{"exp_avg", "exp_avg_sq", "step"}``."""
         return {
             # np.array(..., copy=True): a snapshot, never a view the next step would overwrite.
-            "exp_avg": np.array(self.backend.to_numpy(self.exp_avg), dtype=np.float32, copy=True),
-            "exp_avg_sq": np.array(self.backend.to_numpy(self.exp_avg_sq), dtype=np.float32, copy=True),
+            "exp_avg": np.array(self.backend.to_numpy(self.exp_avg), dtype=self.master.dtype, copy=True),
+            "exp_avg_sq": np.array(self.backend.to_numpy(self.exp_avg_sq), dtype=self.master.dtype, copy=True),
             "step": int(self.step_count),
         }
 
@@ -125,9 +127,17 @@ class AdamW:
         if not isinstance(step, Integral) or step < 0:
             raise ValueError(f"AdamW.load_state_dict: 'step' must be an integer >= 0, got {step!r}")
         xp = self.backend.xp
-        self.exp_avg[...] = xp.asarray(moments["exp_avg"], dtype=np.float32)
-        self.exp_avg_sq[...] = xp.asarray(moments["exp_avg_sq"], dtype=np.float32)
+        self.exp_avg[...] = xp.asarray(moments["exp_avg"], dtype=self.master.dtype)
+        self.exp_avg_sq[...] = xp.asarray(moments["exp_avg_sq"], dtype=self.master.dtype)
         self.step_count = int(step)
+
+
+def adam_w_mode(optimizer_cfg: dict) -> bool:
+    """Decoupled weight decay (AdamW) or L2 (Adam), by DeepSpeed's rule for an ``optimizer`` config section
+    (deepspeed/runtime/engine.py ``_configure_basic_optimizer``): type "AdamW" always decouples; type "Adam"
+    decouples unless ``params.adam_w_mode`` is false (its default is true). ``torch_adam`` picks
+    torch.optim.AdamW or torch.optim.Adam by the same flag, so it does not change the rule."""
+    return optimizer_cfg["type"].lower() == "adamw" or bool(optimizer_cfg["params"].get("adam_w_mode", True))
 
 
 # ---------------------------------------------------------------------------------------------

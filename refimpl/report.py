@@ -37,7 +37,8 @@ def memory_and_traffic(engine) -> dict:
     and the bytes each kind of collective moved (ring-algorithm volumes, ZeRO §7)."""
     mine = engine.zero.model_state_bytes()
     n, item = engine.zero.layout.numel, engine.dtype.itemsize
-    optimizer0 = (8 if engine.dtype == np.float32 else 12) * n   # fp32: the parameters are the master weights
+    m = engine.zero.master_dtype.itemsize
+    optimizer0 = (2 * m if engine.dtype == engine.zero.master_dtype else 3 * m) * n   # fp32: params are the master
     out = {"model_state_bytes_per_rank": sum(mine.values()),
            "stage0_model_state_bytes_per_rank": 2 * n * item + optimizer0}
     out.update({f"bytes_{kind}_per_rank": b for kind, b in mine.items()})

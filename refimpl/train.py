@@ -161,6 +161,23 @@ def _train_rank(comm, config, out, resume, progress) -> dict:
         return _loop(config, out, dataset, model, engine, progress and comm.rank == 0)
 
 
+def train_step(config, dataset, model, engine, step: int, force_skip: bool = False) -> float:
+    """One optimizer step (0-based `step`) on this rank's slices of the step's global micro-batches; returns the
+    loss averaged over micro-batches and ranks. ``force_skip``: see Engine.step."""
+    comm, gas, N = engine.comm, engine.gas, engine.comm.world_size
+    micro, T = config["train_micro_batch_size_per_gpu"], config["data"]["seq_len"]
+    loss_sum = 0.0
+    for m in range(gas):
+        batch = rank_slice(dataset.get_batch("train", step * gas + m, micro * N, T), comm.rank, N)
+        with engine.ledger.compute("forward+backward", on_device=True):
+            loss, _ = model.loss(batch)
+            engine.backward(loss)
+        loss_sum += loss.item()
+    engine.step(force_skip=force_skip)
+    engine.ledger.next_step()
+    return float(comm.all_reduce(np.array([loss_sum], np.float64))[0]) / (gas * N)
+
+
 def _loop(config, out, dataset, model, engine, progress) -> dict:
     run, comm = config["run"], engine.comm
     micro, gas, T, N = config["train_micro_batch_size_per_gpu"], engine.gas, config["data"]["seq_len"], comm.world_size
@@ -173,16 +190,7 @@ def _loop(config, out, dataset, model, engine, progress) -> dict:
     try:
         for step in bar:
             t0 = time.perf_counter()
-            loss_sum = 0.0
-            for m in range(gas):
-                batch = rank_slice(dataset.get_batch("train", step * gas + m, micro * N, T), comm.rank, N)
-                with engine.ledger.compute("forward+backward", on_device=True):
-                    loss, _ = model.loss(batch)
-                    engine.backward(loss)
-                loss_sum += loss.item()
-            engine.step()
-            engine.ledger.next_step()
-            loss_mean = float(comm.all_reduce(np.array([loss_sum], np.float64))[0]) / (gas * N)
+            loss_mean = train_step(config, dataset, model, engine, step)
             dt = time.perf_counter() - t0
             rec = {"step": step + 1, "loss": loss_mean, "lr": engine.last["lr"],
                    "loss_scale": engine.last["loss_scale"], "grad_norm": engine.last["grad_norm"],

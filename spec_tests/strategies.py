@@ -218,7 +218,8 @@ def cross_entropy_problems(draw, max_n=33, max_c=65):
 # ---------------------------------------------------------------------------------------------- adam
 def adam_hyperparams():
     """Keyword arguments of adam_step: both weight-decay modes, a loss-scale divisor (grad_scale) that
-    is exact (1024) or not (0.37), and step counts where bias correction matters (1, 2) or not."""
+    is exact (1024) or not (0.37), step counts where bias correction matters (1, 2) or not, and bias
+    correction on or off (DeepSpeed's ``bias_correction``)."""
     return st.fixed_dictionaries(dict(
         lr=st.sampled_from([1e-4, 1e-3, 3e-2]),
         beta1=st.sampled_from([0.0, 0.9]),
@@ -228,4 +229,5 @@ def adam_hyperparams():
         step=st.one_of(st.sampled_from([1, 2]), st.integers(1, 1000)),
         grad_scale=st.sampled_from([1.0, 0.37, 1024.0]),
         adamw_mode=st.booleans(),
+        bias_correction=st.booleans(),
     ))

@@ -40,7 +40,7 @@ class Float64AdamW:
         self.p, self.m, self.v = f64(param), f64(exp_avg), f64(exp_avg_sq)
         self.p_abs, self.m_abs = np.abs(self.p), np.abs(self.m)
 
-    def step(self, grad, *, lr, beta1, beta2, eps, weight_decay, step, grad_scale, adamw_mode):
+    def step(self, grad, *, lr, beta1, beta2, eps, weight_decay, step, grad_scale, adamw_mode, bias_correction):
         g = f64(grad) / grad_scale
         g_abs = np.abs(g)
         if adamw_mode:
@@ -51,8 +51,9 @@ class Float64AdamW:
         self.m = beta1 * self.m + (1 - beta1) * g
         self.m_abs = beta1 * self.m_abs + (1 - beta1) * g_abs
         self.v = beta2 * self.v + (1 - beta2) * g * g  # a sum of non-negative terms: its own scale
-        step_size = lr / (1 - beta1 ** step)
-        denom = np.sqrt(self.v) / math.sqrt(1 - beta2 ** step) + eps
+        bc1, bc2 = (1 - beta1 ** step, 1 - beta2 ** step) if bias_correction else (1.0, 1.0)
+        step_size = lr / bc1
+        denom = np.sqrt(self.v) / math.sqrt(bc2) + eps
         self.p = self.p - step_size * self.m / denom
         self.p_abs = self.p_abs + step_size * self.m_abs / denom
 
@@ -90,6 +91,28 @@ def test_adam_step(backend, grad_dtype, n, hp, n_steps, seed, out_dtype):
         low = backend.to_numpy(out_lowp)
         assert np.dtype(low.dtype) == np.dtype(out_dtype)
         np.testing.assert_array_equal(f64(low), f64(backend.to_numpy(p).astype(out_dtype)))
+
+
+@pytest.mark.kernel("adam_step")
+@given(n=sizes(200), hp=adam_hyperparams(), n_steps=st.integers(1, 3), seed=seeds)
+def test_adam_step_float64_states(backend, n, hp, n_steps, seed):
+    # The fp64 reference run (model.dtype=float64) steps float64 master weights and moments with float64
+    # gradients: every backend must then agree with the float64 oracle to float64 rounding.
+    rng = np.random.default_rng(seed)
+    param, exp_avg = rng.standard_normal(n), 0.1 * rng.standard_normal(n)
+    exp_avg_sq = np.abs(0.01 * rng.standard_normal(n))
+    p, m, v = (backend.asarray(a.copy()) for a in (param, exp_avg, exp_avg_sq))
+    oracle = Float64AdamW(param, exp_avg, exp_avg_sq)
+    for i in range(n_steps):
+        grad = hp["grad_scale"] * rng.standard_normal(n)
+        kw = dict(hp, step=hp["step"] + i)
+        backend.adam_step(p, backend.asarray(grad), m, v, **kw)
+        oracle.step(grad, **kw)
+    for name, arr, ref, scale in (("param", p, oracle.p, oracle.p_abs), ("exp_avg", m, oracle.m, oracle.m_abs),
+                                  ("exp_avg_sq", v, oracle.v, oracle.v)):
+        got = backend.to_numpy(arr)
+        assert got.dtype == np.float64, f"{name} is no longer float64"
+        assert_close(got, ref, np.float64, scale=scale, what=name)
 
 
 @pytest.mark.kernel("adam_step")

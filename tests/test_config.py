@@ -3,17 +3,22 @@ ConfigError whose message starts with the key path. Expected values come from th
 DeepSpeed's documented defaults, never from the module under test."""
 import copy
 import json
+import warnings
 
 import pytest
 from hypothesis import given, strategies as st
 
 from refimpl import config
 from refimpl.config import DEFAULT_CONFIG, ConfigError, dumps, load_config, parse_override, validate
+from refimpl.deepspeed_keys import DeepSpeedKeyWarning
 
 TOP_LEVEL = {"train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
-             "gradient_clipping", "steps_per_print", "wall_clock_breakdown", "optimizer", "scheduler", "fp16",
+             "gradient_clipping", "optimizer", "scheduler", "fp16",
              "bf16", "zero_optimization", "activation_checkpointing", "aio", "backend", "world_size", "model",
              "data", "run", "memory"}
+# DeepSpeed's FusedAdam defaults (deepspeed/ops/adam/fused_adam.py) and engine flags (runtime/config.py)
+DEEPSPEED_ADAM = {"lr": 1e-3, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.0, "adam_w_mode": True,
+                  "torch_adam": False, "bias_correction": True}
 
 
 def get(cfg, dotted):
@@ -37,7 +42,7 @@ def test_defaults_resolve():
     assert set(cfg) == TOP_LEVEL
     # the default run of the brief
     assert cfg["optimizer"] == {"type": "AdamW",
-                                "params": {"lr": 3e-3, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.01}}
+                                "params": {**DEEPSPEED_ADAM, "lr": 3e-3, "betas": [0.9, 0.95], "weight_decay": 0.01}}
     assert cfg["scheduler"] == {"type": "WarmupCosineLR",
                                 "params": {"total_num_steps": 300, "warmup_min_ratio": 0.0, "warmup_num_steps": 30,
                                            "cos_min_ratio": 0.1, "warmup_type": "linear"}}
@@ -52,20 +57,99 @@ def test_defaults_resolve():
                            "hysteresis": 2, "consecutive_hysteresis": False, "min_loss_scale": 1}
     zero = cfg["zero_optimization"]
     assert zero["stage"] == 0 and zero["offload_param"] is None and zero["offload_optimizer"] is None
-    for key, expected in [("reduce_bucket_size", 500_000_000), ("allgather_bucket_size", 500_000_000),
+    for key, expected in [("reduce_bucket_size", 500_000_000),
                           ("sub_group_size", 10**9), ("stage3_prefetch_bucket_size", 50_000_000),
                           ("stage3_param_persistence_threshold", 100_000), ("stage3_max_live_parameters", 10**9),
                           ("stage3_max_reuse_distance", 10**9)]:
         assert zero[key] == expected and type(zero[key]) is int, key
-    assert cfg["aio"] == {"block_size": 1048576, "queue_depth": 8, "intra_op_parallelism": 1,
-                          "single_submit": False, "overlap_events": True, "use_gds": False}
+    assert cfg["aio"] == {"block_size": 1048576, "queue_depth": 8, "intra_op_parallelism": 1}
 
 
 def test_validate_empty_dict_gives_deepspeed_defaults():
     cfg = validate({})
-    assert cfg["optimizer"]["params"] == {"lr": 1e-3, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.01}
+    assert cfg["optimizer"] == {"type": "AdamW", "params": DEEPSPEED_ADAM}
     assert cfg["scheduler"] is None and cfg["gradient_clipping"] == 1.0
     assert set(cfg) == TOP_LEVEL
+
+
+def test_a_config_file_means_what_it_means_to_deepspeed(tmp_path):
+    # Under a file, DeepSpeed's sections take DeepSpeed's defaults, not the default run's: an optimizer
+    # section with only lr gets betas (0.9, 0.999) and weight_decay 0; no scheduler section, no scheduler.
+    # refimpl's own sections still start from the default run.
+    cfg = load_config(write(tmp_path, "c.json", json.dumps({"optimizer": {"type": "Adam", "params": {"lr": 2e-4}},
+                                                            "train_batch_size": 8})))
+    assert cfg["optimizer"] == {"type": "Adam", "params": {**DEEPSPEED_ADAM, "lr": 2e-4}}
+    assert cfg["scheduler"] is None and cfg["gradient_clipping"] == 1.0
+    # train_batch_size alone: gradient_accumulation_steps 1 and the micro batch from it (DeepSpeed)
+    assert (cfg["train_micro_batch_size_per_gpu"], cfg["gradient_accumulation_steps"]) == (8, 1)
+    assert cfg["model"] == load_config()["model"] and cfg["run"]["steps"] == DEFAULT_CONFIG["run"]["steps"]
+
+
+@pytest.mark.parametrize("given, world, expected", [
+    # any two of (train_batch_size, micro, accumulation) give the third (DeepSpeed's _set_batch_related_parameters)
+    ({"train_batch_size": 64, "train_micro_batch_size_per_gpu": 4}, 2, (64, 4, 8)),
+    ({"train_batch_size": 64, "gradient_accumulation_steps": 4}, 2, (64, 8, 4)),
+    ({"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 3}, 2, (24, 4, 3)),
+    ({"train_batch_size": 12}, 3, (12, 4, 1)),
+    ({"train_micro_batch_size_per_gpu": 5}, 2, (10, 5, 1)),
+    ({}, 1, (16, 16, 1)),                       # DeepSpeed needs one of the two; refimpl's default micro batch
+])
+def test_batch_sizes_follow_deepspeed(given, world, expected):
+    cfg = validate({**given, "world_size": world})
+    got = (cfg["train_batch_size"], cfg["train_micro_batch_size_per_gpu"], cfg["gradient_accumulation_steps"])
+    assert got == expected
+
+
+@pytest.mark.parametrize("opt, expected_decay", [
+    # DeepSpeed: FusedAdam / DeepSpeedCPUAdam default weight_decay 0; torch.optim.AdamW's default 0.01 with
+    # torch_adam (Adam's stays 0). The decay mode: "AdamW" always decoupled, "Adam" unless adam_w_mode is false.
+    ({"type": "Adam"}, 0.0),
+    ({"type": "AdamW", "params": {"torch_adam": True}}, 0.01),
+    ({"type": "Adam", "params": {"torch_adam": True}}, 0.01),                          # adam_w_mode: AdamW
+    ({"type": "Adam", "params": {"torch_adam": True, "adam_w_mode": False}}, 0.0),     # torch.optim.Adam
+])
+def test_weight_decay_default_is_that_of_the_optimizer_deepspeed_builds(opt, expected_decay):
+    assert validate({"optimizer": opt})["optimizer"]["params"]["weight_decay"] == expected_decay
+
+
+def test_deepspeed_keys_without_effect_warn_once_and_strict_ones_refuse(tmp_path):
+    ds = {"optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "set_grad_none": False}},
+          "zero_optimization": {"stage": 3, "stage3_model_persistence_threshold": 1000, "overlap_comm": True,
+                                "contiguous_gradients": True},        # DeepSpeed's default: accepted silently
+          "wandb": {"enabled": True}, "steps_per_print": 10}
+    with pytest.warns(DeepSpeedKeyWarning) as record:
+        cfg = load_config(write(tmp_path, "ds.json", json.dumps(ds)))
+    named = sorted(str(w.message).split(":")[0] for w in record)
+    assert named == ["optimizer.params.set_grad_none", "steps_per_print", "wandb",
+                     "zero_optimization.overlap_comm", "zero_optimization.stage3_model_persistence_threshold"]
+    assert "stage3_model_persistence_threshold" not in cfg["zero_optimization"] and "wandb" not in cfg
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_config(overrides=["zero_optimization.contiguous_gradients=true"])   # a default: no warning
+    for text, key, allowed in [("optimizer.params.amsgrad=true", "optimizer.params.amsgrad", "False"),
+                               ("zero_optimization.zero_quantized_weights=true",
+                                "zero_optimization.zero_quantized_weights", "False"),
+                               ('gradient_allreduce_op="sum"', "gradient_allreduce_op", "'mean'"),
+                               ('torch_autocast={"enabled": true}', "torch_autocast.enabled", "False"),
+                               ("optimizer.params.max_grad_norm=1.0", "optimizer.params.max_grad_norm",
+                                "gradient_clipping")]:
+        with pytest.raises(ConfigError, match=rf"^{key}: .*{allowed}") as e:
+            load_config(overrides=[text])
+        assert e.value.key_path == key
+    with pytest.raises(ConfigError, match="did you mean 'gradient_clipping'"):   # DeepSpeed would ignore it
+        load_config(overrides=["gradient_clippping=1.0"])
+
+
+def test_deepspeed_spellings_of_honoured_keys():
+    cfg = validate({"zero_optimization": {"stage": 3, "prefetch_bucket_size": 123, "param_persistence_threshold": 7},
+                    "bfloat16": {"enabled": True}})
+    z = cfg["zero_optimization"]
+    assert (z["stage3_prefetch_bucket_size"], z["stage3_param_persistence_threshold"]) == (123, 7)
+    assert cfg["bf16"]["enabled"] is True
+    cfg = validate({"zero_optimization": {"stage": 1, "cpu_offload": True}})     # DeepSpeed's deprecated form
+    assert cfg["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    with pytest.raises(ConfigError, match="zero_optimization.prefetch_bucket_size: is another name"):
+        validate({"zero_optimization": {"prefetch_bucket_size": 1, "stage3_prefetch_bucket_size": 2}})
 
 
 def test_resolved_config_is_a_fixed_point_and_round_trips_through_dumps():
@@ -124,10 +208,11 @@ DEEPSPEED_CONFIG = {
 
 
 def test_deepspeed_json_config_loads(tmp_path):
-    cfg = load_config(write(tmp_path, "ds_config.json", json.dumps(DEEPSPEED_CONFIG, indent=2)))
+    with pytest.warns(DeepSpeedKeyWarning):   # steps_per_print, overlap_comm, allgather_bucket_size, pin_memory
+        cfg = load_config(write(tmp_path, "ds_config.json", json.dumps(DEEPSPEED_CONFIG, indent=2)))
     assert cfg["train_batch_size"] == 32 and cfg["gradient_accumulation_steps"] == 4
-    assert cfg["optimizer"] == {"type": "Adam",
-                                "params": {"lr": 1e-4, "betas": [0.8, 0.999], "eps": 1e-8, "weight_decay": 3e-7}}
+    assert cfg["optimizer"] == {"type": "Adam", "params": {**DEEPSPEED_ADAM, "lr": 1e-4, "betas": [0.8, 0.999],
+                                                           "weight_decay": 3e-7}}
     # WarmupLR replaces the default WarmupCosineLR wholesale: no cosine params leak in; DeepSpeed's
     # defaults fill the rest and warmup_max_lr falls back to the optimizer's lr.
     assert cfg["scheduler"] == {"type": "WarmupLR",
@@ -136,18 +221,16 @@ def test_deepspeed_json_config_loads(tmp_path):
     assert cfg["fp16"] == {"enabled": True, "loss_scale": 0, "initial_scale_power": 12, "loss_scale_window": 500,
                            "hysteresis": 2, "consecutive_hysteresis": False, "min_loss_scale": 1}
     zero = cfg["zero_optimization"]
-    assert zero["overlap_comm"] is True and zero["reduce_scatter"] is True
-    assert (zero["reduce_bucket_size"], zero["allgather_bucket_size"]) == (500_000_000, 200_000_000)
+    assert "overlap_comm" not in zero and "allgather_bucket_size" not in zero    # accepted, with no effect
+    assert zero["reduce_bucket_size"] == 500_000_000
     assert type(zero["reduce_bucket_size"]) is int and type(zero["stage3_prefetch_bucket_size"]) is int
-    assert zero["offload_optimizer"] == {"device": "none", "nvme_path": None, "buffer_count": 4, "pin_memory": True,
-                                         "fast_init": False, "ratio": 1.0}
+    assert zero["offload_optimizer"] == {"device": "none", "nvme_path": None, "buffer_count": 4}
 
 
 def test_offload_param_section_fills_deepspeed_defaults():
     cfg = load_config(overrides=['zero_optimization.offload_param={"device": "none"}'])
     assert cfg["zero_optimization"]["offload_param"] == {
-        "device": "none", "nvme_path": None, "buffer_count": 5, "buffer_size": 100_000_000,
-        "max_in_cpu": 1_000_000_000, "pin_memory": False}
+        "device": "none", "nvme_path": None, "buffer_count": 5, "buffer_size": 100_000_000}
 
 
 def test_toml_config_loads(tmp_path):
@@ -185,7 +268,7 @@ out = "runs/toml"
     assert cfg["model"]["task"] == "classify" and cfg["data"]["dataset"] == "listops"
     assert cfg["model"]["d_head"] == 64 // 8 and cfg["model"]["n_layers"] == 3
     assert cfg["train_batch_size"] == 4 and cfg["backend"] == "numba" and cfg["run"]["out"] == "runs/toml"
-    assert cfg["scheduler"]["params"]["total_num_steps"] == 50
+    assert cfg["scheduler"] is None     # a file without a scheduler section has none, as in DeepSpeed
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -315,7 +398,7 @@ def test_explicit_total_num_steps_is_kept_and_decay_uses_deepspeed_max_lr():
     (["zero_optimization.stage=3", "model.tie_embeddings=true"], "model.tie_embeddings", ["stage 3"]),
     # rules across keys
     (["fp16.enabled=true", "bf16.enabled=true"], "fp16.enabled", ["only one of fp16/bf16"]),
-    (["train_batch_size=100"], "train_batch_size", ["16 * 1 * 1 = 16", "100"]),
+    (["train_batch_size=100"], "train_batch_size", ["16 * 6 * 1 = 96", "100"]),
     (["train_micro_batch_size_per_gpu=4", "gradient_accumulation_steps=3", "train_batch_size=16"],
      "train_batch_size", ["4 * 3 * 1 = 12"]),
     (["model.d_model=130"], "model.n_heads", ["130", "model.d_head"]),
@@ -325,7 +408,7 @@ def test_explicit_total_num_steps_is_kept_and_decay_uses_deepspeed_max_lr():
     (['scheduler={"type": "WarmupDecayLR"}'], "scheduler.params.total_num_steps", ["required"]),
     (["scheduler.params.total_num_steps=soon"], "scheduler.params.total_num_steps", ["int", '"auto"', "'soon'"]),
     # unknown keys, anywhere; the message lists what is allowed at that level and comes from --set
-    (["optimizer.params.lrr=0.1"], "optimizer.params.lrr", ["did you mean 'lr'", "betas, eps, lr, weight_decay",
+    (["optimizer.params.lrr=0.1"], "optimizer.params.lrr", ["did you mean 'lr'", "betas, bias_correction, eps, lr, torch_adam, weight_decay",
                                                             "--set optimizer.params.lrr=0.1"]),
     (["runn.steps=3"], "runn", ["did you mean 'run'", "--set runn.steps=3"]),
     (["run.steps.every=3"], "run.steps", ["int", "--set run.steps.every=3"]),
@@ -390,7 +473,7 @@ def test_missing_file_names_the_path(tmp_path):
 
 
 @pytest.mark.parametrize("cfg, key_path, fragments", [
-    ({"zero_optimization": {"stag": 0}}, "zero_optimization.stag", ["did you mean 'stage'", "allgather_bucket_size"]),
+    ({"zero_optimization": {"stag": 0}}, "zero_optimization.stag", ["did you mean 'stage'", "stage3_prefetch_bucket_size"]),
     ({"model": {"n_layer": 2}}, "model.n_layer", ["did you mean 'n_layers'"]),
     ({"optimiser": {}}, "optimiser", ["did you mean 'optimizer'", "the top level"]),
     ({"scheduler": {"type": "WarmupLR", "param": {}}}, "scheduler.param", ["'params'"]),

@@ -4,13 +4,14 @@ in by name, then forward outputs, every parameter's gradient and the input's gra
 (to ~1e-10) and float32 (~1e-5), for plain and tiled attention, causal LM and padded classifier.
 Then 20 AdamW steps of the tiny LM with refimpl.optim.AdamW on a flat fp32 master vs torch.optim.AdamW.
 
-The torch modules below are the independent spec of the architecture in refimpl/model.py's docstring.
+The torch twin (refimpl/interop/torch.py) is the independent spec of the architecture in refimpl/model.py's
+docstring.
 """
 import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
-import torch.nn.functional as TF  # noqa: E402
+import refimpl.interop.torch as tt  # noqa: E402
 
 from refimpl.autodiff import Tensor  # noqa: E402
 from refimpl.backend import get_backend  # noqa: E402
@@ -35,82 +36,16 @@ TORCH_DTYPE = {np.float32: torch.float32, np.float64: torch.float64}
 TOL = {np.float64: (1e-10, 1e-12), np.float32: (1e-5, 1e-6)}
 
 
-# ------------------------------------------------------------------------------------ torch model
-class TorchAttention(torch.nn.Module):
-    def __init__(self, cfg):
-        super().__init__()
-        self.h, self.d, self.causal = cfg.n_heads, cfg.head_dim, cfg.task == "lm"
-        inner = cfg.n_heads * cfg.head_dim
-        self.q_proj = torch.nn.Linear(cfg.d_model, inner)
-        self.k_proj = torch.nn.Linear(cfg.d_model, inner)
-        self.v_proj = torch.nn.Linear(cfg.d_model, inner)
-        self.out_proj = torch.nn.Linear(inner, cfg.d_model)
-
-    def forward(self, x, key_padding_mask=None):
-        B, T, _ = x.shape
-        q, k, v = (p(x).view(B, T, self.h, self.d).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
-        # torch's boolean attn_mask is True where attention is allowed; ours is True at padding
-        mask = None if key_padding_mask is None else ~key_padding_mask[:, None, None, :]  # (B, 1, 1, T)
-        o = TF.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=self.causal)  # (B, H, T, D)
-        return self.out_proj(o.transpose(1, 2).reshape(B, T, self.h * self.d))
-
-
-class TorchMLP(torch.nn.Module):
-    def __init__(self, cfg):
-        super().__init__()
-        self.fc1 = torch.nn.Linear(cfg.d_model, cfg.ff_dim)
-        self.fc2 = torch.nn.Linear(cfg.ff_dim, cfg.d_model)
-
-    def forward(self, x):
-        return self.fc2(TF.gelu(self.fc1(x), approximate="tanh"))
-
-
-class TorchBlock(torch.nn.Module):
-    def __init__(self, cfg):
-        super().__init__()
-        self.ln_1 = torch.nn.LayerNorm(cfg.d_model, eps=cfg.layernorm_eps)
-        self.attn = TorchAttention(cfg)
-        self.ln_2 = torch.nn.LayerNorm(cfg.d_model, eps=cfg.layernorm_eps)
-        self.mlp = TorchMLP(cfg)
-
-    def forward(self, x, key_padding_mask=None):
-        x = x + self.attn(self.ln_1(x), key_padding_mask)
-        return x + self.mlp(self.ln_2(x))
-
-
-class TorchTransformer(torch.nn.Module):
-    def __init__(self, cfg):
-        super().__init__()
-        self.task = cfg.task
-        self.tok_emb = torch.nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.pos_emb = torch.nn.Embedding(cfg.max_seq_len, cfg.d_model)
-        self.blocks = torch.nn.ModuleList(TorchBlock(cfg) for _ in range(cfg.n_layers))
-        self.ln_f = torch.nn.LayerNorm(cfg.d_model, eps=cfg.layernorm_eps)
-        if cfg.task == "lm":
-            self.lm_head = torch.nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        else:
-            self.head = torch.nn.Linear(cfg.d_model, cfg.n_classes)
-
-    def forward(self, ids, key_padding_mask=None):
-        x = self.tok_emb(ids) + self.pos_emb(torch.arange(ids.shape[1]))[None]
-        for block in self.blocks:
-            x = block(x, key_padding_mask)
-        x = self.ln_f(x)
-        return self.head(x[:, 0]) if self.task == "classify" else self.lm_head(x)
-
-    def loss(self, batch):
-        kpm = None if batch.key_padding_mask is None else torch.from_numpy(batch.key_padding_mask)
-        logits = self(torch.from_numpy(batch.ids), kpm)
-        if self.task == "classify":
-            return TF.cross_entropy(logits, torch.from_numpy(batch.labels))
-        return TF.cross_entropy(logits.reshape(-1, logits.shape[-1]), torch.from_numpy(batch.targets).reshape(-1))
+def TorchTransformer(cfg):   # noqa: N802  (the twin, with the loss method these tests call)
+    twin = tt.TorchTransformer(cfg)
+    twin.loss = lambda batch: tt.torch_loss(twin, batch)
+    return twin
 
 
 def copy_into_torch(ours, theirs, dtype):
-    """Load our parameters by name; strict=True fails on any name that does not match."""
+    """Load our parameters by name; strict: any name that does not match fails."""
     theirs.to(TORCH_DTYPE[dtype])
-    theirs.load_state_dict({n: torch.from_numpy(np.array(a)) for n, a in ours.state_dict().items()}, strict=True)
-    return theirs
+    return tt.load_weights(theirs, ours.state_dict())
 
 
 # ---------------------------------------------------------------------------------------- helpers
@@ -166,7 +101,7 @@ def test_block_forward_and_grads_match_torch(task, attention, dtype):
     cfg = config(task=task, attention=attention)
     ours = Block(cfg, rng=np.random.default_rng(0), dtype=dtype)
     randomize(ours, 1)
-    theirs = copy_into_torch(ours, TorchBlock(cfg), dtype)
+    theirs = copy_into_torch(ours, tt.Block(cfg), dtype)
     r = np.random.default_rng(2)
     B, T = 3, 8  # 8 is not a multiple of the block size 3
     x = r.standard_normal((B, T, cfg.d_model)).astype(dtype)

@@ -153,12 +153,12 @@ def test_fp16_overflow_skips_step_and_follows_hysteresis(tiny_config, stage):
     name, victim = next(iter(model.named_parameters()))
     victim.register_hook(lambda g: np.full_like(g, np.inf) if poison["on"] else None)
 
-    overflow_at = {2, 3, 7, 8}                      # 1-based steps
+    overflow_at = {2, 3, 8, 9}                      # 1-based steps
     # DeepSpeed's DynamicLossScaler worked by hand for this pattern (init 2^8, hysteresis 2, window 3):
-    #  it0 clean; it1 overflow: hysteresis 2->1; it2 overflow: halve -> 128; it3, it4 clean;
-    #  it5 clean: 3 clean iterations since the overflow at it2 -> double -> 256, hysteresis back to 2;
-    #  it6 overflow: hysteresis 2->1; it7 overflow: halve -> 128; it8 clean.
-    expected_scale_used = [256, 256, 256, 128, 128, 128, 256, 256, 128]
+    #  it0 clean; it1 overflow: hysteresis 2->1; it2 overflow: halve -> 128; it3..it5 clean (s = 0, 1, 2);
+    #  it6 clean: s = it6 - it2 - 1 = 3 -> double -> 256, hysteresis back to 2;
+    #  it7 overflow: hysteresis 2->1; it8 overflow: halve -> 128; it9 clean.
+    expected_scale_used = [256, 256, 256, 128, 128, 128, 128, 256, 256, 128]
     sched, base_lr = config["scheduler"], config["optimizer"]["params"]["lr"]
     applied = skipped = 0
     for step, scale in enumerate(expected_scale_used, start=1):

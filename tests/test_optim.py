@@ -304,29 +304,34 @@ def _run(scaler, overflows):
 
 
 def test_loss_scaler_window_counts_clean_steps_since_last_overflow():
-    # No hysteresis, window 3, start 16. The window is measured from last_overflow_iter (-1 at start):
-    # iters 0,1 clean (1, 2 since -1) keep 16; iter 2 clean (3 % 3 == 0) doubles to 32;
-    # iter 3 overflows -> 16, last_overflow_iter = 3; iters 4,5 clean (1, 2 since 3) keep 16;
-    # iter 6 (3 since) doubles to 32; iters 7,8 keep 32; iter 9 (6 since, 6 % 3 == 0) doubles to 64.
+    # DeepSpeed's rule: s = cur_iter - last_overflow_iter - 1 (last_overflow_iter = -1 at start), and a clean
+    # iteration with s > 0 and s % window == 0 doubles. No hysteresis, window 3, start 16:
+    # iters 0..2 clean (s = 0, 1, 2) keep 16; iter 3 overflows -> 8, last_overflow_iter = 3;
+    # iters 4..6 (s = 0, 1, 2) keep 8; iter 7 (s = 3: the 4th clean iteration) doubles to 16;
+    # iters 8, 9 (s = 4, 5) keep 16; iter 10 (s = 6) doubles to 32.
     s = optim.DynamicLossScaler(init_scale=16, scale_window=3, delayed_shift=1)
     F, T = False, True
-    scales, _ = _run(s, [F, F, F, T, F, F, F, F, F, F])
-    assert scales == [16, 16, 32, 16, 16, 16, 32, 32, 32, 64]
-    assert s.cur_iter == 10 and s.last_overflow_iter == 3
+    scales, _ = _run(s, [F, F, F, T, F, F, F, F, F, F, F])
+    assert scales == [16, 16, 16, 8, 8, 8, 8, 16, 16, 16, 32]
+    assert s.cur_iter == 11 and s.last_overflow_iter == 3
+    # From the start: window 10 doubles on the 11th clean iteration (iter 10), not the 10th.
+    s = optim.DynamicLossScaler(init_scale=2**24, scale_window=10)
+    scales, _ = _run(s, [F] * 21)
+    assert scales.index(2**25) == 10 and scales.index(2**26) == 20
 
 
 def test_loss_scaler_hysteresis_delays_first_decrease():
     # hysteresis (delayed_shift) 2, window 4, start 16, non-consecutive:
     # it0 overflow: credit 2 -> 1, scale stays 16      it1 overflow: credit is 1 -> halve to 8
-    # it2 overflow: credit still 1 -> 4                it3 clean (1 since it2): 4, credit stays 1
-    # it4 overflow: credit 1 -> halve to 2 (last=4)    it5..it7 clean (1..3 since): 2
-    # it8 clean (4 since, 4 % 4 == 0): double to 4 and restore credit to 2
-    # it9 overflow: credit 2 -> 1, scale stays 4       it10 overflow: credit 1 -> 2
+    # it2 overflow: credit still 1 -> 4                it3 clean (s = 0): 4, credit stays 1
+    # it4 overflow: credit 1 -> halve to 2 (last=4)    it5..it8 clean (s = 0..3): 2
+    # it9 clean (s = 4, 4 % 4 == 0): double to 4 and restore credit to 2
+    # it10 overflow: credit 2 -> 1, scale stays 4      it11 overflow: credit 1 -> 2
     s = optim.DynamicLossScaler(init_scale=16, scale_window=4, delayed_shift=2)
     F, T = False, True
-    scales, hyst = _run(s, [T, T, T, F, T, F, F, F, F, T, T])
-    assert scales == [16, 8, 4, 4, 2, 2, 2, 2, 4, 4, 2]
-    assert hyst == [1, 1, 1, 1, 1, 1, 1, 1, 2, 1, 1]
+    scales, hyst = _run(s, [T, T, T, F, T, F, F, F, F, F, T, T])
+    assert scales == [16, 8, 4, 4, 2, 2, 2, 2, 2, 4, 4, 2]
+    assert hyst == [1, 1, 1, 1, 1, 1, 1, 1, 1, 2, 1, 1]
 
 
 def test_loss_scaler_consecutive_hysteresis_resets_on_any_clean_step():
@@ -347,30 +352,36 @@ def test_loss_scaler_consecutive_hysteresis_resets_on_any_clean_step():
 
 
 def test_loss_scaler_min_scale_floor_and_error():
-    # start 4, floor 1: overflows give 2, 1, then stay at 1 (max(1/2, 1)).
-    s = optim.DynamicLossScaler(init_scale=4, min_scale=1, delayed_shift=1)
+    # start 4, floor 1, not raising: overflows give 2, 1, then stay at 1 (max(1/2, 1)).
+    s = optim.DynamicLossScaler(init_scale=4, min_scale=1, delayed_shift=1, raise_error_at_min_scale=False)
     assert _run(s, [True] * 4)[0] == [2, 1, 1, 1]
     # A floor that is not a power of two: 8 -> 4 -> max(2, 3) = 3 -> 3.
-    s = optim.DynamicLossScaler(init_scale=8, min_scale=3, delayed_shift=1)
+    s = optim.DynamicLossScaler(init_scale=8, min_scale=3, delayed_shift=1, raise_error_at_min_scale=False)
     assert _run(s, [True] * 3)[0] == [4, 3, 3]
-    # raise_error_at_min_scale: the overflow *at* the floor raises (DeepSpeed raises too).
-    s = optim.DynamicLossScaler(init_scale=4, min_scale=1, delayed_shift=1, raise_error_at_min_scale=True)
+    # By default (DeepSpeed's engine) the overflow *at* the floor raises.
+    s = optim.DynamicLossScaler(init_scale=4, min_scale=1, delayed_shift=1)
     assert _run(s, [True, True])[0] == [2, 1]
     with pytest.raises(optim.MinLossScaleError, match="min_scale=1"):
         s.update_scale(True)
+    # ... but not while hysteresis still has credit: that overflow only spends the credit.
+    s = optim.DynamicLossScaler(init_scale=1, min_scale=1, delayed_shift=2)
+    s.update_scale(True)
+    assert (s.loss_scale, s.cur_hysteresis) == (1, 1)
+    with pytest.raises(optim.MinLossScaleError):
+        s.update_scale(True)
 
 
-def test_loss_scaler_window_one_doubles_every_clean_step():
-    # window 1: (cur_iter - last_overflow_iter) % 1 == 0 always, so each clean step doubles.
+def test_loss_scaler_window_one_doubles_every_clean_step_but_the_first():
+    # window 1: every clean iteration with s > 0 doubles; the first clean one after an overflow has s = 0.
     s = optim.DynamicLossScaler(init_scale=1, scale_window=1, delayed_shift=1)
-    assert _run(s, [False, False, True, False])[0] == [2, 4, 2, 4]
+    assert _run(s, [False, False, False, True, False, False])[0] == [1, 2, 4, 2, 2, 4]
 
 
 def test_loss_scaler_state_dict_resume_and_json():
     pattern = [True, False, False, True, True, False, False, False, True, False] * 3
-    full = optim.DynamicLossScaler(init_scale=2**10, scale_window=3, delayed_shift=2)
+    full = optim.DynamicLossScaler(init_scale=2**20, scale_window=3, delayed_shift=2)
     expected = _run(full, pattern)[0]
-    a = optim.DynamicLossScaler(init_scale=2**10, scale_window=3, delayed_shift=2)
+    a = optim.DynamicLossScaler(init_scale=2**20, scale_window=3, delayed_shift=2)
     first = _run(a, pattern[:13])[0]
     state = json.loads(json.dumps(a.state_dict()))   # survives a JSON manifest
     b = optim.DynamicLossScaler()
@@ -487,9 +498,9 @@ def test_warmup_lr_hand_computed():
     assert optim.lr_at(1, log, 1.0) == pytest.approx(0.01)   # log(1) = 0
     assert optim.lr_at(10, log, 1.0) == pytest.approx(0.055)  # i = 9: log(10)/log(100) = 1/2
     assert optim.lr_at(100, log, 1.0) == pytest.approx(0.1)   # i = 99: log(100)/log(100) = 1
-    # warmup_max_lr omitted -> the optimizer's lr; warmup_num_steps < 2 is raised to 2.
+    # warmup_max_lr omitted -> the optimizer's lr; warmup_num_steps 1 is raised to 2 (0 is an error).
     assert optim.lr_at(500, _cfg("WarmupLR", warmup_num_steps=10), 0.7) == 0.7
-    assert optim.lr_at(2, _cfg("WarmupLR", warmup_max_lr=1.0, warmup_num_steps=0, warmup_type="linear"),
+    assert optim.lr_at(2, _cfg("WarmupLR", warmup_max_lr=1.0, warmup_num_steps=1, warmup_type="linear"),
                        1.0) == 0.5                    # i = 1 of W = 2
 
 
@@ -519,10 +530,12 @@ def test_warmup_cosine_lr_hand_computed():
     assert optim.lr_at(11, cfg, base) == pytest.approx(0.099977795, rel=1e-8)
     assert optim.lr_at(60, cfg, base) == pytest.approx(0.055)  # i = 59: s = 50, cos(pi/2) = 0: 0.55
     assert optim.lr_at(110, cfg, base) == pytest.approx(0.01)  # i = 109: s = S, cos(pi) = -1: 0.1
+    # Past the end DeepSpeed 0.19.8 holds the floor (the cosine's progress is clamped at 1).
+    assert [optim.lr_at(k, cfg, base) for k in (111, 150, 210, 10**6)] == [pytest.approx(0.01)] * 4
 
 
 @given(kind=st.sampled_from(["WarmupLR", "WarmupDecayLR", "WarmupCosineLR"]),
-       warmup=st.integers(0, 40), extra=st.integers(1, 80),
+       warmup=st.integers(1, 40), extra=st.integers(1, 80),
        warmup_type=st.sampled_from(["log", "linear"]),
        lo=st.floats(0.0, 0.5), hi=st.floats(0.5, 1.0))
 def test_schedules_are_monotone_in_each_phase(kind, warmup, extra, warmup_type, lo, hi):
@@ -544,6 +557,8 @@ def test_schedules_are_monotone_in_each_phase(kind, warmup, extra, warmup_type, 
         assert all(x == pytest.approx(hi * 1e-3) for x in lrs[W + 1:])
     else:
         assert all(a >= b * (1 - 1e-12) for a, b in zip(down, down[1:]))
+        past = [optim.lr_at(k, cfg, 1e-3) for k in (T + 1, T + 2, 3 * T)]   # past the end: the floor, held
+        assert past[0] == past[1] == past[2] <= min(lrs[W + 1:T + 1])
     assert all(x >= 0 for x in lrs)
 
 
@@ -558,10 +573,13 @@ def test_lr_at_rejects_bad_config():
         optim.lr_at(3, _cfg("WarmupLR", warmup_type="cosine"), 1.0)
     with pytest.raises(ValueError, match="total_num_steps=0 .*>= 1"):
         optim.lr_at(3, _cfg("WarmupCosineLR", total_num_steps=0, warmup_num_steps=10), 1.0)
-    # total <= warmup: DeepSpeed only warns and the run stays in (linear) warmup; no division by zero after it
-    short = _cfg("WarmupCosineLR", total_num_steps=10, warmup_num_steps=20, warmup_type="linear")
+    with pytest.raises(ValueError, match="warmup_num_steps=0 .*>= 1"):   # DeepSpeed 0.19.8 refuses it too
+        optim.lr_at(3, _cfg("WarmupLR", warmup_num_steps=0), 1.0)
+    # total <= warmup: DeepSpeed only warns; the run warms up, then holds cos_min_ratio (no alternation)
+    short = _cfg("WarmupCosineLR", total_num_steps=10, warmup_num_steps=20, warmup_type="linear",
+                 cos_min_ratio=0.1)
     assert optim.lr_at(5, short, 1.0) == pytest.approx(4 / 20)
-    assert math.isfinite(optim.lr_at(30, short, 1.0))
+    assert [optim.lr_at(k, short, 1.0) for k in range(21, 26)] == [pytest.approx(0.1)] * 5
     with pytest.raises(ValueError, match="step must be an integer >= 0"):
         optim.lr_at(-1, None, 1.0)
 
@@ -593,7 +611,8 @@ class _DeepSpeedTranscription:
                 r0 = p.get("warmup_min_ratio", 0.0)
                 return self.org_lr * (r0 + self._warm() * (1.0 - r0))
             c = p.get("cos_min_ratio", 0.0001)
-            ratio = (1 + math.cos(math.pi * (i - self.W + 1) / (p["total_num_steps"] - self.W))) / 2
+            progress = min(1.0, (i - self.W + 1) / max(1, p["total_num_steps"] - self.W))
+            ratio = (1 + math.cos(math.pi * progress)) / 2
             return self.org_lr * max(0.0, c + (1.0 - c) * ratio)
         lo = p.get("warmup_min_lr", 0.0)
         hi = p.get("warmup_max_lr", self.org_lr if self.kind == "WarmupLR" else 0.001)
@@ -626,6 +645,7 @@ class _DeepSpeedTranscription:
     ("WarmupCosineLR", {"total_num_steps": 30, "warmup_num_steps": 5}),
     ("WarmupCosineLR", {"total_num_steps": 40, "warmup_num_steps": 12, "warmup_min_ratio": 0.1,
                         "cos_min_ratio": 0.05, "warmup_type": "linear"}),
+    ("WarmupCosineLR", {"total_num_steps": 8, "warmup_num_steps": 12, "cos_min_ratio": 0.05}),
 ])
 def test_lr_at_matches_deepspeed_engine_loop(kind, params):
     torch = pytest.importorskip("torch")
@@ -634,17 +654,17 @@ def test_lr_at_matches_deepspeed_engine_loop(kind, params):
     opt = torch.optim.SGD([w], lr=base_lr)
     sched = _DeepSpeedTranscription(opt, kind, params)
     used = []
-    for _ in range(45):                       # the engine: optimizer.step() then scheduler.step()
+    for _ in range(60):                       # the engine: optimizer.step() then scheduler.step(); past the end
         used.append(opt.param_groups[0]["lr"])
         w.grad = torch.ones(2)
         opt.step()
         sched.step()
-    ours = [optim.lr_at(k, {"type": kind, "params": params}, base_lr) for k in range(45)]
+    ours = [optim.lr_at(k, {"type": kind, "params": params}, base_lr) for k in range(60)]
     assert ours == pytest.approx(used, rel=1e-12, abs=0)
     # The stateful scheduler objects agree with the pure function too.
     s = optim.make_scheduler({"type": kind, "params": params}, base_lr)
     stepped = []
-    for _ in range(45):
+    for _ in range(60):
         stepped.append(s.get_lr())
         s.step()
     assert stepped == ours

@@ -75,15 +75,17 @@ def _flat_inplace(a):
 
 
 def adam_step(param, grad, exp_avg, exp_avg_sq, *, lr, beta1, beta2, eps, weight_decay, step,
-              grad_scale=1.0, adamw_mode=True, out_lowp=None):
-    """Mirrors refimpl.kernels.optim.adam_step: one fused AdamW step in place, optional fp16/bf16 copy."""
+              grad_scale=1.0, adamw_mode=True, bias_correction=True, out_lowp=None):
+    """Mirrors refimpl.kernels.optim.adam_step: one fused AdamW step in place, optional fp16/bf16 copy
+    (float64 states, the fp64 reference run, take the reference)."""
     ref.check_adam_args(param, grad, exp_avg, exp_avg_sq, step=step, grad_scale=grad_scale, out_lowp=out_lowp)
 
     states = [_flat_inplace(a) for a in (param, exp_avg, exp_avg_sq)]
-    if any(s is None for s in states) or np.dtype(grad.dtype).name not in ("float32", "float16", "bfloat16"):
+    if (any(s is None for s in states) or param.dtype != np.float32
+            or np.dtype(grad.dtype).name not in ("float32", "float16", "bfloat16")):
         return ref.adam_step(param, grad, exp_avg, exp_avg_sq, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
                              weight_decay=weight_decay, step=step, grad_scale=grad_scale,
-                             adamw_mode=adamw_mode, out_lowp=out_lowp)
+                             adamw_mode=adamw_mode, bias_correction=bias_correction, out_lowp=out_lowp)
     out, out_kind = None, NATIVE                        # NATIVE: no fused copy
     if out_lowp is not None and out_lowp.dtype.name in ("float16", "bfloat16"):
         flat_out = _flat_inplace(out_lowp)
@@ -97,8 +99,10 @@ def adam_step(param, grad, exp_avg, exp_avg_sq, *, lr, beta1, beta2, eps, weight
     f32 = np.float32
     decay = 1.0 - lr * weight_decay if (weight_decay != 0 and adamw_mode) else 1.0
     l2 = None if adamw_mode else f32(weight_decay)
+    bias_correction1 = 1.0 - beta1 ** step if bias_correction else 1.0
+    bias_correction2 = 1.0 - beta2 ** step if bias_correction else 1.0
     scalars = (f32(grad_scale), f32(decay), l2, f32(beta1), f32(1.0 - beta1), f32(beta2), f32(1.0 - beta2),
-               f32(lr / (1.0 - beta1 ** step)), f32((1.0 - beta2 ** step) ** 0.5), f32(eps))
+               f32(lr / bias_correction1), f32(bias_correction2 ** 0.5), f32(eps))
     if out_kind == F16:
         _adam_f16_kernel(states[0], g, g_kind, states[1], states[2], out, *scalars)
     elif out_kind == BF16:

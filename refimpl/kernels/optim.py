@@ -32,9 +32,11 @@ def _check_same_shape(name, arr, shape):
 
 def check_adam_args(param, grad, exp_avg, exp_avg_sq, *, step, grad_scale, out_lowp=None) -> None:
     """The argument checks of adam_step, shared by every backend's adam_step (the same errors everywhere)."""
-    for name, arr in (("param", param), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
-        if arr.dtype != np.float32:
-            raise ValueError(f"adam_step: {name} must be float32, got {arr.dtype}")
+    if param.dtype not in (np.float32, np.float64):
+        raise ValueError(f"adam_step: param must be float32 (or float64, the fp64 reference), got {param.dtype}")
+    for name, arr in (("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
+        if arr.dtype != param.dtype:
+            raise ValueError(f"adam_step: {name} must be {param.dtype} like param, got {arr.dtype}")
     for name, arr in (("grad", grad), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq), ("out_lowp", out_lowp)):
         if arr is not None:
             _check_same_shape(name, arr, param.shape)
@@ -45,14 +47,16 @@ def check_adam_args(param, grad, exp_avg, exp_avg_sq, *, step, grad_scale, out_l
 
 
 def adam_step(param, grad, exp_avg, exp_avg_sq, *, lr, beta1, beta2, eps, weight_decay, step,
-              grad_scale=1.0, adamw_mode=True, out_lowp=None):
-    """One fused AdamW step, in place on flat float32 arrays param/exp_avg/exp_avg_sq (same shape).
+              grad_scale=1.0, adamw_mode=True, bias_correction=True, out_lowp=None):
+    """One fused AdamW step, in place on flat float32 arrays param/exp_avg/exp_avg_sq (same shape; float64
+    throughout for the fp64 reference run).
 
     grad: float32 (or float16/bfloat16, upcast) gradient; it is divided by ``grad_scale`` first
     (grad_scale folds loss-scale unscaling and the clipping factor into one divisor, as
     DeepSpeed's fused Adam does). ``step``: 1-based step count for bias correction.
     ``adamw_mode=True``: decoupled weight decay (param *= 1 - lr*weight_decay, Loshchilov &
-    Hutter); False: classic Adam L2 (grad += weight_decay*param).
+    Hutter); False: classic Adam L2 (grad += weight_decay*param). ``bias_correction=False`` drops
+    the 1 - beta^step divisors (DeepSpeed's FusedAdam / DeepSpeedCPUAdam ``bias_correction``).
     Update, as torch.optim.AdamW / DeepSpeed's FusedAdam::
 
         m = b1*m + (1-b1)*g ; v = b2*v + (1-b2)*g*g
@@ -71,8 +75,8 @@ def adam_step(param, grad, exp_avg, exp_avg_sq, *, lr, beta1, beta2, eps, weight
     lr, beta1, beta2, eps, weight_decay = map(float, (lr, beta1, beta2, eps, weight_decay))
     step = int(step)
 
-    # A private fp32 copy: the caller's gradient buffer is never modified.
-    g = grad.astype(xp.float32)
+    # A private copy in param's dtype (fp32): the caller's gradient buffer is never modified.
+    g = grad.astype(param.dtype)
     if grad_scale != 1.0:
         g /= float(grad_scale)
 
@@ -87,8 +91,8 @@ def adam_step(param, grad, exp_avg, exp_avg_sq, *, lr, beta1, beta2, eps, weight
     exp_avg_sq *= beta2
     exp_avg_sq += (1.0 - beta2) * g * g               # ((1-b2)*g)*g, torch's addcmul order
 
-    bias_correction1 = 1.0 - beta1 ** step
-    bias_correction2 = 1.0 - beta2 ** step
+    bias_correction1 = 1.0 - beta1 ** step if bias_correction else 1.0
+    bias_correction2 = 1.0 - beta2 ** step if bias_correction else 1.0
     step_size = lr / bias_correction1
     bias_correction2_sqrt = bias_correction2 ** 0.5
 

@@ -50,7 +50,7 @@ class OffloadedAdamW:
 
     def __init__(self, master_pieces, *, numel: int, groups, backend, device: str, ledger, store=None,
                  buffer_count: int = 4, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01, adamw_mode=True,
-                 name: str = "optim"):
+                 bias_correction=True, name: str = "optim", dtype=np.float32):
         if device not in ("cpu", "nvme"):
             raise ValueError(f"offload_optimizer.device must be 'cpu' or 'nvme' here, got {device!r}")
         if device == "nvme" and store is None:
@@ -58,6 +58,9 @@ class OffloadedAdamW:
         self.backend, self.device, self.ledger, self.store, self.name = backend, device, ledger, store, name
         self.lr, self.betas, self.eps = float(lr), (float(betas[0]), float(betas[1])), float(eps)
         self.weight_decay, self.adamw_mode = float(weight_decay), bool(adamw_mode)
+        self.bias_correction = bool(bias_correction)
+        self.dtype = np.dtype(dtype)          # fp32; float64 in the fp64 reference run
+        item = self.dtype.itemsize
         self.step_count = 0
         # the host kernel: a CPU backend's own adam_step; behind a GPU backend numba's, else the NumPy reference
         self.host_adam_step = host_backend(backend).adam_step
@@ -67,14 +70,18 @@ class OffloadedAdamW:
             raise ValueError(f"sub-groups {self.groups[:3]}... do not tile the partition [0, {self.numel})")
         self.buffer_count = max(3, int(buffer_count))  # sub-group buffer sets: read-ahead, compute, writes
         if device == "cpu":
-            self.host = {key: np.zeros(self.numel, np.float32) for key in KEYS}
-            ledger.alloc("host", 3 * 4 * self.numel, "the offloaded optimizer states (offload_optimizer=cpu)")
+            self.host = {key: np.zeros(self.numel, self.dtype) for key in KEYS}
+            ledger.alloc("host", 3 * item * self.numel, "the offloaded optimizer states (offload_optimizer=cpu)")
         else:
             for i, (lo, hi) in enumerate(self.groups):
                 for key in KEYS:
-                    self.store.allocate(self._key(key, i), (hi - lo) * 4)
-            ledger.alloc("nvme", 3 * 4 * self.numel, "the offloaded optimizer states")
+                    self.store.allocate(self._key(key, i), (hi - lo) * item)
+            ledger.alloc("nvme", 3 * item * self.numel, "the offloaded optimizer states")
         self._write_initial_states(master_pieces)
+
+    def _aligned(self, n: int) -> np.ndarray:
+        """n elements in a 4096-aligned host buffer: O_DIRECT reads land in it without a bounce copy."""
+        return aligned_empty(n * self.dtype.itemsize).view(self.dtype)
 
     def _key(self, key: str, group: int) -> str:
         return f"{self.name}.{key}.sg{group}"
@@ -83,7 +90,7 @@ class OffloadedAdamW:
         """Master from the pieces, moments zero; NVMe: sub-group by sub-group as the pieces arrive."""
         group, filled, buf, pending = 0, 0, None, []
         for piece in pieces:
-            piece = np.asarray(self.backend.to_numpy(piece), dtype=np.float32).reshape(-1)
+            piece = np.asarray(self.backend.to_numpy(piece), dtype=self.dtype).reshape(-1)
             if self.device == "cpu":
                 self.host["master"][filled:filled + piece.size] = piece
                 filled += piece.size
@@ -92,21 +99,21 @@ class OffloadedAdamW:
             while pos < piece.size:
                 lo, hi = self.groups[group]
                 if buf is None:
-                    buf = aligned_empty((hi - lo) * 4).view(np.float32)
+                    buf = self._aligned(hi - lo)
                 n = min(hi - lo - filled, piece.size - pos)
                 buf[filled:filled + n] = piece[pos:pos + n]
                 filled, pos = filled + n, pos + n
                 if filled == hi - lo:    # the sub-group is complete: write it while the next one fills
                     for h in pending:
                         h.wait()
-                    zeros = aligned_empty((hi - lo) * 4).view(np.float32)
+                    zeros = self._aligned(hi - lo)
                     zeros[...] = 0
                     pending = [self.store.write(self._key("master", group), buf),
                                self.store.write(self._key("exp_avg", group), zeros),
                                self.store.write(self._key("exp_avg_sq", group), zeros)]
                     group, filled, buf = group + 1, 0, None
         if self.device == "nvme" and self.numel == 0:    # an empty partition still has its (empty) sub-group
-            pending = [self.store.write(self._key(key, 0), np.zeros(0, np.float32)) for key in KEYS]
+            pending = [self.store.write(self._key(key, 0), np.zeros(0, self.dtype)) for key in KEYS]
         for h in pending:
             h.wait()
         written = filled if self.device == "cpu" else (self.groups[group - 1][1] if group else 0)
@@ -121,7 +128,8 @@ class OffloadedAdamW:
         self.step_count += 1
         lr = self.lr if lr is None else float(lr)
         kw = dict(lr=lr, beta1=self.betas[0], beta2=self.betas[1], eps=self.eps, weight_decay=self.weight_decay,
-                  step=self.step_count, grad_scale=grad_scale, adamw_mode=self.adamw_mode)
+                  step=self.step_count, grad_scale=grad_scale, adamw_mode=self.adamw_mode,
+                  bias_correction=self.bias_correction)
         sink = None if out_lowp is None else _LowpSink.of(out_lowp, self.backend, self.ledger)
         if self.device == "cpu":
             for i, (lo, hi) in enumerate(self.groups):
@@ -144,9 +152,9 @@ class OffloadedAdamW:
 
     def _read_group(self, i: int) -> tuple[dict, list]:
         lo, hi = self.groups[i]
-        self.ledger.alloc("host", 3 * (hi - lo) * 4, f"the buffers of optimizer sub-group {i} (sub_group_size)")
-        # 4096-aligned host buffers: O_DIRECT reads land in them without a bounce copy
-        bufs = {key: aligned_empty((hi - lo) * 4).view(np.float32) for key in KEYS}
+        self.ledger.alloc("host", 3 * (hi - lo) * self.dtype.itemsize,
+                          f"the buffers of optimizer sub-group {i} (sub_group_size)")
+        bufs = {key: self._aligned(hi - lo) for key in KEYS}
         handles = [self.store.read(self._key(key, i), bufs[key]) for key in KEYS]
         return bufs, handles
 
@@ -158,7 +166,7 @@ class OffloadedAdamW:
             if i + 1 < n:
                 reads[i + 1] = self._read_group(i + 1)          # read ahead while this group computes
             bufs, handles = reads.pop(i)
-            nbytes = 3 * (hi - lo) * 4
+            nbytes = 3 * (hi - lo) * self.dtype.itemsize
             with self.ledger.wait("nvme", "host", f"optimizer sub-group {i}"):
                 for h in handles:
                     h.wait()                      # verified: a swap file changed behind our back is an error
@@ -187,7 +195,7 @@ class OffloadedAdamW:
     def partitions(self) -> dict:
         if self.device == "cpu":
             return {key: self.host[key].copy() for key in KEYS}
-        out = {key: np.empty(self.numel, np.float32) for key in KEYS}
+        out = {key: np.empty(self.numel, self.dtype) for key in KEYS}
         for i, (lo, hi) in enumerate(self.groups):
             for key in KEYS:
                 self.store.read_sync(self._key(key, i), out[key][lo:hi])   # verified
@@ -204,7 +212,7 @@ class OffloadedAdamW:
             return
         for i, (lo, hi) in enumerate(self.groups):
             for key in KEYS:
-                self.store.write(self._key(key, i), np.ascontiguousarray(parts[key][lo:hi], np.float32)).wait()
+                self.store.write(self._key(key, i), np.ascontiguousarray(parts[key][lo:hi], self.dtype)).wait()
 
 
 class _LowpSink:

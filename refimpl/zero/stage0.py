@@ -33,6 +33,8 @@ class DataParallel:
         self.ledger = ledger if ledger is not None else Ledger(comm.rank)  # tier traffic is recorded here
         self.copies = CopyStream(backend, self.ledger)   # host <-> device copies beside compute (GPU backends)
         self.dtype = np.dtype(dtype)
+        # the fp32 master, gradient reductions and Adam moments; all float64 in the fp64 reference run
+        self.master_dtype = np.dtype(np.float64 if self.dtype == np.float64 else np.float32)
         self.rank, self.world_size = comm.rank, comm.world_size
         named = list(model.named_parameters())
         self.layout = PartitionLayout([(n, p.shape) for n, p in named], self.num_partitions)
@@ -50,10 +52,10 @@ class DataParallel:
         materialize_all(self.model)   # a model built inside zero.Init(): stages 0-2 keep whole parameters
         # Whole parameters in one flat buffer; with one partition the buffer *is* the partition layout.
         self.flat = FlatParams(self.params.items(), self.backend, self.dtype)
-        if self.dtype == np.float32:
-            self.master, self.lowp_partition = self.flat.buffer, None  # fp32: the master is the model
+        if self.dtype == self.master_dtype:
+            self.master, self.lowp_partition = self.flat.buffer, None  # fp32 (fp64): the master is the model
         else:
-            self.master, self.lowp_partition = self.backend.cast(self.flat.buffer, np.float32), self.flat.buffer
+            self.master, self.lowp_partition = self.backend.cast(self.flat.buffer, self.master_dtype), self.flat.buffer
 
     def master_pieces(self):
         """This rank's fp32 master partition, in pieces in partition order (stage 3 yields one per parameter)."""
@@ -75,10 +77,10 @@ class DataParallel:
 
     def reduce_gradients(self):
         """All-reduce the whole gradient: every rank gets the mean over ranks (fp32)."""
-        grads = self.flat.flat_grads(np.float32)
+        grads = self.flat.flat_grads(self.master_dtype)
         if self.world_size == 1:   # the mean over one rank is its gradient (saves two passes over it on a GPU)
             return grads
-        return self.comm.all_reduce(grads) / np.float32(self.world_size)
+        return self.comm.all_reduce(grads) / self.master_dtype.type(self.world_size)
 
     def zero_grads(self) -> None:
         self.model.zero_grad()
@@ -94,9 +96,9 @@ class DataParallel:
     # ------------------------------------------------------------------------------------ accounting
     def model_state_bytes(self) -> dict:
         """Bytes of model states this rank holds, by kind (ZeRO §3.1's Ψ arithmetic, from what is allocated)."""
-        S = self.layout.partition_numel
-        master = 0 if self.lowp_partition is None and not self.partitioned else 4 * S  # fp32 stage 0: aliased
-        return {"params": self._param_bytes(), "grads": self._grad_bytes(), "optimizer": master + 8 * S}
+        S, m = self.layout.partition_numel, self.master_dtype.itemsize
+        master = 0 if self.lowp_partition is None and not self.partitioned else m * S  # fp32 stage 0: aliased
+        return {"params": self._param_bytes(), "grads": self._grad_bytes(), "optimizer": master + 2 * m * S}
 
     def _param_bytes(self) -> int:
         return self.layout.numel * self.dtype.itemsize   # whole parameters on every rank
@@ -107,8 +109,12 @@ class DataParallel:
     # ----------------------------------------------------------------------------------- checkpoints
     def full_state(self, optimizer) -> dict:
         """name -> full fp32 arrays of master, exp_avg, exp_avg_sq (what a checkpoint stores per parameter)."""
-        return {key: self.layout.unpartition(self.comm.all_gather(arr) if self.partitioned else arr)
-                for key, arr in optimizer.partitions().items()}
+        return {key: self.unpartition(arr) for key, arr in optimizer.partitions().items()}
+
+    def unpartition(self, partition) -> dict:
+        """name -> the whole parameter-shaped array, from this rank's partition of a flat array laid out like the
+        master (an all-gather when partitioned: every rank must call it)."""
+        return self.layout.unpartition(self.comm.all_gather(partition) if self.partitioned else partition)
 
     def load_full_state(self, optimizer, full: dict) -> None:
         """Inverse of full_state: cut this rank's partition out of full per-parameter arrays."""

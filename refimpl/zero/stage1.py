@@ -24,16 +24,17 @@ class OptimizerStatePartitioning(DataParallel):
     def _init_params_and_master(self):
         super()._init_params_and_master()  # whole low-precision parameters, as in stage 0
         full = {n: p.data for n, p in self.params.items()}
-        self.master = self.layout.partition(full, self.rank, dtype=np.float32)
+        self.master = self.layout.partition(full, self.rank, dtype=self.master_dtype)
         self.lowp_partition = self.backend.cast(self.master, self.dtype)  # what the all-gather sends
 
     def reduce_gradients(self):
         """Reduce-scatter: rows of every parameter's padded gradient, summed, row `rank` kept."""
         grads = {n: (p.grad if p.grad is not None else self.backend.zeros(p.shape, self.dtype))
                  for n, p in self.params.items()}
-        rows = self.layout.to_rows(grads, dtype=np.float32)        # (N, S)
-        mine = self.comm.reduce_scatter(rows.reshape(-1))          # (S,) this rank's partition, summed
-        return self._to_grad_tier(mine / np.float32(self.world_size), "reduced gradient partition")  # the mean
+        rows = self.layout.to_rows(grads, dtype=self.master_dtype)  # (N, S)
+        mine = self.comm.reduce_scatter(rows.reshape(-1))           # (S,) this rank's partition, summed
+        mean = mine / self.master_dtype.type(self.world_size)
+        return self._to_grad_tier(mean, "reduced gradient partition")
 
     def publish_params(self, updated=None) -> None:
         """All-gather the updated low-precision partitions and write the whole parameters back."""

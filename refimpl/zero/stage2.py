@@ -38,15 +38,16 @@ class GradientPartitioning(OptimizerStatePartitioning):
         if not self._bucket:
             return
         slots = [self.layout.by_name[n] for n in self._bucket]
-        rows = self.layout.to_rows({n: self.params[n].grad for n in self._bucket}, dtype=np.float32, slots=slots)
+        mdt = self.master_dtype
+        rows = self.layout.to_rows({n: self.params[n].grad for n in self._bucket}, dtype=mdt, slots=slots)
         # the mean over ranks before it is stored: a sum could overflow the fp16 partition N times sooner
-        mine = self.comm.reduce_scatter(rows.reshape(-1)) / np.float32(self.world_size)  # (sum of chunks,) fp32
+        mine = self.comm.reduce_scatter(rows.reshape(-1)) / mdt.type(self.world_size)  # (sum of chunks,) fp32
         for s in slots:
             self.params[s.name].grad = None                          # the whole gradient is gone
         if self.grads_on_host:  # ZeRO-Offload: into pinned host memory on the copy stream; added in once it lands
             label = f"reduced gradients of {len(slots)} parameters"
             self.ledger.alloc("host", mine.nbytes, f"the pinned buffer of {label}")   # freed once added in
-            out = self.copies.host_empty(mine.nbytes).view(np.float32)
+            out = self.copies.host_empty(mine.nbytes).view(mdt)
             self._grads_in_flight.append((self.copies.to_host(mine, out, label), slots))
             self._accumulate_landed(wait=False)
         else:
@@ -58,7 +59,7 @@ class GradientPartitioning(OptimizerStatePartitioning):
         col = 0
         for s in slots:
             view = self.layout.view(self.grad_partition, s)
-            view[...] = (view.astype(np.float32) + mine[col:col + s.chunk]).astype(self.dtype)
+            view[...] = (view.astype(self.master_dtype) + mine[col:col + s.chunk]).astype(self.dtype)
             col += s.chunk
 
     def _accumulate_landed(self, wait: bool) -> None:

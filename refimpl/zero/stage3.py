@@ -71,7 +71,7 @@ class ParameterPartitioning(GradientPartitioning):
                 p.data, p.ds_status = full.astype(self.dtype, copy=False), ZeroParamStatus.AVAILABLE
             else:              # partitioned from the start
                 p.data, p.ds_status = self._empty, ZeroParamStatus.NOT_AVAILABLE
-            yield self.backend.cast(chunk, np.float32)
+            yield self.backend.cast(chunk, self.master_dtype)
         if self.swapper is not None:
             self.swapper.finish_writes()
 

@@ -1,0 +1,1 @@
+"""Bridges from refimpl to other frameworks (for cross-checks): ``refimpl.interop.torch``."""
