@@ -4,6 +4,7 @@
     refimpl backends
     refimpl consolidate RUN_OR_CKPT OUT.safetensors
     refimpl estimate --params 3B [--gpus N --nodes M ...]
+    refimpl crosscheck [--config FILE] [--set K=V ...] --against torch|deepspeed [--steps N] [--fp64-arbiter]
     mpiexec -n 4 refimpl train ...          (real processes; the MPI world decides world_size)
     mpirun -n 2 refimpl train --backend cupy ...   (one GPU per process; collectives over NCCL)
 
@@ -20,6 +21,8 @@ from .backend import BackendError, available_backends, get_backend
 from .checkpoint import CheckpointError, consolidate, read_manifest
 from .comm.base import CommError
 from .comm.mpi import launched_under_mpi
+from .crosscheck.torch_side import PeerError
+from .crosscheck.trace import TraceError
 from .config import CLI_DEFAULT_CONFIG, ConfigError, load_config
 from .data import DataError
 from .loss_scaler import MinLossScaleError
@@ -29,7 +32,7 @@ from .memory.param_offload import BufferPoolError
 from .train import RunDirError, train
 
 USER_ERRORS = (ConfigError, DataError, BackendError, CheckpointError, RunDirError, SwapError, BufferPoolError,
-               TierBudgetError)
+               TierBudgetError, PeerError, TraceError)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -50,6 +53,10 @@ def _parser() -> argparse.ArgumentParser:
     c = sub.add_parser("consolidate", help="whole fp32 weights from a (partitioned) checkpoint (zero_to_fp32)")
     c.add_argument("checkpoint", metavar="RUN_OR_CKPT", help="a run, checkpoint or global_stepN directory")
     c.add_argument("output", metavar="OUT.safetensors")
+    from . import crosscheck
+    x = sub.add_parser("crosscheck", help="hold refimpl against PyTorch or DeepSpeed, step by step",
+                       description=crosscheck.__doc__.split("\n\n")[2])
+    crosscheck.add_arguments(x)
     from . import estimate
     e = sub.add_parser("estimate", help="memory and bandwidth arithmetic of ZeRO / ZeRO-Infinity for a model size",
                        description=estimate.DESCRIPTION)
@@ -112,6 +119,9 @@ def main(argv=None) -> int:
         if args.command == "estimate":
             from . import estimate
             return estimate.run(args)
+        if args.command == "crosscheck":
+            from .crosscheck import run
+            return run(args)
         if args.command == "consolidate":
             out = consolidate(args.checkpoint, args.output)
             print(f"wrote {out}")

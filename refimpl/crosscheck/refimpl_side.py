@@ -4,9 +4,10 @@ Each rank runs refimpl.train.train_step exactly as `refimpl train` does (N simul
 snapshot step every rank takes part in gathering the whole gradient (Engine.gradient_hooks, before the update)
 and the whole fp32 master weights and Adam moments (the ZeRO stage's full_state, after it); rank 0 keeps them.
 
-The fp64 reference run is the same loop with ``model.dtype=float64`` and fp16/bf16 off (``fp64_config``); it
-replays the skipped steps of the run it arbitrates (``force_skip``), so both take their optimizer steps at the
-same steps and the comparison is step for step.
+The fp64 reference run is the same loop with ``model.dtype=float64`` and fp16/bf16 off (``fp64_config``). It
+starts from the very weights the low-precision run starts from (``initial``: in an fp16/bf16 run, the draw rounded
+to 16 bits, which is what its fp32 master holds too) and replays that run's skipped steps (``force_skip``), so both
+take their optimizer steps at the same steps and the comparison is step for step.
 """
 from __future__ import annotations
 
@@ -31,7 +32,8 @@ def fp64_config(config: dict) -> dict:
 
 
 def initial_weights(config: dict) -> dict:
-    """name -> the step-0 weights (fp32) refimpl starts from: what every peer is loaded with."""
+    """name -> the step-0 weights (as fp32) refimpl starts from: what every peer is loaded with. In an fp16/bf16
+    run they are the draw rounded to 16 bits (the fp32 master starts from the rounded parameters)."""
     cfg = copy.deepcopy(config)
     cfg["zero_optimization"] = {**cfg["zero_optimization"], "stage": 0, "offload_param": None,
                                 "offload_optimizer": None}   # whole parameters, drawn as every stage draws them
@@ -39,22 +41,28 @@ def initial_weights(config: dict) -> dict:
     return {n: np.asarray(a, dtype=np.float32) for n, a in model.state_dict().items()}
 
 
-def run_refimpl(config: dict, steps: int, snapshot_steps, name: str = "refimpl", force_skips=(),
+def run_refimpl(config: dict, steps: int, snapshot_steps, name: str = "refimpl", force_skips=(), initial=None,
                 progress=None) -> Trace:
-    """Train ``steps`` optimizer steps as ``config`` says and return rank 0's Trace."""
+    """Train ``steps`` optimizer steps as ``config`` says and return rank 0's Trace. ``initial``: name -> weights
+    to start from instead of refimpl's own draw."""
     ws, timeout = config["world_size"], config["run"]["comm_timeout"]
-    args = (config, steps, set(snapshot_steps), name, set(force_skips), progress)
+    args = (config, steps, set(snapshot_steps), name, set(force_skips), initial, progress)
     if ws == 1:
         return _rank(LocalWorld(1, timeout).comm(0), *args)
     return run_ranks(ws, _rank, *args, timeout=timeout)[0]
 
 
-def _rank(comm, config, steps, snapshot_steps, name, force_skips, progress) -> Trace:
+def _rank(comm, config, steps, snapshot_steps, name, force_skips, initial, progress) -> Trace:
     be, dataset, model = build(config)
     trace = Trace(name)
     lead = comm.rank == 0
     with use_backend(be):
         engine = Engine(model, config, be, comm)
+        if initial is not None:   # as a checkpoint loads: master (and the model's copy), fresh moments
+            dt = engine.zero.master_dtype
+            zeros = {n: np.zeros(np.shape(a), dt) for n, a in initial.items()}
+            engine.zero.load_full_state(engine.optimizer, {"master": {n: np.asarray(a, dt) for n, a in initial.items()},
+                                                           "exp_avg": zeros, "exp_avg_sq": zeros})
         pending = {}
 
         def keep_gradient(grad, loss_scale):   # a snapshot step's gradient, whole, unscaled

@@ -88,11 +88,14 @@ class TorchTransformer(nn.Module):
         return F.linear(x, self.tok_emb.weight) if self.tie else self.lm_head(x)
 
 
-def torch_loss(twin: TorchTransformer, batch, device=None):
-    """Mean cross-entropy of a refimpl.data.Batch, as refimpl's Transformer.loss computes it."""
+def torch_loss(twin: TorchTransformer, batch, device=None, forward=None):
+    """Mean cross-entropy of a refimpl.data.Batch, as refimpl's Transformer.loss computes it. ``forward``: what
+    to call instead of the twin (a DeepSpeed engine wrapping it)."""
     def t(a):
         return None if a is None else torch.from_numpy(np.ascontiguousarray(a)).to(device)
-    logits = twin(t(batch.ids), t(batch.key_padding_mask))
+    logits = (forward or twin)(t(batch.ids), t(batch.key_padding_mask))
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()   # refimpl's cross-entropy computes in fp32 on 16-bit logits (as autocast would)
     if twin.task == "classify":
         return F.cross_entropy(logits, t(batch.labels))
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), t(batch.targets).reshape(-1))

@@ -1,0 +1,93 @@
+"""What `refimpl crosscheck` shows: a terminal table, report.json and crosscheck.png."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from .compare import SCALAR_ORDER, worst_by_quantity
+from .trace import QUANTITIES
+
+
+def _fmt(x) -> str:
+    if isinstance(x, str):
+        return x
+    if x is None:
+        return "-"
+    return "0" if x == 0 else f"{x:.2e}"
+
+
+def table(report: dict) -> str:
+    peer, arb = report["peer"], report.get("arbiter")
+    head = (f"refimpl crosscheck --against {peer}: {report['steps']} steps, {report['precision']}, ZeRO stage "
+            f"{report['zero_stage']}, {report['world_size']} rank(s), offload param {report['offload_param']} / "
+            f"optimizer {report['offload_optimizer']}")
+    cols = ["quantity", "worst error", "at", "budget"] + ([f"refimpl vs fp64", f"{peer} vs fp64"] if arb else [])
+    rows = []
+    for q in SCALAR_ORDER + QUANTITIES:
+        w = report["worst"].get(q)
+        if w is None:
+            continue
+        at = f"step {w['step']}" + (f", {w['parameter']}" if w["parameter"] else "")
+        row = [q, _fmt(w["error"]), at, _fmt(w["budget"])]
+        if arb:
+            row += [_fmt(arb.get(q, {}).get("refimpl")), _fmt(arb.get(q, {}).get("peer"))]
+        rows.append(row)
+    widths = [max(len(str(r[i])) for r in rows + [cols]) for i in range(len(cols))]
+    line = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip()   # noqa: E731
+    out = [head, line(cols), line(["-" * w for w in widths])] + [line(r) for r in rows]
+    first = report["first_divergence"]
+    if first is None:
+        out.append(f"verdict: within budget ({report['compared_steps']} steps; snapshots at steps "
+                   f"{report['snapshot_steps']})")
+    else:
+        where = f"{first['quantity']}" + (f" of {first['parameter']}" if first["parameter"] else "")
+        out.append(f"verdict: DIVERGENCE at step {first['step']}: {where}, error {_fmt(first['error'])} > budget "
+                   f"{_fmt(first['budget'])} (refimpl {_fmt(first['refimpl'])}, {peer} {_fmt(first['peer'])})")
+        if report.get("cause"):
+            out.append(f"likely cause: {report['cause']}")
+    if arb and arb.get("verdict"):
+        out.append(f"fp64 arbiter: {arb['verdict']}")
+    if report["excluded"]:
+        out.append(f"not judged: {', '.join(report['excluded'])} (true gradient zero: rounding noise)")
+    return "\n".join(out)
+
+
+def write_json(report: dict, path: Path) -> None:
+    path.write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
+
+
+def worst_table(diffs) -> dict:
+    return {q: d.as_dict() for q, d in worst_by_quantity(diffs).items()}
+
+
+def plot(diffs, report: dict, path: Path, arbiter_series=None) -> None:
+    """Per-step relative differences on a log scale (scalars left, per-parameter worst at snapshots right)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    tiny = 1e-18
+    for q, style in (("loss", "-o"), ("grad_norm", "-s"), ("lr", ":")):
+        pts = [(d.step, max(d.error, tiny)) for d in diffs if d.quantity == q and math.isfinite(d.error)]
+        if pts:
+            left.semilogy(*zip(*pts), style, ms=3, label=f"{q}: refimpl vs {report['peer']}")
+    for name, series in (arbiter_series or {}).items():
+        if series:
+            left.semilogy(*zip(*[(k, max(e, tiny)) for k, e in series]), "--", lw=1, label=f"loss: {name} vs fp64")
+    left.axhline(report["budget"]["loss"], color="k", lw=0.8, ls="--", label="loss budget")
+    left.set(xlabel="step", ylabel="relative difference", title="per step")
+    left.legend(fontsize=7)
+    for q, marker in zip(QUANTITIES, "osD^"):
+        pts = [(d.step, max(d.error, tiny)) for d in diffs if d.quantity == q and math.isfinite(d.error)]
+        if pts:
+            line, = right.semilogy(*zip(*pts), marker + "-", ms=4, label=q)
+            right.axhline(report["budget"][q], color=line.get_color(), lw=0.8, ls="--")
+    right.set(xlabel="step", ylabel="worst relative difference over parameters",
+              title="per parameter, at snapshot steps (dashed: budgets)")
+    right.legend(fontsize=7)
+    fig.suptitle(f"refimpl vs {report['peer']}: {report['precision']}, ZeRO stage {report['zero_stage']}, "
+                 f"{report['world_size']} rank(s)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
