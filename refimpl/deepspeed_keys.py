@@ -117,6 +117,7 @@ KNOWN: dict[str, Known] = {
     "fp16.auto_cast": Known("refimpl's model takes integer token ids: there is nothing to cast", False),
     "fp16.fp16_master_weights_and_grads": Known("refimpl keeps fp32 master weights", False, strict=True),
     "bf16.immediate_grad_update": Known(_PERF, False),
+    "bf16.check_grad_overflow": Known("refimpl skips every step whose gradients hold inf/nan", True, strict=True),
     "bf16.bf16_master_weights_and_grads": Known("refimpl keeps fp32 master weights", False, strict=True),
     "bf16.bf16_optimizer_states": Known("refimpl keeps fp32 Adam moments", False, strict=True),
     # ---- zero_optimization (deepspeed/runtime/zero/config.py DeepSpeedZeroConfig)

@@ -28,7 +28,8 @@ def table(report: dict) -> str:
         w = report["worst"].get(q)
         if w is None:
             continue
-        at = f"step {w['step']}" + (f", {w['parameter']}" if w["parameter"] else "")
+        at = "equal at every step" if w["error"] == 0 else (
+            f"step {w['step']}" + (f", {w['parameter']}" if w["parameter"] else ""))
         row = [q, _fmt(w["error"]), at, _fmt(w["budget"])]
         if arb:
             row += [_fmt(arb.get(q, {}).get("refimpl")), _fmt(arb.get(q, {}).get("peer"))]
@@ -67,7 +68,7 @@ def plot(diffs, report: dict, path: Path, arbiter_series=None) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
-    tiny = 1e-18
+    tiny = 1e-17        # equal values are drawn on this line
     for q, style in (("loss", "-o"), ("grad_norm", "-s"), ("lr", ":")):
         pts = [(d.step, max(d.error, tiny)) for d in diffs if d.quantity == q and math.isfinite(d.error)]
         if pts:
@@ -76,14 +77,14 @@ def plot(diffs, report: dict, path: Path, arbiter_series=None) -> None:
         if series:
             left.semilogy(*zip(*[(k, max(e, tiny)) for k, e in series]), "--", lw=1, label=f"loss: {name} vs fp64")
     left.axhline(report["budget"]["loss"], color="k", lw=0.8, ls="--", label="loss budget")
-    left.set(xlabel="step", ylabel="relative difference", title="per step")
+    left.set(xlabel="step", ylabel="relative difference (1e-17: equal)", title="per step")
     left.legend(fontsize=7)
     for q, marker in zip(QUANTITIES, "osD^"):
         pts = [(d.step, max(d.error, tiny)) for d in diffs if d.quantity == q and math.isfinite(d.error)]
         if pts:
             line, = right.semilogy(*zip(*pts), marker + "-", ms=4, label=q)
             right.axhline(report["budget"][q], color=line.get_color(), lw=0.8, ls="--")
-    right.set(xlabel="step", ylabel="worst relative difference over parameters",
+    right.set(xlabel="step", ylabel="worst relative difference over parameters (1e-17: equal)",
               title="per parameter, at snapshot steps (dashed: budgets)")
     right.legend(fontsize=7)
     fig.suptitle(f"refimpl vs {report['peer']}: {report['precision']}, ZeRO stage {report['zero_stage']}, "
