@@ -101,11 +101,15 @@ def test_the_arbiter_blames_the_side_that_left_the_fp64_trajectory():
     theirs.snapshots[2]["weight"][name] = theirs.snapshots[2]["weight"][name] * np.float32(1.01)   # a 1% bug
     first, _ = first_and_cause(ours, theirs, cfg)
     assert (first.step, first.quantity, first.parameter) == (2, "weight", name)
-    verdict = diagnose.arbitrate(first, ours, theirs, reference)["verdict"]
-    assert "the peer is off" in verdict
+    arb = diagnose.arbitrate(first, ours, theirs, reference)
+    assert arb["blame"] == "peer" and "the peer is off" in arb["verdict"]
     # swap the roles: now refimpl's side is the one that left
-    verdict = diagnose.arbitrate(first, theirs, ours, reference)["verdict"]
-    assert "refimpl is off" in verdict
+    arb = diagnose.arbitrate(first, theirs, ours, reference)
+    assert arb["blame"] == "refimpl" and "refimpl is off" in arb["verdict"]
+    # both pushed off alike: rounding, as far as the arbiter can tell (the command then exits 0)
+    both = copy.deepcopy(theirs)
+    both.snapshots[2]["weight"][name] = ours.snapshots[2]["weight"][name] * np.float32(0.99)
+    assert diagnose.arbitrate(first, both, theirs, reference)["blame"] == "rounding"
 
 
 def test_trace_round_trips_through_its_files(tmp_path):

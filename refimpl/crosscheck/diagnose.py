@@ -163,12 +163,14 @@ def arbitrate(d: Difference | None, ours: Trace, theirs: Trace, fp64: Trace, ski
         out["at_divergence"] = {"refimpl": e_ours, "peer": e_theirs}
         if e_ours is not None and e_theirs is not None:
             if e_ours < 0.1 * e_theirs:
-                verdict = f"refimpl is {e_theirs / max(e_ours, 1e-300):.3g}x closer to fp64 there: the peer is off"
+                out["blame"] = "peer"
+                out["verdict"] = f"refimpl is {e_theirs / max(e_ours, 1e-300):.3g}x closer to fp64 there: the peer is off"
             elif e_theirs < 0.1 * e_ours:
-                verdict = f"the peer is {e_ours / max(e_theirs, 1e-300):.3g}x closer to fp64 there: refimpl is off"
+                out["blame"] = "refimpl"
+                out["verdict"] = f"the peer is {e_ours / max(e_theirs, 1e-300):.3g}x closer to fp64 there: refimpl is off"
             else:
-                verdict = "both sides are about as far from fp64 there: rounding, not a bug of either side"
-            out["verdict"] = verdict
+                out["blame"] = "rounding"
+                out["verdict"] = "both sides are about as far from fp64 there: rounding, not a bug of either side"
     return out
 
 

@@ -24,10 +24,14 @@ from .trace import Trace
 
 def fp64_config(config: dict) -> dict:
     """The rounding-free reference of ``config``: float64 parameters, activations, reductions and optimizer
-    states, no fp16/bf16 (so no loss scale), everything else the same."""
+    states, no fp16/bf16 (so no loss scale), on the CPU (the NumPy reference when ``config`` runs on a GPU
+    backend), everything else the same."""
+    from ..backend import get_backend
     cfg = copy.deepcopy(config)
     cfg["model"]["dtype"] = "float64"
     cfg["fp16"]["enabled"] = cfg["bf16"]["enabled"] = False
+    if get_backend(cfg["backend"]).is_gpu:
+        cfg["backend"] = "numpy"
     return cfg
 
 

@@ -43,7 +43,8 @@ def table(report: dict) -> str:
                    f"{report['snapshot_steps']})")
     else:
         where = f"{first['quantity']}" + (f" of {first['parameter']}" if first["parameter"] else "")
-        out.append(f"verdict: DIVERGENCE at step {first['step']}: {where}, error {_fmt(first['error'])} > budget "
+        what = "DIVERGENCE" if report["divergence"] else "over budget (rounding, by the fp64 arbiter)"
+        out.append(f"verdict: {what} at step {first['step']}: {where}, error {_fmt(first['error'])} > budget "
                    f"{_fmt(first['budget'])} (refimpl {_fmt(first['refimpl'])}, {peer} {_fmt(first['peer'])})")
         if report.get("cause"):
             out.append(f"likely cause: {report['cause']}")
