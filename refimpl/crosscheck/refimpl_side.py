@@ -41,8 +41,9 @@ def initial_weights(config: dict) -> dict:
     cfg = copy.deepcopy(config)
     cfg["zero_optimization"] = {**cfg["zero_optimization"], "stage": 0, "offload_param": None,
                                 "offload_optimizer": None}   # whole parameters, drawn as every stage draws them
-    _, _, model = build(cfg)
-    return {n: np.asarray(a, dtype=np.float32) for n, a in model.state_dict().items()}
+    be, _, model = build(cfg)
+    with use_backend(be):
+        return {n: np.asarray(a, dtype=np.float32) for n, a in model.state_dict().items()}
 
 
 def run_refimpl(config: dict, steps: int, snapshot_steps, name: str = "refimpl", force_skips=(), initial=None,
