@@ -71,8 +71,9 @@ def main(spec_path: str) -> int:
         if k in snaps:
             grads = gather(safe_get_full_grad)
         engine.step()
-        total = torch.tensor([loss_sum], dtype=torch.float64)
+        total = torch.tensor([loss_sum], dtype=torch.float64, device=engine.device)   # NCCL: on the GPU
         dist.all_reduce(total)
+        total = total.cpu()
         skipped = engine.skipped_steps > skipped_before
         norm = engine.get_global_grad_norm()
         norm = math.inf if skipped or norm is None else float(norm)
