@@ -56,7 +56,18 @@ def table(report: dict) -> str:
 
 
 def write_json(report: dict, path: Path) -> None:
-    path.write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
+    path.write_text(json.dumps(_json_safe(report), indent=2, allow_nan=False) + "\n")
+
+
+def _json_safe(x):
+    """inf/nan (a skipped fp16 step's gradient norm, an error against it) as the strings "inf"/"nan"."""
+    if isinstance(x, dict):
+        return {k: _json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_json_safe(v) for v in x]
+    if isinstance(x, float) and not math.isfinite(x):
+        return str(x)
+    return x
 
 
 def worst_table(diffs) -> dict:
