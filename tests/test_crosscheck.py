@@ -112,6 +112,20 @@ def test_the_arbiter_blames_the_side_that_left_the_fp64_trajectory():
     assert diagnose.arbitrate(first, both, theirs, reference)["blame"] == "rounding"
 
 
+def test_fp16_with_skipped_steps_writes_a_valid_report(tmp_path, capsys):
+    # 2^24 overflows the first steps on both sides: their gradients (inf) are not compared, the grad norms
+    # (inf) count as equal, and report.json stays valid JSON (inf written as a string)
+    out = tmp_path / "xc"
+    code = main(["crosscheck", "--against", "torch", "--steps", "4", "--fp64-arbiter", "--no-progress",
+                 "--out", str(out), *sum((["--set", s] for s in TINY), []), "--set", "fp16.enabled=true",
+                 "--set", "fp16.initial_scale_power=24", "--set", "fp16.hysteresis=1"])
+    assert code == 0, capsys.readouterr().out
+    report = json.loads((out / "report.json").read_text())
+    skipped = [r["step"] for r in report["per_step"] if r["refimpl"]["skipped"]]
+    assert skipped and skipped == [r["step"] for r in report["per_step"] if r["torch"]["skipped"]]
+    assert report["per_step"][0]["refimpl"]["grad_norm"] == "inf"
+
+
 def test_trace_round_trips_through_its_files(tmp_path):
     t = Trace("x")
     t.record(1, loss=1.5, grad_norm=float("inf"), lr=0.1, loss_scale=2.0, skipped=True)

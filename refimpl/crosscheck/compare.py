@@ -113,12 +113,17 @@ def tensor_errors(ours: dict, theirs: dict, skip=()) -> dict:
     return out
 
 
+def skipped_on_both(ours: Trace, theirs: Trace) -> set:
+    return set(ours.skipped_steps()) & set(theirs.skipped_steps())
+
+
 def snapshot_differences(ours: Trace, theirs: Trace, budget: dict, skip=()) -> list[Difference]:
-    """The worst parameter of every quantity at every snapshot step both traces hold."""
-    out = []
+    """The worst parameter of every quantity at every snapshot step both traces hold. The gradient of a step both
+    sides skipped (it holds inf/nan: that is why they skipped it) is not compared."""
+    out, both_skipped = [], skipped_on_both(ours, theirs)
     for k in sorted(set(ours.snapshots) & set(theirs.snapshots)):
         for q in QUANTITIES:
-            if q not in ours.snapshots[k] or q not in theirs.snapshots[k]:
+            if q not in ours.snapshots[k] or q not in theirs.snapshots[k] or (q == "grad" and k in both_skipped):
                 continue
             errs = tensor_errors(ours.snapshots[k][q], theirs.snapshots[k][q], skip)
             if not errs:

@@ -151,10 +151,13 @@ def arbitrate(d: Difference | None, ours: Trace, theirs: Trace, fp64: Trace, ski
     steps per quantity, and at the first divergence; with a verdict on which side is off."""
     out = {"loss": {"refimpl": max((rel(a["loss"], c["loss"]) for a, c in zip(ours.steps, fp64.steps)), default=0),
                     "peer": max((rel(b["loss"], c["loss"]) for b, c in zip(theirs.steps, fp64.steps)), default=0)}}
+    skipped = set(ours.skipped_steps()) | set(theirs.skipped_steps())   # fp64 replays refimpl's skips
     for q in ("weight", "grad", "exp_avg", "exp_avg_sq"):
         for side, trace in (("refimpl", ours), ("peer", theirs)):
             worst = 0.0
             for k, snap in trace.snapshots.items():
+                if q == "grad" and k in skipped:
+                    continue          # an overflowed gradient (inf/nan) against fp64's finite one says nothing
                 if q in snap and k in fp64.snapshots and q in fp64.snapshots[k]:
                     worst = max([worst, *tensor_errors(snap[q], fp64.snapshots[k][q], skip).values()])
             out.setdefault(q, {})[side] = worst
