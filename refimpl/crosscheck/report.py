@@ -44,8 +44,9 @@ def table(report: dict) -> str:
     else:
         where = f"{first['quantity']}" + (f" of {first['parameter']}" if first["parameter"] else "")
         what = "DIVERGENCE" if report["divergence"] else "over budget (rounding, by the fp64 arbiter)"
+        values = f" (refimpl {_fmt(first['refimpl'])}, {peer} {_fmt(first['peer'])})" if first["parameter"] is None else ""
         out.append(f"verdict: {what} at step {first['step']}: {where}, error {_fmt(first['error'])} > budget "
-                   f"{_fmt(first['budget'])} (refimpl {_fmt(first['refimpl'])}, {peer} {_fmt(first['peer'])})")
+                   f"{_fmt(first['budget'])}{values}")
         if report.get("cause"):
             out.append(f"likely cause: {report['cause']}")
     if arb and arb.get("verdict"):
