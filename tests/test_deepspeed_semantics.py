@@ -17,7 +17,7 @@ from refimpl import config as refimpl_config  # noqa: E402
 from refimpl import deepspeed_keys  # noqa: E402
 from refimpl.config import validate  # noqa: E402
 from refimpl.loss_scaler import DynamicLossScaler, MinLossScaleError  # noqa: E402
-from refimpl.lr_schedules import lr_at  # noqa: E402
+from refimpl.lr_schedules import lr_at, make_scheduler  # noqa: E402
 from refimpl.optim import adam_w_mode  # noqa: E402
 
 pytestmark = pytest.mark.crosscheck
@@ -48,6 +48,12 @@ def test_lr_at_equals_deepspeeds_scheduler_past_the_end(kind, params):
         sched.step()
     ours = [lr_at(k, {"type": kind, "params": params}, base_lr) for k in range(len(used))]
     assert ours == used                           # the same formula, to the last bit
+    s = make_scheduler({"type": kind, "params": params}, base_lr)   # and the stateful schedule object alike
+    stepped = []
+    for _ in used:
+        stepped.append(s.get_lr())
+        s.step()
+    assert stepped == used
 
 
 # ------------------------------------------------------------------------------------------- loss scaler
