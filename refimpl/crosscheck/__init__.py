@@ -17,7 +17,6 @@ line naming it, with the peer's own last error line).
 """
 from __future__ import annotations
 
-import copy
 from datetime import datetime
 from pathlib import Path
 
@@ -25,8 +24,7 @@ from tqdm import tqdm
 
 from ..config import load_config, merge_layers
 from ..train import _swap_paths_in, prepare_out_dir
-from .compare import (BUDGETS, LR_BUDGET, excluded, first_divergence, precision, rel, scalar_differences,
-                      snapshot_differences)
+from .compare import precision
 from .torch_side import PeerError
 
 PEERS = ("torch", "deepspeed")
@@ -86,9 +84,8 @@ def run(args) -> int:
 def crosscheck(config: dict, raw: dict, against: str, steps: int, snaps, out, *, fp64=False,
                progress=True) -> dict:
     """Run refimpl and the peer (and the fp64 reference); compare; write the traces, report.json and the plot."""
-    from . import diagnose
     from .refimpl_side import fp64_config, initial_weights, run_refimpl
-    from .report import plot, worst_table, write_json
+    from .report import build_report, plot, write_json
     prec = precision(config)
     if against == "deepspeed" and prec == "fp64":
         raise PeerError("DeepSpeed does not train in float64; compare an fp32/fp16/bf16 run and add --fp64-arbiter")
@@ -117,38 +114,10 @@ def crosscheck(config: dict, raw: dict, against: str, steps: int, snaps, out, *,
         reference.write(out / "fp64")
     bar.close()
 
-    skip = excluded(weights)
-    budget = BUDGETS[prec]
-    diffs = scalar_differences(ours, theirs, budget) + snapshot_differences(ours, theirs, budget, skip)
-    first = first_divergence(diffs)
-    zero = config["zero_optimization"]
-    report = {"peer": against, "precision": prec, "steps": steps, "compared_steps": min(len(ours.steps),
-                                                                                        len(theirs.steps)),
-              "world_size": config["world_size"], "zero_stage": zero["stage"],
-              "offload_param": (zero["offload_param"] or {}).get("device", "none"),
-              "offload_optimizer": (zero["offload_optimizer"] or {}).get("device", "none"),
-              "snapshot_steps": list(snaps), "budget": {**budget, "lr": LR_BUDGET}, "excluded": sorted(skip),
-              "first_divergence": None if first is None else first.as_dict(),
-              "cause": None if first is None else diagnose.explain(first, ours, theirs, config, weights, skip),
-              "worst": worst_table(diffs), "config": copy.deepcopy(config)}
-    arbiter_series = None
-    if reference is not None:
-        report["arbiter"] = diagnose.arbitrate(first, ours, theirs, reference, skip)
-        arbiter_series = {name: [(a["step"], rel(a["loss"], c["loss"])) for a, c in
-                                 zip(trace.steps, reference.steps)] for name, trace in (("refimpl", ours),
-                                                                                        (against, theirs))}
-    # over budget is a divergence, unless the arbiter finds both sides as far from fp64 there (rounding)
-    report["divergence"] = first is not None and report.get("arbiter", {}).get("blame") != "rounding"
-    report["per_step"] = [{"step": a["step"], "refimpl": _clean(a), against: _clean(b)}
-                          for a, b in zip(ours.steps, theirs.steps)]
+    report, arbiter_series, diffs = build_report(config, against, steps, snaps, weights, ours, theirs, reference)
     write_json(report, out / "report.json")
     plot(diffs, report, out / "crosscheck.png", arbiter_series)
     return report
-
-
-def _clean(rec: dict) -> dict:
-    from .compare import _num
-    return {k: _num(v) for k, v in rec.items() if k != "step"}
 
 
 def _check_peer_installed(against: str) -> None:

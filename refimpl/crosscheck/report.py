@@ -1,12 +1,48 @@
-"""What `refimpl crosscheck` shows: a terminal table, report.json and crosscheck.png."""
+"""What `refimpl crosscheck` shows: report.json (build_report), a terminal table and crosscheck.png."""
 from __future__ import annotations
 
+import copy
 import json
 import math
 from pathlib import Path
 
-from .compare import SCALAR_ORDER, worst_by_quantity
+from . import diagnose
+from .compare import (BUDGETS, LR_BUDGET, SCALAR_ORDER, _num, excluded, first_divergence, precision, rel,
+                      scalar_differences, snapshot_differences, worst_by_quantity)
 from .trace import QUANTITIES
+
+
+def build_report(config, against, steps, snaps, weights, ours, theirs, reference=None):
+    """(report, the per-step loss distances from fp64 for the plot, every Difference) of one cross-check."""
+    prec = precision(config)
+    skip = excluded(weights)
+    budget = BUDGETS[prec]
+    diffs = scalar_differences(ours, theirs, budget) + snapshot_differences(ours, theirs, budget, skip)
+    first = first_divergence(diffs)
+    zero = config["zero_optimization"]
+    report = {"peer": against, "precision": prec, "steps": steps,
+              "compared_steps": min(len(ours.steps), len(theirs.steps)),
+              "world_size": config["world_size"], "zero_stage": zero["stage"],
+              "offload_param": (zero["offload_param"] or {}).get("device", "none"),
+              "offload_optimizer": (zero["offload_optimizer"] or {}).get("device", "none"),
+              "snapshot_steps": list(snaps), "budget": {**budget, "lr": LR_BUDGET}, "excluded": sorted(skip),
+              "first_divergence": None if first is None else first.as_dict(),
+              "cause": None if first is None else diagnose.explain(first, ours, theirs, config, weights, skip),
+              "worst": {q: d.as_dict() for q, d in worst_by_quantity(diffs).items()}, "config": copy.deepcopy(config)}
+    series = None
+    if reference is not None:
+        report["arbiter"] = diagnose.arbitrate(first, ours, theirs, reference, skip)
+        series = {name: [(a["step"], rel(a["loss"], c["loss"])) for a, c in zip(trace.steps, reference.steps)]
+                  for name, trace in (("refimpl", ours), (against, theirs))}
+    # over budget is a divergence, unless the arbiter finds both sides as far from fp64 there (rounding)
+    report["divergence"] = first is not None and report.get("arbiter", {}).get("blame") != "rounding"
+    report["per_step"] = [{"step": a["step"], "refimpl": _record(a), against: _record(b)}
+                          for a, b in zip(ours.steps, theirs.steps)]
+    return report, series, diffs
+
+
+def _record(rec: dict) -> dict:
+    return {k: _num(v) for k, v in rec.items() if k != "step"}
 
 
 def _fmt(x) -> str:
@@ -22,7 +58,7 @@ def table(report: dict) -> str:
     head = (f"refimpl crosscheck --against {peer}: {report['steps']} steps, {report['precision']}, ZeRO stage "
             f"{report['zero_stage']}, {report['world_size']} rank(s), offload param {report['offload_param']} / "
             f"optimizer {report['offload_optimizer']}")
-    cols = ["quantity", "worst error", "at", "budget"] + ([f"refimpl vs fp64", f"{peer} vs fp64"] if arb else [])
+    cols = ["quantity", "worst error", "at", "budget"] + (["refimpl vs fp64", f"{peer} vs fp64"] if arb else [])
     rows = []
     for q in SCALAR_ORDER + QUANTITIES:
         w = report["worst"].get(q)
@@ -69,10 +105,6 @@ def _json_safe(x):
     if isinstance(x, float) and not math.isfinite(x):
         return str(x)
     return x
-
-
-def worst_table(diffs) -> dict:
-    return {q: d.as_dict() for q, d in worst_by_quantity(diffs).items()}
 
 
 def plot(diffs, report: dict, path: Path, arbiter_series=None) -> None:
