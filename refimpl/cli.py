@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from dataclasses import fields
 
 from .backend import BackendError, available_backends, get_backend
@@ -25,6 +26,7 @@ from .crosscheck.torch_side import PeerError
 from .crosscheck.trace import TraceError
 from .config import CLI_DEFAULT_CONFIG, ConfigError, load_config
 from .data import DataError
+from .deepspeed_keys import DeepSpeedKeyWarning
 from .loss_scaler import MinLossScaleError
 from .memory.ledger import TierBudgetError
 from .memory.nvme import SwapError
@@ -109,7 +111,18 @@ def _check_same_run(cfg, saved, ckpt_path, source) -> None:
                                   f"{str(cfg[section]['enabled']).lower()} ({source}) is not supported")
 
 
+def _format_warning(message, category, filename, lineno, line=None):
+    """DeepSpeed keys refimpl accepts without acting on them: one plain line each, no source excerpt."""
+    if issubclass(category, DeepSpeedKeyWarning):
+        return f"refimpl: warning: {message}\n"
+    return _default_formatwarning(message, category, filename, lineno, line)
+
+
+_default_formatwarning = warnings.formatwarning
+
+
 def main(argv=None) -> int:
+    warnings.formatwarning = _format_warning
     args = _parser().parse_args(argv)
     try:
         if args.command == "backends":

@@ -468,3 +468,16 @@ def test_console_entry_point_exit_codes(tmp_path):
     assert bad.stderr.strip().splitlines() == [bad.stderr.strip()]
     assert bad.stderr.startswith("refimpl: error: ") and "missing.json" in bad.stderr
     assert not (tmp_path / "runs").exists()           # the default run directory was not created
+
+
+def test_a_deepspeed_key_without_effect_is_one_warning_line(tmp_path):
+    """`refimpl train` with a DeepSpeed key refimpl does not act on: it runs, and says so once, in one line."""
+    import subprocess
+    import sys
+    proc = subprocess.run([sys.executable, "-m", "refimpl.cli", "train", "--steps", "0", "--no-progress",
+                           "--out", str(tmp_path / "o"), "--set", "zero_optimization.overlap_comm=true"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if "overlap_comm" in ln]
+    assert lines == [lines[0]] and lines[0].startswith("refimpl: warning: zero_optimization.overlap_comm: "
+                                                       "DeepSpeed key with no effect in refimpl")
