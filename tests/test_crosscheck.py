@@ -146,3 +146,14 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, args, needle):
     code = main(argv)
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1 and needle in err and "Traceback" not in err, err
+
+
+def test_a_config_deepspeed_rejects_is_one_line_with_deepspeeds_own_error(tmp_path, capsys):
+    """refimpl takes a fractional min_loss_scale; DeepSpeed's pydantic model does not: exit 2, DeepSpeed's words."""
+    pytest.importorskip("deepspeed")
+    code = main(["crosscheck", "--against", "deepspeed", "--steps", "1", "--no-progress", "--out", str(tmp_path / "o"),
+                 *sum((["--set", s] for s in TINY), []), "--set", "fp16.enabled=true",
+                 "--set", "fp16.min_loss_scale=0.5"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith("refimpl: error: DeepSpeed failed") and "min_loss_scale" in err and "worker.log" in err

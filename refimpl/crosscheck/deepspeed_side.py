@@ -89,11 +89,14 @@ def run_deepspeed(config: dict, raw: dict, steps: int, snapshot_steps, weights: 
 
 
 def _last_error(log: Path) -> str:
-    """The peer's own last exception line ("KeyError: 'exp_avg'"), not torchrun's report about it; else the
-    last line of the log."""
-    lines = [re.sub(r"^\[rank\d+\]:\s*", "", ln.strip()) for ln in log.read_text(errors="replace").splitlines()]
-    lines = [ln for ln in lines if ln]
-    for ln in reversed(lines):
-        if re.match(r"^[\w.]*(Error|Exception|Exit)\b", ln) and "ChildFailedError" not in ln:
-            return ln[:400]
-    return lines[-1][:400] if lines else "(no output)"
+    """The peer's own last exception ("KeyError: 'exp_avg'", with the detail lines a pydantic ValidationError
+    puts under it), not torchrun's report about it; else the last line of the log."""
+    raw = [ln.rstrip() for ln in log.read_text(errors="replace").splitlines()]
+    lines = [(re.sub(r"^\[rank\d+\]:", "", ln).strip(), ln.startswith("[rank")) for ln in raw if ln.strip()]
+    for i in range(len(lines) - 1, -1, -1):
+        text = lines[i][0]
+        if re.match(r"^[\w.]*(Error|Exception|Exit)\b", text) and "ChildFailedError" not in text:
+            detail = [t for t, ranked in lines[i + 1:i + 3]
+                      if ranked and not t.startswith(("For further", "[")) and "Warning" not in t]
+            return " ".join([text.split(".")[-1] if text.startswith("pydantic") else text] + detail)[:400]
+    return lines[-1][0][:400] if lines else "(no output)"
