@@ -364,50 +364,9 @@ def _validate_section(schema, value, path):
     return out
 
 
-def _pop_path(layer, path):
-    """Remove ``a.b.c`` from a nested dict layer; (found, value). Parents are copied, never changed in place."""
-    *parents, last = path.split(".")
-    node = layer
-    for key in parents:
-        node = node.get(key) if isinstance(node, dict) else None
-    if not isinstance(node, dict) or last not in node:
-        return False, None
-    return True, node.pop(last)
-
-
-def _put_path(layer, path, value, old_path):
-    *parents, last = path.split(".")
-    node = layer
-    for key in parents:
-        node = node.setdefault(key, {})
-    if last in node and node[last] != value:
-        raise ConfigError(old_path, f"is another name of {path}; both are given and differ ({value!r} vs "
-                                    f"{node[last]!r})")
-    node[last] = value
-
-
 def _normalise_aliases(layer):
-    """One layer with DeepSpeed's other spellings of honoured keys written as refimpl's (deepspeed_keys.RENAMED:
-    ``prefetch_bucket_size`` -> ``stage3_prefetch_bucket_size``, ``aio.thread_count`` -> ``aio.intra_op_parallelism``,
-    ...) and DeepSpeed's deprecated ``cpu_offload`` / ``cpu_offload_param`` turned into offload sections."""
-    if not isinstance(layer, dict):
-        return layer
-    layer = copy.deepcopy(layer)
-    for old, (new, _) in deepspeed_keys.RENAMED.items():
-        found, value = _pop_path(layer, old)
-        if found:
-            _put_path(layer, new, value, old)
-    for old, new in deepspeed_keys.DEPRECATED_OFFLOAD.items():
-        found, value = _pop_path(layer, old)
-        if not found:
-            continue
-        if not isinstance(value, bool):
-            raise ConfigError(old, f"must be true or false, got {_show(value)}")
-        if value:
-            if _pop_path(copy.deepcopy(layer), new)[0]:   # DeepSpeed asserts the same
-                raise ConfigError(old, f"is DeepSpeed's deprecated form of {new}; give only one of them")
-            _put_path(layer, new, {"device": "cpu"}, old)
-    return layer
+    """DeepSpeed's other spellings of honoured keys, written as refimpl's (deepspeed_keys.normalise_spellings)."""
+    return deepspeed_keys.normalise_spellings(layer, ConfigError)
 
 
 def _require_supported(path, value, supported, what):

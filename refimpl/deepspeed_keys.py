@@ -19,6 +19,7 @@ the installed DeepSpeed's own config models.
 """
 from __future__ import annotations
 
+import copy
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -207,6 +208,53 @@ RENAMED: dict[str, tuple[str, str]] = {
 # Deprecated booleans DeepSpeed turns into offload sections (DeepSpeedZeroConfig's new_param_fn)
 DEPRECATED_OFFLOAD = {"zero_optimization.cpu_offload": "zero_optimization.offload_optimizer",
                       "zero_optimization.cpu_offload_param": "zero_optimization.offload_param"}
+
+
+def _pop_path(layer, path):
+    """Remove ``a.b.c`` from a nested dict layer; (found, value). Parents are copied, never changed in place."""
+    *parents, last = path.split(".")
+    node = layer
+    for key in parents:
+        node = node.get(key) if isinstance(node, dict) else None
+    if not isinstance(node, dict) or last not in node:
+        return False, None
+    return True, node.pop(last)
+
+
+def _put_path(layer, path, value, old_path, error):
+    *parents, last = path.split(".")
+    node = layer
+    for key in parents:
+        node = node.setdefault(key, {})
+    if last in node and node[last] != value:
+        raise error(old_path, f"is another name of {path}; both are given and differ ({value!r} vs "
+                                    f"{node[last]!r})")
+    node[last] = value
+
+
+def normalise_spellings(layer, error):
+    """A copy of one config layer with DeepSpeed's other spellings of honoured keys written as refimpl's (RENAMED:
+    ``prefetch_bucket_size`` -> ``stage3_prefetch_bucket_size``, ``aio.thread_count`` -> ``aio.intra_op_parallelism``,
+    ...) and DeepSpeed's deprecated ``cpu_offload`` / ``cpu_offload_param`` turned into offload sections. A clash
+    raises ``error(path, detail)``."""
+    if not isinstance(layer, dict):
+        return layer
+    layer = copy.deepcopy(layer)
+    for old, (new, _) in RENAMED.items():
+        found, value = _pop_path(layer, old)
+        if found:
+            _put_path(layer, new, value, old, error)
+    for old, new in DEPRECATED_OFFLOAD.items():
+        found, value = _pop_path(layer, old)
+        if not found:
+            continue
+        if not isinstance(value, bool):
+            raise error(old, f"must be true or false, got {type(value).__name__} {value!r}")
+        if value:
+            if _pop_path(copy.deepcopy(layer), new)[0]:   # DeepSpeed asserts the same
+                raise error(old, f"is DeepSpeed's deprecated form of {new}; give only one of them")
+            _put_path(layer, new, {"device": "cpu"}, old, error)
+    return layer
 
 
 def lookup(path: str) -> Known | None:

@@ -218,7 +218,7 @@ def test_a_deepspeed_config_validates_in_deepspeed_and_in_refimpl():
            "fp16": {"enabled": True, "auto_cast": False}, "optimizer": {"type": "Adam", "params": {"lr": 1e-4}}}
     with pytest.warns(deepspeed_keys.DeepSpeedKeyWarning):
         cfg = validate(raw)
-    ds = deepspeed_config(cfg, refimpl_config._normalise_aliases(raw), "/tmp/unused")
+    ds = deepspeed_config(cfg, deepspeed_keys.normalise_spellings(raw, ValueError), "/tmp/unused")
     zero = DeepSpeedZeroConfig(**ds["zero_optimization"])
     assert zero.overlap_comm is True and zero.prefetch_bucket_size == 1000 and zero.offload_optimizer.pin_memory is False
     assert math.isclose(ds["optimizer"]["params"]["lr"], 1e-4) and ds["optimizer"]["params"]["weight_decay"] == 0.0
