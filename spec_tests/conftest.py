@@ -1,6 +1,6 @@
 """The `backend` fixture: every spec test runs once per registered backend.
 
-DESIGN.md, "Tests and benchmarks": spec_tests/ parametrises over every registered backend (the
+docs/architecture.md, "Numerics and tests": spec_tests/ parametrises over every registered backend (the
 `refimpl.backends` entry-point group); a registered backend that cannot run here is skipped with its
 reason ("cupy: no CUDA device"), and GPU backends carry the `gpu` marker so `-m "not gpu"` drops them.
 REFIMPL_TEST_BACKENDS=numpy,numba narrows the set. The fixture is session-scoped so a JIT backend

@@ -1,6 +1,6 @@
 """Tests of the test suite and of backend selection.
 
-The meta-test (DESIGN.md, "Tests and benchmarks"): every kernel named in refimpl.backend.KERNELS has at
+The meta-test (docs/architecture.md, "Numerics and tests"): every kernel named in refimpl.backend.KERNELS has at
 least one equivalence test, i.e. a test in spec_tests/ that takes the `backend` fixture and declares the
 kernel with `@pytest.mark.kernel("name", ...)`; and no marker names a kernel that does not exist. The
 marks are read from the imported test modules (function marks and module `pytestmark`), not by running

@@ -1,6 +1,6 @@
 """How close is close enough: the one dtype-aware tolerance table of the spec tests, and its helpers.
 
-DESIGN.md, "Numerics": results are compared with one dtype-aware tolerance table, never atol = 0 near
+docs/architecture.md, "Numerics": results are compared with one dtype-aware tolerance table, never atol = 0 near
 zero, and float64 central differences for gradient checks. Everything a spec test compares goes through
 `assert_close` (backend vs reference) or `assert_grad_close` (analytic vs finite-difference gradient).
 
@@ -33,7 +33,7 @@ from float32, the dtype it is computed in:
   sqrt(n) u for round-to-nearest (64 u at n = 4096), times 4 for different summation orders, FMA
   contraction and libm's last-ulp differences between backends.
 - float16 / bfloat16 results are computed in float32 and rounded once to the dtype (the reference
-  kernels' contract; DESIGN.md: "CPU backends may compute in fp32 on upcast operands"). Against the
+  kernels' contract; docs/architecture.md: "CPU backends may compute in fp32 on upcast operands"). Against the
   float64 reference of the same inputs the error is that final rounding, relative to the result
   (<= u of the dtype; two correct backends may round to the two neighbours of a value, 1 ulp = 2 u
   apart, so rtol is 4 u = 2 ulps), plus the float32 work, proportional to `scale` (atol of float32).
@@ -154,7 +154,7 @@ def run_kernel(be, name, *args, **kwargs):
     """Call kernel `name` of backend `be` on numpy inputs and return its outputs as numpy.
 
     Array arguments go through be.asarray, array outputs (also inside a tuple) come back through
-    be.to_numpy. Kernels are pure functions (DESIGN.md, "The backend interface"), so this also asserts
+    be.to_numpy. Kernels are pure functions (docs/architecture.md, "The backend interface"), so this also asserts
     that no array argument was modified.
     """
     host = [np.array(a, copy=True) if isinstance(a, np.ndarray) else a for a in args]

@@ -397,7 +397,7 @@ def test_host_budget_below_a_parameter_chunk_names_it(capsys, tmp_path, args, sh
 def test_host_budget_below_an_optimizer_sub_group(capsys, tmp_path, args, shapes):
     """Room for any one parameter chunk, none for one optimizer sub-group's fp32 master, exp_avg and exp_avg_sq
     (3 x 4 x sub_group_size bytes): the NVMe optimizer step stages sub-groups in host memory, so the host
-    budget must refuse it rather than be silently exceeded (DESIGN.md: every byte budget is enforced)."""
+    budget must refuse it rather than be silently exceeded (docs/architecture.md: every byte budget is enforced)."""
     sub_group = 3000
     one_group = 3 * 4 * sub_group
     budget = max(4 * chunk(s, 2) for s in shapes.values()) + 1024

@@ -1,6 +1,6 @@
 """The CUDA C++ of the CuPy backend: one NVRTC module, every kernel a template over the storage type.
 
-Storage types (what an array holds) and the compute type each is read into (DESIGN.md, Numerics: fp16/bf16
+Storage types (what an array holds) and the compute type each is read into (docs/architecture.md, "Numerics": fp16/bf16
 are computed in fp32 and rounded once; float64 stays float64):
 
     double -> double     float -> float     f16_t -> float     bf16_t -> float

@@ -1,7 +1,7 @@
 """Reference attention kernels: plain and FlashAttention-tiled, forward and backward.
 
 This is the NumPy specification of the backend interface's ``attention`` / ``attention_backward`` kernels
-(DESIGN.md, "Backends"), given in two numerically equivalent forms:
+(docs/architecture.md, "The backend interface"), given in two numerically equivalent forms:
 
 - ``attention`` / ``attention_backward`` -- the obviously-correct form: materialise the (Tq, Tk) scores
   S = scale * Q K^T, mask them with -inf, take a max-shifted softmax.

@@ -3,7 +3,7 @@
 These are the specification of the backend interface (refimpl/backend.py): readable, exact, float64
 capable. Low-precision inputs (float16, ml_dtypes.bfloat16) are computed in float32 and the result is
 cast back to the input dtype: "CPU backends may compute in fp32 on upcast operands; the bytes stored and
-moved are the low-precision ones" (DESIGN.md, Numerics). float64 stays float64 (for gradient checks).
+moved are the low-precision ones" (docs/architecture.md, "Numerics"). float64 stays float64 (for gradient checks).
 """
 import math
 

@@ -1,7 +1,7 @@
 """Reference optimizer kernels: fused AdamW step, sum of squares, overflow check, dtype cast.
 
 These are the NumPy *specification* of the optimizer half of the backend interface
-(DESIGN.md, "The backend interface"): the numba and CuPy backends are tested against them.
+(docs/architecture.md, "The backend interface"): the numba and CuPy backends are tested against them.
 They take their array namespace from the input (Chainer's ``get_array_module`` pattern), so
 the same code also runs unchanged on CuPy arrays.
 
