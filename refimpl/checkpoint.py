@@ -145,18 +145,34 @@ def _finish(root, tmp, final, tag, params, engine, config) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- load
+def _inside(parent: Path, name: str, what: str) -> Path:
+    """parent/name, where name comes from a file of the checkpoint: one plain path component, not a symlink, so
+    nothing a checkpoint says can lead outside it."""
+    if not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name:
+        raise CheckpointError(f"{what} names {name!r}; expected a directory name inside {parent}")
+    child = parent / name
+    if child.is_symlink():
+        raise CheckpointError(f"{what} names {name!r}, a symbolic link in {parent}; a checkpoint is never read "
+                              f"through a link")
+    return child
+
+
 def resolve(path) -> Path:
     """A run directory, a checkpoint root (with `latest`) or a tag directory -> the tag directory."""
     p = Path(path)
     if not p.exists():
         raise CheckpointError(f"checkpoint path {str(p)!r} does not exist")
     if (p / "checkpoint").is_dir():
-        p = p / "checkpoint"
+        p = _inside(p, "checkpoint", f"run directory {p}")
     if (p / "latest").is_file():
-        tag = (p / "latest").read_text().strip()
-        if not (p / tag).is_dir():
+        try:
+            tag = _inside(p, "latest", f"checkpoint {p}").read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise CheckpointError(f"{p / 'latest'} is unreadable: {exc}") from None
+        tag_dir = _inside(p, tag, str(p / "latest"))
+        if not tag_dir.is_dir():
             raise CheckpointError(f"{p / 'latest'} names {tag!r}, which is not a directory in {p}")
-        p = p / tag
+        p = tag_dir
     if not (p / "manifest.json").is_file():
         raise CheckpointError(f"no checkpoint in {str(path)!r}: expected a run directory, a checkpoint directory "
                               f"with a 'latest' file, or a global_stepN directory with manifest.json")
@@ -177,7 +193,7 @@ def read_manifest(path) -> tuple[Path, dict]:
 
 
 def _verified(tag_dir: Path, manifest: dict, name: str) -> dict:
-    f = tag_dir / name
+    f = _inside(tag_dir, name, f"{tag_dir / 'manifest.json'}")
     if name not in manifest["files"]:
         raise CheckpointError(f"{tag_dir / 'manifest.json'} lists no file {name}")
     if not f.is_file():

@@ -24,7 +24,7 @@ from .comm.base import CommError
 from .comm.mpi import launched_under_mpi
 from .crosscheck.torch_side import PeerError
 from .crosscheck.trace import TraceError
-from .config import CLI_DEFAULT_CONFIG, ConfigError, load_config
+from .config import CLI_DEFAULT_CONFIG, ConfigError, load_config, parse_override
 from .data import DataError
 from .deepspeed_keys import DeepSpeedKeyWarning
 from .loss_scaler import MinLossScaleError
@@ -82,12 +82,52 @@ def _train_config(args, mpi_world=None) -> dict:
     _, manifest = read_manifest(args.resume)
     saved = manifest["config"]
     if args.config is None:
-        cfg = load_config(None, overrides, base=saved)
+        cfg = load_config(None, overrides, base=_checkpoint_base(saved))
         _check_same_run(cfg, saved, args.resume, "--set")
+        _refuse_checkpoint_paths(cfg, overrides, args.resume)
         return cfg
     cfg = load_config(args.config, overrides)
     _check_same_run(cfg, saved, args.resume, args.config)
     return cfg
+
+
+def _checkpoint_base(saved: dict) -> dict:
+    """A checkpoint's config as the base of a resumed run, less what a checkpoint does not decide: where the run
+    writes (run.out: --out or a new directory) and, when REFIMPL_BACKEND is set, the backend."""
+    import copy
+    import os
+    base = copy.deepcopy(saved)
+    if isinstance(base.get("run"), dict):
+        base["run"]["out"] = None
+    if os.environ.get("REFIMPL_BACKEND"):
+        base["backend"] = None
+    return base
+
+
+# Paths a checkpoint's config could point anywhere: a resumed run takes them only from the user (--set, --config)
+_PATH_KEYS = (("zero_optimization", "offload_param", "nvme_path"), ("zero_optimization", "offload_optimizer",
+                                                                    "nvme_path"), ("data", "path"))
+
+
+def _refuse_checkpoint_paths(cfg, overrides, ckpt_path) -> None:
+    """A relative swap folder stays inside the new run directory; any other path the checkpoint names (absolute,
+    or climbing out with ..) is refused unless the command line (a --set of it or of a section above it) names it."""
+    from pathlib import PurePath
+    given = [".".join(parse_override(o)[0]) for o in overrides]
+
+    def get(c, keys):
+        for k in keys:
+            c = c.get(k) if isinstance(c, dict) else None
+        return c
+    for keys in _PATH_KEYS:
+        value, key = get(cfg, keys), ".".join(keys)
+        if value is None or any(key == g or key.startswith(g + ".") for g in given):
+            continue              # not set, or the user's own choice
+        p = PurePath(value)
+        if keys[0] == "data" or p.is_absolute() or ".." in p.parts:
+            raise CheckpointError(f"checkpoint {str(ckpt_path)!r} sets {key} to {value!r}; a resumed run takes paths "
+                                  f"outside its own run directory only from you: pass --set {key}=PATH (the same "
+                                  f"or another) to resume with it")
 
 
 def _check_same_run(cfg, saved, ckpt_path, source) -> None:

@@ -251,7 +251,8 @@ SCHEMA = {
     "activation_checkpointing": {"cpu_checkpointing": Field(False, boolean)},
     "aio": {"block_size": Field(1048576, size(1)), "queue_depth": Field(8, integer(1)),
             "intra_op_parallelism": Field(1, integer(1))},    # old name: thread_count
-    "backend": Field("numpy", string),                       # the backend registry checks the name at run time
+    # null: REFIMPL_BACKEND, else numpy. The backend registry checks the name at run time.
+    "backend": Field(None, nullable(string)),
     "world_size": Field(1, integer(1)),                      # ranks; under mpiexec the MPI world decides
     # byte budgets per rank (refimpl's own section): null = unlimited. On CPU backends the "device" is a RAM
     # region, so memory.device_bytes=256MB makes a laptop play a 256 MB GPU (model states + gathered parameters)
@@ -423,6 +424,8 @@ def _resolve(cfg):
                                              f"got {data['max_length']}")
     if data["seed"] is None:
         data["seed"] = run["seed"]
+    if cfg["backend"] is None:   # precedence: --backend / --set / the config file > REFIMPL_BACKEND > numpy
+        cfg["backend"] = os.environ.get("REFIMPL_BACKEND") or "numpy"
 
     opt = cfg["optimizer"]
     if opt["params"]["weight_decay"] is None:   # the default of the Adam DeepSpeed would build

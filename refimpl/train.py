@@ -111,7 +111,6 @@ def train(config: dict, out_dir=None, *, resume=None, progress: bool = True, com
 
     resume: a checkpoint path to continue from (any world size: it is resharded)."""
     out = Path(out_dir or config["run"]["out"] or default_out_dir())
-    config = _swap_paths_in(config, out)
     if resume is not None:
         ckpt.read_manifest(resume)  # a bad path fails before anything is written
     if comm is not None:  # real processes (MPI): this process is one rank
@@ -146,9 +145,11 @@ def _write_ledger(out, engine) -> None:
 
 
 def _train_rank(comm, config, out, resume, progress) -> dict:
+    """One rank's run. config.json and the checkpoints keep relative swap paths relative (a resumed run puts
+    its swap files inside its own run directory); only the engine sees them resolved."""
     be, dataset, model = build(config)
     with use_backend(be):
-        engine = Engine(model, config, be, comm)
+        engine = Engine(model, _swap_paths_in(config, out), be, comm)
         if resume is not None:
             try:
                 ckpt.load_checkpoint(resume, engine)

@@ -1,0 +1,136 @@
+"""Nothing lost, nobody in: the backend the environment asks for, a resumed run's own files, and checkpoints
+that try to decide where refimpl reads and writes.
+
+A checkpoint may come from anyone. Its manifest carries a sha256 of itself, but whoever edits a manifest can
+recompute that too (``forge`` below does), so everything a checkpoint says is checked on its own merits: a path
+it names is refused unless it stays inside the run or the user names it, and its `latest` file can only name a
+directory beside it. Every refusal is one line and exit 2, and nothing is created outside the test's folder.
+"""
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from refimpl.checkpoint import _manifest_digest
+from refimpl.cli import main
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def cli(capsys, *argv):
+    capsys.readouterr()
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def tiny_run(capsys, tiny_set_args, out, *extra, steps=2):
+    code, _, err = cli(capsys, "train", "--no-progress", "--out", out, *tiny_set_args, "--steps", steps, *extra)
+    assert code == 0, err
+    return Path(out)
+
+
+def forge(run_dir, edit):
+    """Rewrite the latest checkpoint's manifest with ``edit(manifest)`` and a matching manifest_sha256."""
+    ckpt = Path(run_dir) / "checkpoint"
+    path = ckpt / (ckpt / "latest").read_text().strip() / "manifest.json"
+    manifest = json.loads(path.read_text())
+    edit(manifest)
+    manifest["manifest_sha256"] = _manifest_digest(manifest)
+    path.write_text(json.dumps(manifest))
+    return ckpt
+
+
+def snapshot(folder):
+    """path -> sha256 of every file under folder (to show nothing was changed)."""
+    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(Path(folder).rglob("*")) if p.is_file()}
+
+
+def one_line_error(code, err, *needles):
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("refimpl: error: ") and "Traceback" not in err, err
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+
+
+NVME = ["--set", 'zero_optimization.offload_optimizer={"device": "nvme", "nvme_path": "swap"}',
+        "--set", "zero_optimization.stage=1"]
+
+
+# ------------------------------------------------------------------------------------- bug 1: REFIMPL_BACKEND
+@pytest.mark.parametrize("extra, expected", [([], "numba"), (["--backend", "numpy"], "numpy"),
+                                             (["--set", "backend=numpy"], "numpy")])
+def test_refimpl_backend_is_honoured_below_the_command_line(tmp_path, tiny_set_args, extra, expected):
+    out = tmp_path / "run"
+    env = {**os.environ, "REFIMPL_BACKEND": "numba"}
+    proc = subprocess.run([sys.executable, "-m", "refimpl.cli", "train", "--no-progress", "--steps", "1", "--out",
+                           str(out), *tiny_set_args, *extra], capture_output=True, text=True, env=env, timeout=600,
+                          cwd=REPO_ROOT)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((out / "config.json").read_text())["backend"] == expected
+    assert any(line.split() == ["backend", expected] for line in proc.stdout.splitlines()), proc.stdout
+
+
+# ----------------------------------------------------------------------------- bug 2: a resume's own swap folder
+def test_a_resumed_run_swaps_inside_its_own_directory(capsys, tiny_set_args, tmp_path):
+    a = tiny_run(capsys, tiny_set_args, tmp_path / "a", *NVME)
+    assert json.loads((a / "config.json").read_text())["zero_optimization"]["offload_optimizer"]["nvme_path"] == "swap"
+    before = snapshot(a)
+    for name in ("b", "c"):                      # two resumes of one checkpoint: each in its own folder
+        tiny_run(capsys, tiny_set_args, tmp_path / name, "--resume", a, *NVME, steps=3)
+        assert any((tmp_path / name / "swap").rglob("*.swp"))
+    assert snapshot(a) == before                 # the old run is not written to
+
+
+# -------------------------------------------------------------------- bug 3: paths a checkpoint names are not taken
+def _set_offload_path(path):
+    def edit(m):
+        m["config"]["zero_optimization"]["offload_optimizer"]["nvme_path"] = path
+    return edit
+
+
+@pytest.mark.parametrize("case", ["absolute", "dotdot", "data_path"])
+def test_a_checkpoint_cannot_choose_where_files_are_read_or_written(capsys, tiny_set_args, tmp_path, case):
+    a = tiny_run(capsys, tiny_set_args, tmp_path / "a", *NVME)
+    evil = tmp_path / "evil"
+    edit, key = {"absolute": (_set_offload_path(str(evil)), "nvme_path"),
+                 "dotdot": (_set_offload_path("../../evil"), "nvme_path"),
+                 "data_path": (lambda m: m["config"]["data"].__setitem__("path", str(evil / "corpus.txt")),
+                               "data.path")}[case]
+    forge(a, edit)
+    code, _, err = cli(capsys, "train", "--no-progress", "--out", tmp_path / "b", "--resume", a)
+    one_line_error(code, err, key, "--set")
+    assert not evil.exists() and not (tmp_path / "b").exists()
+    # the same path named on the command line is the user's choice, and is taken
+    if case == "absolute":
+        code, _, err = cli(capsys, "train", "--no-progress", "--out", tmp_path / "b", "--resume", a, "--steps", 3,
+                           "--set", f"zero_optimization.offload_optimizer.nvme_path={evil}")
+        assert code == 0, err
+        assert evil.is_dir()
+
+
+def test_a_checkpoint_does_not_choose_the_output_directory(capsys, tiny_set_args, tmp_path, monkeypatch):
+    a = tiny_run(capsys, tiny_set_args, tmp_path / "a")
+    evil = tmp_path / "evil"
+    forge(a, lambda m: m["config"]["run"].__setitem__("out", str(evil)))
+    monkeypatch.chdir(tmp_path)
+    code, _, err = cli(capsys, "train", "--no-progress", "--resume", a, "--steps", 3)
+    assert code == 0, err
+    assert not evil.exists() and len(list((tmp_path / "runs").iterdir())) == 1   # a new default run directory
+
+
+@pytest.mark.parametrize("latest", ["../a", "/tmp", "link", "", "global_step2/../../a"])
+def test_latest_can_only_name_a_directory_beside_it(capsys, tiny_set_args, tmp_path, latest):
+    a = tiny_run(capsys, tiny_set_args, tmp_path / "a")
+    ckpt = a / "checkpoint"
+    (ckpt / "link").symlink_to(ckpt / "global_step2")      # a link, even to a good checkpoint, is not followed
+    (ckpt / "latest").write_text(latest)
+    before = snapshot(tmp_path)
+    code, _, err = cli(capsys, "train", "--no-progress", "--out", tmp_path / "b", "--resume", a, "--steps", 3)
+    one_line_error(code, err, "latest")
+    assert snapshot(tmp_path) == before and not (tmp_path / "b").exists()
