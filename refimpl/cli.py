@@ -27,6 +27,7 @@ from .crosscheck.trace import TraceError
 from .config import CLI_DEFAULT_CONFIG, ConfigError, load_config, parse_override
 from .data import DataError
 from .deepspeed_keys import DeepSpeedKeyWarning
+from .lock import LockError
 from .loss_scaler import MinLossScaleError
 from .memory.ledger import TierBudgetError
 from .memory.nvme import SwapError
@@ -34,7 +35,7 @@ from .memory.param_offload import BufferPoolError
 from .train import RunDirError, train
 
 USER_ERRORS = (ConfigError, DataError, BackendError, CheckpointError, RunDirError, SwapError, BufferPoolError,
-               TierBudgetError, PeerError, TraceError)
+               TierBudgetError, PeerError, TraceError, LockError)
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -53,7 +53,12 @@ class Engine:
                                                 "host": config["memory"]["host_bytes"]})
         self.zero = ZERO_STAGES[config["zero_optimization"]["stage"]](model, config, backend, self.comm, self.dtype,
                                                                      ledger=self.ledger)
-        self.optimizer = self._make_optimizer()
+        self.optimizer = None
+        try:
+            self.optimizer = self._make_optimizer()
+        except BaseException:
+            self.close()       # a swap folder taken by the stage is given back at once
+            raise
         self.master = self.zero.master  # this rank's fp32 master partition on the device (None when offloaded)
         self.ledger.alloc("device", self._device_model_state_bytes(), "the model states kept on the device")
         if self._grads_on_host():
@@ -89,9 +94,14 @@ class Engine:
             path = Path(off["nvme_path"]) / f"zero_stage_{zcfg['stage']}" / "optimizer" / f"rank{self.rank}"
             store = NVMeStore(path, **self.config["aio"])   # DeepSpeed's aio section, by its own names
         groups = sub_groups([s.chunk for s in layout.slots], zcfg["sub_group_size"])
-        optimizer = OffloadedAdamW(self._master_pieces(), numel=layout.partition_numel, groups=groups,
-                                   device=off["device"], ledger=self.ledger, store=store,
-                                   buffer_count=off["buffer_count"], dtype=self.zero.master_dtype, **kw)
+        try:
+            optimizer = OffloadedAdamW(self._master_pieces(), numel=layout.partition_numel, groups=groups,
+                                       device=off["device"], ledger=self.ledger, store=store,
+                                       buffer_count=off["buffer_count"], dtype=self.zero.master_dtype, **kw)
+        except BaseException:
+            if store is not None:
+                store.close()
+            raise
         self.zero.master = None  # the fp32 master now lives in the host or NVMe tier only
         return optimizer
 
@@ -187,6 +197,13 @@ class Engine:
             raise MinLossScaleError(f"optimizer step {self.global_steps}: {exc}") from None
         self.zero.zero_grads()
         return not overflow
+
+    def close(self) -> None:
+        """Stop the NVMe tiers' I/O threads and release their swap folders (the run is over)."""
+        for store in (getattr(self.optimizer, "store", None), getattr(getattr(self.zero, "swapper", None), "store",
+                                                                           None)):
+            if store is not None:
+                store.close()
 
     # ------------------------------------------------------------------------------------ state
     def counters(self) -> dict:

@@ -24,6 +24,7 @@ from .comm.local import LocalWorld, run_ranks
 from .config import ConfigError, dumps
 from .data import Batch, make_dataset
 from .engine import Engine, param_dtype
+from .lock import DirLock
 from .model import ModelConfig, Transformer
 from .zero.init import Init
 
@@ -113,16 +114,21 @@ def train(config: dict, out_dir=None, *, resume=None, progress: bool = True, com
     out = Path(out_dir or config["run"]["out"] or default_out_dir())
     if resume is not None:
         ckpt.read_manifest(resume)  # a bad path fails before anything is written
-    if comm is not None:  # real processes (MPI): this process is one rank
-        if comm.rank == 0:
-            prepare_out_dir(out)
-        comm.barrier()
-        return _train_rank(comm, config, out, resume, progress)
-    prepare_out_dir(out)
-    ws, timeout = config["world_size"], config["run"]["comm_timeout"]
-    if ws == 1:
-        return _train_rank(LocalWorld(1, timeout).comm(0), config, out, resume, progress)
-    return run_ranks(ws, _train_rank, config, out, resume, progress, timeout=timeout)[0]
+    lock = None
+    try:
+        if comm is not None:  # real processes (MPI): this process is one rank
+            if comm.rank == 0:
+                lock = DirLock(prepare_out_dir(out), "a refimpl run")
+            comm.barrier()
+            return _train_rank(comm, config, out, resume, progress)
+        lock = DirLock(prepare_out_dir(out), "a refimpl run")   # one run per run directory
+        ws, timeout = config["world_size"], config["run"]["comm_timeout"]
+        if ws == 1:
+            return _train_rank(LocalWorld(1, timeout).comm(0), config, out, resume, progress)
+        return run_ranks(ws, _train_rank, config, out, resume, progress, timeout=timeout)[0]
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 def _write_ledger(out, engine) -> None:
@@ -150,16 +156,19 @@ def _train_rank(comm, config, out, resume, progress) -> dict:
     be, dataset, model = build(config)
     with use_backend(be):
         engine = Engine(model, _swap_paths_in(config, out), be, comm)
-        if resume is not None:
-            try:
-                ckpt.load_checkpoint(resume, engine)
-            except (ValueError, KeyError) as exc:
-                if isinstance(exc, ckpt.CheckpointError):
-                    raise
-                raise ckpt.CheckpointError(f"checkpoint {str(resume)!r} does not fit this run: {exc}") from None
-        if comm.rank == 0:
-            (out / "config.json").write_text(dumps(config))
-        return _loop(config, out, dataset, model, engine, progress and comm.rank == 0)
+        try:
+            if resume is not None:
+                try:
+                    ckpt.load_checkpoint(resume, engine)
+                except (ValueError, KeyError) as exc:
+                    if isinstance(exc, ckpt.CheckpointError):
+                        raise
+                    raise ckpt.CheckpointError(f"checkpoint {str(resume)!r} does not fit this run: {exc}") from None
+            if comm.rank == 0:
+                (out / "config.json").write_text(dumps(config))
+            return _loop(config, out, dataset, model, engine, progress and comm.rank == 0)
+        finally:
+            engine.close()     # the swap folders' locks go with it
 
 
 def train_step(config, dataset, model, engine, step: int, force_skip: bool = False) -> float:

@@ -179,9 +179,13 @@ def assert_checkpoint_survives(capsys, run, tmp_path, reference):
     assert engine.global_steps == FAULT_STEP
     for name in ref_weights:
         np.testing.assert_array_equal(params[name], ref_weights[name], err_msg=name)
-    # --resume (same swap folder as the failed run) continues exactly as the unfaulted run did
+    # --resume (same swap folder as the failed run, named again: a checkpoint does not choose where a run
+    # writes) continues exactly as the unfaulted run did
     resumed = tmp_path / "resumed"
-    code, _, err = run_cli(capsys, "train", "--no-progress", "--resume", run, "--out", resumed)
+    zero = manifest["config"]["zero_optimization"]
+    same_swap = [arg for sec in ("offload_param", "offload_optimizer") if zero[sec]
+                 for arg in ("--set", f"zero_optimization.{sec}.nvme_path={zero[sec]['nvme_path']}")]
+    code, _, err = run_cli(capsys, "train", "--no-progress", "--resume", run, "--out", resumed, *same_swap)
     assert code == 0, err
     assert {r["step"]: r["loss"] for r in read_metrics(resumed)} == \
         {s: loss for s, loss in ref_losses.items() if s > FAULT_STEP}

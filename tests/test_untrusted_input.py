@@ -134,3 +134,52 @@ def test_latest_can_only_name_a_directory_beside_it(capsys, tiny_set_args, tmp_p
     code, _, err = cli(capsys, "train", "--no-progress", "--out", tmp_path / "b", "--resume", a, "--steps", 3)
     one_line_error(code, err, "latest")
     assert snapshot(tmp_path) == before and not (tmp_path / "b").exists()
+
+
+# ------------------------------------------------------------------------- bug 5: one run per directory (locks)
+@pytest.fixture
+def held_elsewhere():
+    """held_elsewhere(path): another process takes the lock on directory ``path`` (and keeps it until the test
+    ends or it is killed); returns that process."""
+    procs = []
+
+    def hold(path):
+        path.mkdir(parents=True, exist_ok=True)
+        proc = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time\n"
+                                 "fd = os.open(sys.argv[1], os.O_RDONLY)\nfcntl.flock(fd, fcntl.LOCK_EX)\n"
+                                 "print('locked', flush=True)\ntime.sleep(120)", str(path)],
+                                stdout=subprocess.PIPE, text=True)
+        procs.append(proc)
+        assert proc.stdout.readline().strip() == "locked"
+        return proc
+    yield hold
+    for proc in procs:
+        proc.kill()
+        proc.wait()
+
+
+def test_a_run_directory_in_use_is_refused_before_anything_is_written(capsys, tiny_set_args, tmp_path,
+                                                                      held_elsewhere):
+    out = tmp_path / "run"
+    pid = held_elsewhere(out).pid
+    code, _, err = cli(capsys, "train", "--no-progress", "--out", out, *tiny_set_args, "--steps", 1)
+    one_line_error(code, err, f"{out} is in use by pid {pid}")
+    assert list(out.iterdir()) == []
+
+
+def test_a_swap_folder_in_use_is_refused_before_anything_is_written(capsys, tiny_set_args, tmp_path,
+                                                                    held_elsewhere):
+    swap = tmp_path / "shared_swap"
+    folder = swap / "zero_stage_1" / "optimizer" / "rank0"
+    holder = held_elsewhere(folder)
+    args = [*tiny_set_args, "--steps", 1, "--set", "zero_optimization.stage=1",
+            "--set", f'zero_optimization.offload_optimizer={{"device": "nvme", "nvme_path": "{swap}"}}']
+    code, _, err = cli(capsys, "train", "--no-progress", "--out", tmp_path / "run", *args)
+    one_line_error(code, err, f"{folder} is in use by pid {holder.pid}")
+    assert list(folder.iterdir()) == []
+    # once the holder is gone (killed: the kernel drops its lock), the folder is free; and a finished run frees it
+    holder.kill()
+    holder.wait()
+    for out in ("run2", "run3"):
+        code, _, err = cli(capsys, "train", "--no-progress", "--out", tmp_path / out, *args)
+        assert code == 0, err

@@ -60,7 +60,6 @@ def run_refimpl(config: dict, steps: int, snapshot_steps, name: str = "refimpl",
 def _rank(comm, config, steps, snapshot_steps, name, force_skips, initial, progress) -> Trace:
     be, dataset, model = build(config)
     trace = Trace(name)
-    lead = comm.rank == 0
     with use_backend(be):
         engine = Engine(model, config, be, comm)
         if initial is not None:   # as a checkpoint loads: master (and the model's copy), fresh moments
@@ -76,20 +75,28 @@ def _rank(comm, config, steps, snapshot_steps, name, force_skips, initial, progr
                 pending["grad"] = {n: np.asarray(be.to_numpy(a), dtype=engine.zero.master_dtype) / loss_scale
                                    for n, a in whole.items()}
         engine.gradient_hooks.append(keep_gradient)
-        for step in range(steps):
-            k = step + 1
-            pending["want"] = k in snapshot_steps
-            loss = train_step(config, dataset, model, engine, step, force_skip=k in force_skips)
-            last = engine.last
-            if lead:
-                trace.record(k, loss=loss, grad_norm=last["grad_norm"], lr=last["lr"],
-                             loss_scale=last["loss_scale"], skipped=last["overflow"])
-            if k in snapshot_steps:
-                full = engine.zero.full_state(engine.optimizer)       # collective: every rank calls it
-                if lead:
-                    trace.snapshot(k, "grad", pending.pop("grad"))
-                    for key, quantity in (("master", "weight"), ("exp_avg", "exp_avg"), ("exp_avg_sq", "exp_avg_sq")):
-                        trace.snapshot(k, quantity, {n: np.asarray(a) for n, a in full[key].items()})
-            if progress is not None and lead:
-                progress(name)
+        try:
+            _steps(engine, trace, config, dataset, model, steps, snapshot_steps, force_skips, pending, progress, name)
+        finally:
+            engine.close()
     return trace
+
+
+def _steps(engine, trace, config, dataset, model, steps, snapshot_steps, force_skips, pending, progress, name):
+    lead = engine.comm.rank == 0
+    for step in range(steps):
+        k = step + 1
+        pending["want"] = k in snapshot_steps
+        loss = train_step(config, dataset, model, engine, step, force_skip=k in force_skips)
+        last = engine.last
+        if lead:
+            trace.record(k, loss=loss, grad_norm=last["grad_norm"], lr=last["lr"],
+                         loss_scale=last["loss_scale"], skipped=last["overflow"])
+        if k in snapshot_steps:
+            full = engine.zero.full_state(engine.optimizer)       # collective: every rank calls it
+            if lead:
+                trace.snapshot(k, "grad", pending.pop("grad"))
+                for key, quantity in (("master", "weight"), ("exp_avg", "exp_avg"), ("exp_avg_sq", "exp_avg_sq")):
+                    trace.snapshot(k, quantity, {n: np.asarray(a) for n, a in full[key].items()})
+        if progress is not None and lead:
+            progress(name)

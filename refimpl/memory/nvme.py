@@ -47,6 +47,8 @@ from dataclasses import dataclass
 import ml_dtypes  # noqa: F401  -- registers "bfloat16" with numpy, so manifest dtypes resolve by name
 import numpy as np
 
+from ..lock import DirLock
+
 ALIGN = 4096            # O_DIRECT alignment of buffer address, file offset and length
 MANIFEST = "manifest.json"
 
@@ -187,6 +189,7 @@ class NVMeStore:
             if not os.path.isdir(self.path):
                 os.makedirs(self.path, mode=0o700)
                 os.chmod(self.path, 0o700)                   # makedirs' mode is filtered by the umask
+        self._dirlock = DirLock(self.path, "a swap folder")   # before anything in it is read or written
         self.direct = self._probe(direct)
         self.manifest = self._load_manifest()   # key -> {file, capacity, nbytes, dtype, shape, checksum}
         self.stats = IOStats()
@@ -494,6 +497,7 @@ class NVMeStore:
         if not self._closed:
             self._closed = True
             self._pool.shutdown(wait=True)
+            self._dirlock.release()
 
     def __enter__(self):
         return self

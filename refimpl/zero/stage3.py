@@ -15,7 +15,6 @@ from __future__ import annotations
 import enum
 from pathlib import Path
 
-import numpy as np
 
 from .init import materialize
 from .prefetch import PartitionedParameterCoordinator
@@ -85,9 +84,14 @@ class ParameterPartitioning(GradientPartitioning):
             from ..memory.nvme import NVMeStore
             path = Path(off["nvme_path"]) / "zero_stage_3" / "params" / f"rank{self.rank}"
             store = NVMeStore(path, **self.config["aio"])   # DeepSpeed's aio section, by its own names
-        return ParamSwapper(self.layout, self.rank, self.dtype, device=off["device"], backend=self.backend,
-                            ledger=self.ledger, store=store, buffer_count=off["buffer_count"],
-                            buffer_size=off["buffer_size"], copies=self.copies)
+        try:
+            return ParamSwapper(self.layout, self.rank, self.dtype, device=off["device"], backend=self.backend,
+                                ledger=self.ledger, store=store, buffer_count=off["buffer_count"],
+                                buffer_size=off["buffer_size"], copies=self.copies)
+        except BaseException:
+            if store is not None:
+                store.close()   # its swap folder is given back at once
+            raise
 
     # ------------------------------------------------------------------------------- gather / release
     def _chunk(self, p):
