@@ -28,16 +28,15 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import save_file
 
+from .checkpoint_verify import CheckpointError, check_manifest, check_tensors, load_json, load_tensors
 from .zero.partition import PartitionLayout
 
 FORMAT = "refimpl-checkpoint-v2"
 OPTIM_KEYS = ("master", "exp_avg", "exp_avg_sq")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that is missing, corrupt, or does not belong to this run."""
+__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "read_manifest", "resolve", "zero_to_fp32",
+           "consolidate", "full_optimizer_state"]
 
 
 def optim_file(rank: int) -> str:
@@ -181,10 +180,8 @@ def resolve(path) -> Path:
 
 def read_manifest(path) -> tuple[Path, dict]:
     tag_dir = resolve(path)
-    try:
-        manifest = json.loads((tag_dir / "manifest.json").read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"unreadable manifest {tag_dir / 'manifest.json'}: {exc}") from None
+    file = _inside(tag_dir, "manifest.json", f"checkpoint {tag_dir}")
+    manifest = check_manifest(load_json(file, "manifest"), file)   # its shape, before any field is used
     if manifest.get("format") != FORMAT:
         raise CheckpointError(f"{tag_dir / 'manifest.json'}: format {manifest.get('format')!r}, expected {FORMAT!r}")
     if manifest.get("manifest_sha256") != _manifest_digest(manifest):
@@ -200,20 +197,43 @@ def _verified(tag_dir: Path, manifest: dict, name: str) -> dict:
         raise CheckpointError(f"checkpoint file {f} is missing")
     if _sha256(f) != manifest["files"][name]:
         raise CheckpointError(f"checkpoint file {f} is corrupt: its sha256 does not match the manifest")
-    return load_file(str(f))
+    return load_tensors(f)
 
 
-def full_optimizer_state(path) -> tuple[dict, dict]:
-    """{"master"|"exp_avg"|"exp_avg_sq": {param name: full fp32 array}} from all partitions, and the manifest."""
+def master_dtype(manifest: dict) -> np.dtype:
+    """The dtype of the fp32 master weights and moments a checkpoint holds (float64 for an fp64 reference run)."""
+    model = manifest["config"].get("model") if isinstance(manifest["config"].get("model"), dict) else {}
+    return np.dtype(np.float64 if model.get("dtype") == "float64" else np.float32)
+
+
+def _verified_model(tag_dir: Path, manifest: dict, dtype=None) -> dict:
+    """model.safetensors, verified: every parameter of the manifest's table, of its shape and ``dtype`` (by
+    default the table's), finite."""
+    import ml_dtypes  # noqa: F401  -- "bfloat16" as a numpy dtype name (pyflakes: used by its import)
+    tensors = _verified(tag_dir, manifest, "model.safetensors")
+    try:
+        expected = {p["name"]: (dtype if dtype is not None else np.dtype(p["dtype"]), tuple(p["shape"]))
+                    for p in manifest["parameters"]}
+    except TypeError:
+        raise CheckpointError(f"{tag_dir / 'manifest.json'}: a parameter's dtype is not a numpy dtype name") from None
+    check_tensors(tag_dir / "model.safetensors", tensors, expected)
+    return tensors
+
+
+def full_optimizer_state(path, dtype=None) -> tuple[dict, dict]:
+    """{"master"|"exp_avg"|"exp_avg_sq": {param name: full fp32 array}} from all partitions, and the manifest.
+    Every partition is verified: its sha256, then each tensor's dtype (``dtype``, by default the manifest's
+    master dtype), shape (the manifest's layout) and values (finite; exp_avg_sq >= 0)."""
     tag_dir, manifest = read_manifest(path)
     count = manifest["zero"]["partition_count"]
     layout = PartitionLayout([(p["name"], tuple(p["shape"])) for p in manifest["parameters"]], count)
-    shards = [_verified(tag_dir, manifest, optim_file(r)) for r in range(count)]
-    for r, shard in enumerate(shards):
-        for key in OPTIM_KEYS:
-            if key not in shard or shard[key].shape != (layout.partition_numel,):
-                raise CheckpointError(f"{tag_dir / optim_file(r)}: {key!r} missing or not of shape "
-                                      f"({layout.partition_numel},) as the manifest's layout requires")
+    dtype = master_dtype(manifest) if dtype is None else np.dtype(dtype)
+    shards = []
+    for r in range(count):
+        shard = _verified(tag_dir, manifest, optim_file(r))
+        check_tensors(tag_dir / optim_file(r), shard, {k: (dtype, (layout.partition_numel,)) for k in OPTIM_KEYS},
+                      nonnegative=("exp_avg_sq",))
+        shards.append(shard)
     full = {key: layout.unpartition(np.stack([s[key] for s in shards])) for key in OPTIM_KEYS}
     return full, manifest
 
@@ -241,16 +261,19 @@ def load_checkpoint(path, engine) -> dict:
     if manifest["zero"]["stage"] != engine.zero.stage:
         raise CheckpointError(f"checkpoint {tag_dir} was written at ZeRO stage {manifest['zero']['stage']}; this "
                               f"run uses stage {engine.zero.stage} (resume with the same zero_optimization.stage)")
-    _verified(tag_dir, manifest, "model.safetensors")  # integrity; the parameters follow from the master weights
-    full, _ = full_optimizer_state(tag_dir)
+    _verified_model(tag_dir, manifest, engine.dtype)  # integrity; the parameters follow from the master weights
+    full, _ = full_optimizer_state(tag_dir, engine.zero.master_dtype)
     engine.zero.load_full_state(engine.optimizer, full)
     engine.load_counters(manifest["counters"], manifest["loss_scaler"])
     return manifest
 
 
 def zero_to_fp32(path) -> dict:
-    """Whole fp32 master weights by parameter name, without padding (DeepSpeed's zero_to_fp32)."""
-    full, _ = full_optimizer_state(path)
+    """Whole fp32 master weights by parameter name, without padding (DeepSpeed's zero_to_fp32), from a checkpoint
+    whose model.safetensors and optimizer partitions all verify."""
+    tag_dir, manifest = read_manifest(path)
+    _verified_model(tag_dir, manifest)
+    full, _ = full_optimizer_state(tag_dir)
     return full["master"]
 
 

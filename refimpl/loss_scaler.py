@@ -98,6 +98,17 @@ class DynamicLossScaler:
         if state["dynamic"] is not True:
             raise ValueError(f"DynamicLossScaler.load_state_dict: state has dynamic={state['dynamic']!r}, "
                              f"it was saved by a static loss scaler")
+        bad = [k for k in self._STATE_KEYS if not isinstance(state[k], (int, float)) or state[k] != state[k]
+               or abs(state[k]) == float("inf")]
+        if bad:
+            raise ValueError(f"DynamicLossScaler.load_state_dict: {bad[0]}={state[bad[0]]!r} is not a finite number")
+        # the constructor's range checks (scale > 0, window >= 1, ...) on the loaded values
+        DynamicLossScaler(init_scale=state["cur_scale"], scale_factor=state["scale_factor"],
+                          scale_window=state["scale_window"], min_scale=state["min_scale"],
+                          delayed_shift=state["delayed_shift"])
+        if not 1 <= state["cur_hysteresis"] <= state["delayed_shift"] or state["cur_iter"] < 0:
+            raise ValueError(f"DynamicLossScaler.load_state_dict: cur_hysteresis={state['cur_hysteresis']!r} "
+                             f"must be in 1..delayed_shift and cur_iter={state['cur_iter']!r} >= 0")
         for key in self._STATE_KEYS:
             setattr(self, key, type(getattr(self, key))(state[key]))
 
@@ -122,7 +133,7 @@ class StaticLossScaler:
     dynamic = False
 
     def __init__(self, loss_scale=1.0):
-        if not loss_scale > 0:
+        if not (isinstance(loss_scale, Real) and 0 < loss_scale < float("inf")):
             raise ValueError(f"StaticLossScaler: loss_scale={loss_scale!r} is invalid; it must be > 0")
         self.cur_scale = float(loss_scale)
 
@@ -140,6 +151,9 @@ class StaticLossScaler:
         if set(state) != {"dynamic", "cur_scale"} or state["dynamic"] is not False:
             raise ValueError(f"StaticLossScaler.load_state_dict: expected keys ['cur_scale', 'dynamic'] "
                              f"with dynamic=False, got {dict(state)!r}")
+        if not (isinstance(state["cur_scale"], Real) and 0 < state["cur_scale"] < float("inf")):
+            raise ValueError(f"StaticLossScaler.load_state_dict: cur_scale={state['cur_scale']!r} is invalid; "
+                             f"it must be a finite number > 0")
         self.cur_scale = float(state["cur_scale"])
 
 

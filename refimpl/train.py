@@ -160,7 +160,7 @@ def _train_rank(comm, config, out, resume, progress) -> dict:
             if resume is not None:
                 try:
                     ckpt.load_checkpoint(resume, engine)
-                except (ValueError, KeyError) as exc:
+                except (ValueError, KeyError, TypeError) as exc:
                     if isinstance(exc, ckpt.CheckpointError):
                         raise
                     raise ckpt.CheckpointError(f"checkpoint {str(resume)!r} does not fit this run: {exc}") from None

@@ -183,3 +183,114 @@ def test_a_swap_folder_in_use_is_refused_before_anything_is_written(capsys, tiny
     for out in ("run2", "run3"):
         code, _, err = cli(capsys, "train", "--no-progress", "--out", tmp_path / out, *args)
         assert code == 0, err
+
+
+# --------------------------------------------------------------- bug 4 and malformed files: what a checkpoint holds
+def tag_dir(run):
+    ckpt = Path(run) / "checkpoint"
+    return ckpt / (ckpt / "latest").read_text().strip()
+
+
+def replace_file(run, name, data: bytes):
+    """Put ``data`` in the checkpoint as file ``name`` and forge the manifest to match (as an attacker can)."""
+    (tag_dir(run) / name).write_bytes(data)
+    forge(run, lambda m: m["files"].__setitem__(name, hashlib.sha256(data).hexdigest()))
+
+
+def tensors_bytes(tensors):
+    from safetensors.numpy import save
+    return save(tensors)
+
+
+def optim_tensors(run, rank=0):
+    from safetensors.numpy import load_file
+    return load_file(str(tag_dir(run) / f"zero_pp_rank_{rank}_optim_states.safetensors"))
+
+
+def _header(payload: bytes, n=None):
+    import struct
+    return struct.pack("<Q", len(payload) if n is None else n) + payload
+
+
+MALFORMED_OPTIM = {
+    # the issue's cases: right byte size, wrong dtype; NaN; fp16 / fp64 instead of fp32
+    "int32": (lambda t: tensors_bytes({**t, "master": t["master"].view("int32")}), ["'master'", "int32", "float32"]),
+    "nan": (lambda t: tensors_bytes({**t, "master": t["master"] * float("nan")}), ["'master'", "non-finite"]),
+    "fp16": (lambda t: tensors_bytes({k: v.astype("float16") for k, v in t.items()}), ["float16", "float32"]),
+    "fp64": (lambda t: tensors_bytes({k: v.astype("float64") for k, v in t.items()}), ["float64", "float32"]),
+    "negative_v": (lambda t: tensors_bytes({**t, "exp_avg_sq": -1.0 - t["exp_avg_sq"]}), ["'exp_avg_sq'", "negative"]),
+    "short": (lambda t: tensors_bytes({k: v[:-1] for k, v in t.items()}), ["shape"]),
+    "missing": (lambda t: tensors_bytes({k: v for k, v in t.items() if k != "exp_avg"}), ["lacks tensor 'exp_avg'"]),
+    "extra": (lambda t: tensors_bytes({**t, "evil": t["master"]}), ["unexpected tensor 'evil'"]),
+    # malformed safetensors: a header length beyond the file, a tiny one, one that is not JSON, offsets out of range
+    "header_huge": (lambda t: _header(b"{}", n=2**62), ["not a valid safetensors file"]),
+    "header_small": (lambda t: b"\x01\x00", ["not a valid safetensors file"]),
+    "header_junk": (lambda t: _header(b"\xff\xfe not json"), ["not a valid safetensors file"]),
+    "offsets": (lambda t: _header(json.dumps({"master": {"dtype": "F32", "shape": [4],
+                                                         "data_offsets": [0, 10**9]}}).encode()),
+                ["not a valid safetensors file"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED_OPTIM))
+def test_a_bad_optimizer_file_is_refused_by_name(capsys, tiny_set_args, tmp_path, case):
+    a = tiny_run(capsys, tiny_set_args, tmp_path / "a")
+    make, needles = MALFORMED_OPTIM[case]
+    name = "zero_pp_rank_0_optim_states.safetensors"
+    replace_file(a, name, make(optim_tensors(a)))
+    before = snapshot(a)
+    code, _, err = cli(capsys, "train", "--no-progress", "--out", tmp_path / "b", "--resume", a, "--steps", 3)
+    one_line_error(code, err, name, *needles)
+    code, _, err = cli(capsys, "consolidate", a, tmp_path / "w.safetensors")
+    one_line_error(code, err, name)
+    assert snapshot(a) == before and not (tmp_path / "w.safetensors").exists()
+
+
+def test_a_model_file_with_nan_is_refused(capsys, tiny_set_args, tmp_path):
+    from safetensors.numpy import load_file
+    a = tiny_run(capsys, tiny_set_args, tmp_path / "a")
+    model = load_file(str(tag_dir(a) / "model.safetensors"))
+    name = next(iter(model))
+    replace_file(a, "model.safetensors", tensors_bytes({**model, name: model[name] * float("nan")}))
+    code, _, err = cli(capsys, "train", "--no-progress", "--out", tmp_path / "b", "--resume", a, "--steps", 3)
+    one_line_error(code, err, "model.safetensors", repr(name), "non-finite")
+
+
+MALFORMED_MANIFEST = {
+    "not_utf8": (b"\xff\xfe\x00{", "not UTF-8"),
+    "not_json": (b"{'step': 1", "not valid JSON"),
+    "not_object": (b"[1, 2, 3]", "JSON object"),
+    "deep": (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED_MANIFEST) + ["no_files", "partitions_0", "bad_shape",
+                                                                 "bad_counters", "bad_scaler"])
+def test_a_bad_manifest_is_refused_by_name(capsys, tiny_set_args, tmp_path, case):
+    a = tiny_run(capsys, tiny_set_args, tmp_path / "a")
+    path = tag_dir(a) / "manifest.json"
+    if case in MALFORMED_MANIFEST:
+        data, needle = MALFORMED_MANIFEST[case]
+        path.write_bytes(data)
+    else:
+        edit, needle = {"no_files": (lambda m: m.pop("files"), "'files'"),
+                        "partitions_0": (lambda m: m["zero"].__setitem__("partition_count", 0), "partition_count"),
+                        "bad_shape": (lambda m: m["parameters"][0].__setitem__("shape", [-3]), "'parameters'"),
+                        "bad_counters": (lambda m: m["counters"].__setitem__("global_steps", "many"), "'counters'"),
+                        "bad_scaler": (lambda m: m["loss_scaler"].__setitem__("cur_scale", -5.0), "cur_scale"),
+                        }[case]
+        forge(a, edit)
+    for argv in (["train", "--no-progress", "--out", tmp_path / "b", "--resume", a, "--steps", 3],
+                 ["consolidate", a, tmp_path / "w.safetensors"]):
+        code, _, err = cli(capsys, *argv)
+        if case == "bad_scaler" and argv[0] == "consolidate":
+            assert code == 0, err            # consolidate reads weights, not the loss scaler
+            continue
+        one_line_error(code, err, needle)
+
+
+def test_latest_that_is_not_utf8_is_one_line(capsys, tiny_set_args, tmp_path):
+    a = tiny_run(capsys, tiny_set_args, tmp_path / "a")
+    (a / "checkpoint" / "latest").write_bytes(b"\xff\xfe")
+    code, _, err = cli(capsys, "train", "--no-progress", "--out", tmp_path / "b", "--resume", a)
+    one_line_error(code, err, "latest")
