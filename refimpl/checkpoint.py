@@ -277,16 +277,37 @@ def zero_to_fp32(path) -> dict:
     return full["master"]
 
 
-def consolidate(path, out) -> Path:
-    """Write zero_to_fp32(path) as one safetensors file, via a temporary name."""
+def consolidate(path, out, force: bool = False) -> Path:
+    """Write zero_to_fp32(path) as one safetensors file, via a temporary name and a rename. An existing output is
+    refused unless ``force``; so is any output inside the checkpoint's own folder (its `latest`, its tags)."""
     out = Path(out)
-    weights = {k: np.ascontiguousarray(v) for k, v in zero_to_fp32(path).items()}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.")
+    if not out.name or out.name in (".", ".."):
+        raise CheckpointError(f"consolidate output {str(out)!r} is not a file name")
+    tag_dir = resolve(path)
+    root = tag_dir.parent.resolve()
+    target = out.resolve() if out.parent.exists() else out.parent.resolve() / out.name
+    if target == root or root in target.parents:
+        raise CheckpointError(f"consolidate output {str(out)!r} is inside the checkpoint folder {root}; write it "
+                              f"elsewhere (nothing of a checkpoint is overwritten)")
+    if out.is_dir():
+        raise CheckpointError(f"consolidate output {str(out)!r} is a directory; give a file name like "
+                              f"{out / 'weights.safetensors'}")
+    if (out.exists() or out.is_symlink()) and not force:
+        raise CheckpointError(f"consolidate output {str(out)!r} exists; choose another name or pass --force to "
+                              f"replace it")
+    weights = {k: np.ascontiguousarray(v) for k, v in zero_to_fp32(tag_dir).items()}
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.")
+    except OSError as exc:
+        raise CheckpointError(f"cannot write consolidate output {str(out)!r}: {exc.strerror or exc}") from None
     os.close(fd)
     try:
         save_file(weights, tmp)
         os.replace(tmp, out)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise CheckpointError(f"cannot write consolidate output {str(out)!r}: {exc.strerror or exc}") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

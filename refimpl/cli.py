@@ -56,6 +56,7 @@ def _parser() -> argparse.ArgumentParser:
     c = sub.add_parser("consolidate", help="whole fp32 weights from a (partitioned) checkpoint (zero_to_fp32)")
     c.add_argument("checkpoint", metavar="RUN_OR_CKPT", help="a run, checkpoint or global_stepN directory")
     c.add_argument("output", metavar="OUT.safetensors")
+    c.add_argument("--force", action="store_true", help="replace OUT.safetensors if it exists")
     from . import crosscheck
     x = sub.add_parser("crosscheck", help="hold refimpl against PyTorch or DeepSpeed, step by step",
                        description=crosscheck.__doc__.split("\n\n")[2])
@@ -177,7 +178,7 @@ def main(argv=None) -> int:
             from .crosscheck import run
             return run(args)
         if args.command == "consolidate":
-            out = consolidate(args.checkpoint, args.output)
+            out = consolidate(args.checkpoint, args.output, force=args.force)
             print(f"wrote {out}")
             return 0
         comm = None

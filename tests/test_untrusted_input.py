@@ -294,3 +294,36 @@ def test_latest_that_is_not_utf8_is_one_line(capsys, tiny_set_args, tmp_path):
     (a / "checkpoint" / "latest").write_bytes(b"\xff\xfe")
     code, _, err = cli(capsys, "train", "--no-progress", "--out", tmp_path / "b", "--resume", a)
     one_line_error(code, err, "latest")
+
+
+# ------------------------------------------------------------------------------- bug 6: consolidate overwrites nothing
+@pytest.mark.parametrize("case", ["exists", "latest", "inside_tag", "directory", "unwritable", "empty_name"])
+def test_consolidate_refuses_outputs_that_would_lose_something(capsys, tiny_set_args, tmp_path, case):
+    a = tiny_run(capsys, tiny_set_args, tmp_path / "a")
+    existing = tmp_path / "w.safetensors"
+    existing.write_bytes(b"precious")
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    out, needle = {"exists": (existing, "--force"), "latest": (a / "checkpoint" / "latest", "inside the checkpoint"),
+                   "inside_tag": (tag_dir(a) / "model.safetensors", "inside the checkpoint"),
+                   "directory": (tmp_path, "is a directory"), "unwritable": (ro / "sub" / "w.safetensors", "cannot write"),
+                   "empty_name": ("", "not a file name")}[case]
+    if case == "unwritable" and os.geteuid() == 0:
+        out, needle = Path("/proc/refimpl/w.safetensors"), "cannot write"    # root writes anywhere but /proc
+    before = snapshot(tmp_path)
+    code, _, err = cli(capsys, "consolidate", a, out)
+    one_line_error(code, err, needle)
+    assert snapshot(tmp_path) == before
+    ro.chmod(0o700)
+
+
+def test_consolidate_replaces_with_force(capsys, tiny_set_args, tmp_path):
+    a = tiny_run(capsys, tiny_set_args, tmp_path / "a")
+    out = tmp_path / "w.safetensors"
+    out.write_bytes(b"old")
+    code, _, err = cli(capsys, "consolidate", a, out, "--force")
+    assert code == 0, err
+    from safetensors.numpy import load_file
+    assert set(load_file(str(out))) == {p["name"] for p in json.loads((tag_dir(a) / "manifest.json").read_text())
+                                        ["parameters"]}
