@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -90,7 +91,7 @@ def save_checkpoint(root, engine, config: dict) -> Path:
     if rank == 0:
         try:
             root.mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(tmp, ignore_errors=True)  # a leftover of a crashed save
+            clean_leftovers(root)                   # of a crashed save
             tmp.mkdir()
         except OSError as exc:
             error = exc
@@ -156,26 +157,82 @@ def _inside(parent: Path, name: str, what: str) -> Path:
     return child
 
 
+TAG = re.compile(r"global_step(\d+)")
+LEFTOVER = re.compile(r"\.(global_step\d+\.tmp|global_step\d+\.old-.*|latest\..*)")
+
+
+def clean_leftovers(root: Path) -> list[str]:
+    """Remove what a crashed save leaves in a checkpoint root (``.global_stepN.tmp/``, ``.global_stepN.old-*/``,
+    ``.latest.*``); never a finished checkpoint. The caller holds the run directory (its lock), so no save of
+    another run is in progress there. Returns the names removed."""
+    removed = []
+    for entry in root.iterdir():
+        if LEFTOVER.fullmatch(entry.name) and not entry.is_symlink():
+            if entry.is_dir():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+            removed.append(entry.name)
+    return removed
+
+
+def _tags(root: Path) -> list[Path]:
+    """root's global_stepN directories (not links), newest first."""
+    found = [(int(m.group(1)), d) for d in root.iterdir()
+             if (m := TAG.fullmatch(d.name)) and d.is_dir() and not d.is_symlink()]
+    return [d for _, d in sorted(found, reverse=True)]
+
+
+def _tag_step(tag_dir: Path) -> int:
+    m = TAG.fullmatch(tag_dir.name)
+    return int(m.group(1)) if m else -1
+
+
+def _complete(tag_dir: Path) -> bool:
+    """A tag whose manifest reads and whose every file is there with its sha256 (what a finished save leaves)."""
+    try:
+        _, manifest = read_manifest(tag_dir)
+        return all(_sha256(_inside(tag_dir, name, str(tag_dir))) == digest
+                   for name, digest in manifest["files"].items())
+    except (CheckpointError, OSError):
+        return False
+
+
 def resolve(path) -> Path:
-    """A run directory, a checkpoint root (with `latest`) or a tag directory -> the tag directory."""
+    """A run directory, a checkpoint root (with `latest`) or a tag directory -> the tag directory.
+
+    `latest` names the newest checkpoint. When it is missing, or stale (it names a tag that is gone, or an older
+    one than a complete global_stepN beside it: a crash between the rename of a finished save and the update of
+    `latest`), the newest complete, verified global_stepN is taken instead."""
     p = Path(path)
     if not p.exists():
         raise CheckpointError(f"checkpoint path {str(p)!r} does not exist")
     if (p / "checkpoint").is_dir():
         p = _inside(p, "checkpoint", f"run directory {p}")
-    if (p / "latest").is_file():
+    if (p / "manifest.json").is_file():
+        return p                                        # a tag directory itself
+    named = None
+    if (p / "latest").exists() or (p / "latest").is_symlink():
         try:
             tag = _inside(p, "latest", f"checkpoint {p}").read_text(encoding="utf-8").strip()
         except (OSError, UnicodeDecodeError) as exc:
             raise CheckpointError(f"{p / 'latest'} is unreadable: {exc}") from None
-        tag_dir = _inside(p, tag, str(p / "latest"))
-        if not tag_dir.is_dir():
-            raise CheckpointError(f"{p / 'latest'} names {tag!r}, which is not a directory in {p}")
-        p = tag_dir
-    if not (p / "manifest.json").is_file():
-        raise CheckpointError(f"no checkpoint in {str(path)!r}: expected a run directory, a checkpoint directory "
-                              f"with a 'latest' file, or a global_stepN directory with manifest.json")
-    return p
+        named = _inside(p, tag, str(p / "latest"))
+    usable = named is not None and named.is_dir() and (named / "manifest.json").is_file()
+    newer = [d for d in _tags(p) if not usable or _tag_step(d) > _tag_step(named)]
+    for candidate in newer:                  # saves newer than `latest` (or all of them, without a usable one)
+        if _complete(candidate):
+            return candidate
+    if usable:
+        return named
+    if named is not None:
+        raise CheckpointError(f"{p / 'latest'} names {named.name!r}, which is not a checkpoint directory in {p}, "
+                              f"and no complete global_stepN is beside it")
+    if newer:
+        raise CheckpointError(f"no complete checkpoint in {p}: {', '.join(d.name for d in newer[:3])} "
+                              f"{'is' if len(newer) == 1 else 'are'} incomplete or corrupt")
+    raise CheckpointError(f"no checkpoint in {str(path)!r}: expected a run directory, a checkpoint directory "
+                          f"with a 'latest' file, or a global_stepN directory with manifest.json")
 
 
 def read_manifest(path) -> tuple[Path, dict]:

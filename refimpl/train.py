@@ -24,7 +24,7 @@ from .comm.local import LocalWorld, run_ranks
 from .config import ConfigError, dumps
 from .data import Batch, make_dataset
 from .engine import Engine, param_dtype
-from .lock import DirLock
+from .lock import DirLock, LockError
 from .model import ModelConfig, Transformer
 from .zero.init import Init
 
@@ -113,7 +113,9 @@ def train(config: dict, out_dir=None, *, resume=None, progress: bool = True, com
     resume: a checkpoint path to continue from (any world size: it is resharded)."""
     out = Path(out_dir or config["run"]["out"] or default_out_dir())
     if resume is not None:
-        ckpt.read_manifest(resume)  # a bad path fails before anything is written
+        tag_dir, _ = ckpt.read_manifest(resume)  # a bad path fails before anything is written
+        if comm is None or comm.rank == 0:
+            _clean_crashed_saves(tag_dir.parent)
     lock = None
     try:
         if comm is not None:  # real processes (MPI): this process is one rank
@@ -129,6 +131,22 @@ def train(config: dict, out_dir=None, *, resume=None, progress: bool = True, com
     finally:
         if lock is not None:
             lock.release()
+
+
+def _clean_crashed_saves(root: Path) -> None:
+    """A resumed run's checkpoint folder may hold the leftovers of a save that crashed: remove them, unless the
+    run that wrote the folder is still running (it holds its run directory)."""
+    run_dir = root.parent if root.name == "checkpoint" else root
+    try:
+        lock = DirLock(run_dir, "a refimpl run")
+    except (LockError, OSError):
+        return                      # in use (or not ours to lock): leave everything as it is
+    try:
+        ckpt.clean_leftovers(root)
+    except OSError:
+        pass                        # a read-only checkpoint: its leftovers are harmless
+    finally:
+        lock.release()
 
 
 def _write_ledger(out, engine) -> None:

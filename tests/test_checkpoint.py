@@ -237,9 +237,11 @@ def test_missing_file_is_named(saved, name):
     assert name in str(exc.value)
 
 
-def test_latest_naming_a_missing_tag_is_an_error(saved):
+def test_latest_naming_a_missing_tag_falls_back_to_the_newest_complete_one(saved):
     tag, fresh = saved
     (tag.parent / "latest").write_text("global_step99")
+    assert load_checkpoint(tag.parent, fresh)["tag"] == tag.name      # the complete checkpoint beside it
+    tag.rename(tag.parent / "moved")                                   # no complete global_stepN left: an error
     with pytest.raises(CheckpointError, match="global_step99"):
         load_checkpoint(tag.parent, fresh)
 

@@ -327,3 +327,43 @@ def test_consolidate_replaces_with_force(capsys, tiny_set_args, tmp_path):
     from safetensors.numpy import load_file
     assert set(load_file(str(out))) == {p["name"] for p in json.loads((tag_dir(a) / "manifest.json").read_text())
                                         ["parameters"]}
+
+
+# ------------------------------------------------------------------- bug 7: a finished checkpoint is always reachable
+def first_step(run):
+    return min(json.loads(line)["step"] for line in (Path(run) / "metrics.jsonl").read_text().splitlines())
+
+
+@pytest.mark.parametrize("case, resumes_after", [("latest_missing", 4), ("latest_stale", 4),
+                                                 ("newest_incomplete", 2), ("latest_gone", 4)])
+def test_resume_finds_the_newest_complete_checkpoint(capsys, tiny_set_args, tmp_path, case, resumes_after):
+    a = tiny_run(capsys, tiny_set_args, tmp_path / "a", "--set", "run.checkpoint_interval=2", steps=4)
+    ckpt = a / "checkpoint"
+    if case == "latest_missing":                  # the crash came after the rename, before `latest` was written
+        (ckpt / "latest").unlink()
+    elif case == "latest_stale":
+        (ckpt / "latest").write_text("global_step2")
+    elif case == "newest_incomplete":             # ... or the newest is damaged: the one before it is taken
+        (ckpt / "latest").unlink()
+        (ckpt / "global_step4" / "zero_pp_rank_0_optim_states.safetensors").unlink()
+    else:                                         # `latest` names a tag that is not there
+        (ckpt / "latest").write_text("global_step9")
+    b = tiny_run(capsys, tiny_set_args, tmp_path / "b", "--resume", a, steps=6)
+    assert first_step(b) == resumes_after + 1
+
+
+def test_a_resume_cleans_the_leftovers_of_a_crashed_save(capsys, tiny_set_args, tmp_path, held_elsewhere):
+    a = tiny_run(capsys, tiny_set_args, tmp_path / "a")
+    ckpt = a / "checkpoint"
+    leftovers = [ckpt / ".global_step3.tmp", ckpt / ".latest.k2j3h4", ckpt / ".global_step2.old-x1"]
+    leftovers[0].mkdir()
+    (leftovers[0] / "model.safetensors").write_bytes(b"half")
+    leftovers[1].write_text("global_step3")
+    leftovers[2].mkdir()
+    holder = held_elsewhere(a)                    # the run that wrote them is still running: nothing is touched
+    tiny_run(capsys, tiny_set_args, tmp_path / "b", "--resume", a, steps=3)
+    assert all(p.exists() for p in leftovers)
+    holder.kill()
+    holder.wait()
+    tiny_run(capsys, tiny_set_args, tmp_path / "c", "--resume", a, steps=3)
+    assert not any(p.exists() for p in leftovers) and (ckpt / "global_step2" / "manifest.json").is_file()
