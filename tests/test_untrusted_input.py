@@ -367,3 +367,68 @@ def test_a_resume_cleans_the_leftovers_of_a_crashed_save(capsys, tiny_set_args, 
     holder.wait()
     tiny_run(capsys, tiny_set_args, tmp_path / "c", "--resume", a, steps=3)
     assert not any(p.exists() for p in leftovers) and (ckpt / "global_step2" / "manifest.json").is_file()
+
+
+# ------------------------------------------------------------------------------ bug 8: a pause is not a timeout
+def test_ctrl_z_longer_than_comm_timeout_does_not_kill_a_healthy_job(tmp_path, tiny_set_args):
+    """SIGSTOP the whole job for 1.5x run.comm_timeout, six times in the middle of training: it finishes."""
+    import signal
+    import time
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "refimpl.cli", "train", "--no-progress", "--out", str(out),
+                             *tiny_set_args, "--world-size", "2", "--steps", "200", "--set", "run.comm_timeout=1",
+                             "--set", "run.eval_interval=1000"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO_ROOT)
+    try:
+        deadline = time.monotonic() + 300
+        while not ((out / "metrics.jsonl").exists() and (out / "metrics.jsonl").read_text().count("\n") >= 2):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.05)
+        for _ in range(6):                        # the ranks are mid-training, some waiting in collectives
+            proc.send_signal(signal.SIGSTOP)
+            time.sleep(1.5)
+            proc.send_signal(signal.SIGCONT)
+            time.sleep(0.2)
+        _, err = proc.communicate(timeout=600)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    assert (out / "metrics.jsonl").read_text().count('"step": 200, "loss"') == 1
+
+
+def test_the_barrier_counts_running_time_not_wall_time(monkeypatch):
+    """What a SIGSTOP looks like from inside: the monotonic clock jumps. A jump of 100 s while one rank waits
+    is not a timeout; waiting alone for longer than the timeout is."""
+    import threading
+    import time as real_time
+    from refimpl.comm import local
+
+    class Clock:
+        offset = 0.0
+
+        @staticmethod
+        def monotonic():
+            return real_time.monotonic() + Clock.offset
+    monkeypatch.setattr(local, "time", Clock)
+    barrier = local.PauseAwareBarrier(2, timeout=2.0)
+    outcome = []
+    waiter = threading.Thread(target=lambda: outcome.append(_wait(barrier)))
+    waiter.start()
+    real_time.sleep(0.3)
+    Clock.offset += 100.0                 # the whole process was stopped for 100 s
+    real_time.sleep(0.3)
+    barrier.wait()                        # the other rank arrives: both pass
+    waiter.join()
+    assert outcome == ["passed"]
+    alone = local.PauseAwareBarrier(2, timeout=0.6)
+    t0 = real_time.monotonic()
+    assert _wait(alone) == "broken" and 0.5 < real_time.monotonic() - t0 < 5
+
+
+def _wait(barrier):
+    import threading
+    try:
+        barrier.wait()
+        return "passed"
+    except threading.BrokenBarrierError:
+        return "broken"

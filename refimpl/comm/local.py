@@ -10,7 +10,9 @@ for the shared semantics and the ZeRO §7 byte accounting). A collective is a sh
 
 Each rank runs its collectives on its own single worker thread, so async and sync calls execute in issue order.
 A rank that raises aborts the barrier, which releases the other ranks at once with CommError "rank k failed";
-a rank that never arrives makes the barrier time out after `timeout` seconds.
+a rank that never arrives makes the barrier time out after `timeout` seconds of the process running: a pause of
+the whole process (Ctrl-Z, a debugger, a host that stalls it) does not count, since no rank made progress then
+either.
 
     results = run_ranks(4, train_step, batch)      # train_step(comm, batch) on threads "rank0".."rank3"
 """
@@ -24,6 +26,59 @@ from ..kernels import array_module
 from .base import CommArgumentError, CommError, Communicator, Handle, check_same, reduce_in_rank_order
 
 
+_SLICE = 0.25       # seconds: waits are cut into slices; a slice that lasted far longer means the process was stopped
+
+
+class RunningClock:
+    """Seconds this process ran while someone waited: each ``tick()`` adds the time since the last one, at most
+    2 slices, so a stop of the whole process (SIGSTOP, then SIGCONT) adds nearly nothing."""
+
+    def __init__(self):
+        self.elapsed, self._last = 0.0, time.monotonic()
+
+    def tick(self) -> float:
+        now = time.monotonic()
+        self.elapsed += min(now - self._last, 2 * _SLICE)
+        self._last = now
+        return self.elapsed
+
+
+class PauseAwareBarrier:
+    """threading.Barrier whose timeout counts only the time the process ran (RunningClock): ``wait()`` returns
+    when all parties arrived, raises threading.BrokenBarrierError when aborted or timed out (which breaks it for
+    every party, as threading.Barrier does)."""
+
+    def __init__(self, parties: int, timeout: float):
+        self.parties, self.timeout = parties, timeout
+        self._cond = threading.Condition()
+        self._count, self._generation, self._broken = 0, 0, False
+
+    def wait(self) -> None:
+        with self._cond:
+            if self._broken:
+                raise threading.BrokenBarrierError
+            generation = self._generation
+            self._count += 1
+            if self._count == self.parties:        # the last to arrive releases everyone
+                self._count, self._generation = 0, self._generation + 1
+                self._cond.notify_all()
+                return
+            clock = RunningClock()
+            while generation == self._generation:
+                if self._broken:
+                    raise threading.BrokenBarrierError
+                self._cond.wait(_SLICE)
+                if generation == self._generation and clock.tick() >= self.timeout:
+                    self._broken = True
+                    self._cond.notify_all()
+                    raise threading.BrokenBarrierError
+
+    def abort(self) -> None:
+        with self._cond:
+            self._broken = True
+            self._cond.notify_all()
+
+
 class LocalWorld:
     """The shared state of one simulated job: a slot per rank, one barrier, and the first failure (if any)."""
 
@@ -34,7 +89,7 @@ class LocalWorld:
             raise CommArgumentError(f"timeout must be > 0 seconds, got {timeout!r}")
         self.world_size, self.timeout = world_size, float(timeout)
         self.slots = [None] * world_size
-        self.barrier = threading.Barrier(world_size, timeout=self.timeout)
+        self.barrier = PauseAwareBarrier(world_size, self.timeout)
         self.failure = None  # why the job broke: "rank 1 failed: ...", or a timeout; set once
         self._lock = threading.Lock()
         self._comms = {}
@@ -159,13 +214,15 @@ def run_ranks(world_size: int, fn, *args, timeout: float = 60.0, **kwargs) -> li
 
     for r in range(world_size):
         threading.Thread(target=body, args=(r,), name=f"rank{r}", daemon=True).start()
-    running, deadline = set(range(world_size)), None
+    running, clock = set(range(world_size)), None   # clock: running time since the first rank finished
     while running:
         try:
-            running.discard(finished.get(timeout=None if deadline is None else max(0.0, deadline - time.monotonic())))
+            running.discard(finished.get(timeout=_SLICE))
         except queue.Empty:
-            break
-        deadline = deadline or time.monotonic() + 2 * timeout
+            if clock is not None and clock.tick() >= 2 * timeout:
+                break
+            continue
+        clock = clock or RunningClock()
     if running:  # release the stragglers' next collective too
         world.abort(f"run_ranks gave up on rank(s) {sorted(running)}")
     world.close()
