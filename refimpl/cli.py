@@ -166,6 +166,7 @@ _default_formatwarning = warnings.formatwarning
 def main(argv=None) -> int:
     warnings.formatwarning = _format_warning
     args = _parser().parse_args(argv)
+    comm = None
     try:
         if args.command == "backends":
             for name, why in available_backends().items():
@@ -181,7 +182,6 @@ def main(argv=None) -> int:
             out = consolidate(args.checkpoint, args.output, force=args.force)
             print(f"wrote {out}")
             return 0
-        comm = None
         if launched_under_mpi():
             from .comm.mpi import MPIComm
             comm = MPIComm()
@@ -198,14 +198,32 @@ def main(argv=None) -> int:
             print(format_summary(summary))
         return 0
     except USER_ERRORS as exc:
-        print(f"refimpl: error: {exc}", file=sys.stderr)
+        print(f"refimpl: error: {_on_rank(comm)}{exc}", file=sys.stderr)
+        _end_job(comm, 2)
         return 2
     except (CommError, MinLossScaleError) as exc:  # a rank failed, a collective timed out, fp16 gave up
-        print(f"refimpl: error: {exc}", file=sys.stderr)
+        print(f"refimpl: error: {_on_rank(comm)}{exc}", file=sys.stderr)
+        _end_job(comm, 1)
         return 1
+    except Exception:                              # a bug; under MPI the other ranks must not wait for us
+        if comm is not None and comm.world_size > 1:
+            import traceback
+            traceback.print_exc()
+            _end_job(comm, 1)
+        raise
     except KeyboardInterrupt:
         print("refimpl: interrupted", file=sys.stderr)
         return 130
+
+
+def _on_rank(comm) -> str:
+    return "" if comm is None or comm.world_size == 1 else f"rank {comm.rank}: "
+
+
+def _end_job(comm, code: int) -> None:
+    """Under MPI, a rank that stops ends the whole job at once (the others would wait run.comm_timeout)."""
+    if comm is not None and comm.world_size > 1 and hasattr(comm, "abort"):
+        comm.abort(code)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,8 @@
     mpiexec -n 2 python tests/mpi_comm_worker.py mismatch OUT_DIR      # all_gather sizes differ: CommError on both
     mpiexec -n 2 python tests/mpi_comm_worker.py skip OUT_DIR          # rank 1 skips an all_reduce and hangs:
                                                                        # rank 0 must print the error and abort
+    mpiexec -n 2 python tests/mpi_comm_worker.py train_fail OUT_DIR    # `refimpl train`, rank 1 stops with a
+                                                                       # user error: the job ends at once
 The test runs the same `run_collectives` on LocalComm and compares the results bit for bit. Each rank writes its
 own file (interleaved stdout lines from several processes are hard to parse); the JSON is also printed.
 """
@@ -74,13 +76,33 @@ def main(mode, out_dir):
             report = {"error": None}
         except CommError as e:
             report = {"error": str(e)}
+    elif mode == "train_fail":
+        # rank 1 stops with a clean user error before its first collective; rank 0 must not wait out the
+        # 300 s comm_timeout: rank 1 ends the job at once
+        import refimpl.train
+        from refimpl.cli import main as cli_main
+        from refimpl.data import DataError
+        real_build = refimpl.train.build
+
+        def build(config):
+            if comm.rank == 1:
+                raise DataError("injected data error on rank 1")
+            return real_build(config)
+        refimpl.train.build = build
+        comm.close()
+        code = cli_main(["train", "--no-progress", "--out", str(Path(out_dir) / "run"), "--steps", "2",
+                         "--set", "run.comm_timeout=300", "--set", "model.n_layers=1", "--set", "model.d_model=32",
+                         "--set", "model.n_heads=2", "--set", "data.max_bytes=200000",
+                         "--set", "zero_optimization.offload_param=null",
+                         "--set", "zero_optimization.offload_optimizer=null", "--set", "memory.device_bytes=null"])
+        raise SystemExit(code)
     elif mode == "skip":
         if comm.rank == 1:
             time.sleep(600)  # skipped the all_reduce and hangs: only rank 0's Abort can end this job
         comm.all_reduce(np.ones(4, np.float32))
         report = {"error": "rank 0's all_reduce completed although rank 1 never issued it"}
     else:
-        raise SystemExit(f"unknown mode {mode!r}; allowed: collectives, mismatch, skip")
+        raise SystemExit(f"unknown mode {mode!r}; allowed: collectives, mismatch, skip, train_fail")
     text = json.dumps(report)
     Path(out_dir, f"rank{comm.rank}.json").write_text(text)
     print(text, flush=True)

@@ -379,3 +379,13 @@ def test_mpi_skipped_collective_aborts_the_job(tmp_path):
     assert code != 0
     assert "all_reduce on rank 0 of 2 did not complete within 1 s" in err and "aborting" in err
     assert not (tmp_path / "rank0.json").exists()
+
+
+@pytest.mark.mpi
+def test_mpi_a_rank_that_stops_with_a_clean_error_ends_the_job_at_once(tmp_path):
+    """run.comm_timeout is 300 s; rank 1 fails before its first collective: the job must end long before."""
+    t0 = time.monotonic()
+    code, out, err = _run_worker("train_fail", tmp_path, limit=120)
+    assert code == 2, f"{out}\n{err}"
+    assert "refimpl: error: rank 1: injected data error on rank 1" in err
+    assert time.monotonic() - t0 < 100

@@ -22,6 +22,7 @@ import time
 import numpy as np
 
 from .base import CommArgumentError, CommError, Communicator, Handle, check_same, reduce_in_rank_order
+from .local import RunningClock
 
 HEADER_BYTES = 512  # room for one rank's description of the collective it issues
 
@@ -93,6 +94,12 @@ class MPIComm(Communicator):
             self.comm.Free()
         self.comm = None
 
+    def abort(self, code: int) -> None:
+        """End every process of the job now (MPI_Abort): a rank that failed must not leave the others waiting."""
+        sys.stdout.flush()
+        sys.stderr.flush()
+        self.MPI.COMM_WORLD.Abort(code)
+
     def _start(self, op, x, description, reduce_op=None, root=None) -> Handle:
         if self.comm is None:
             raise CommError(f"{op} on rank {self.rank}: the communicator is closed")
@@ -133,9 +140,9 @@ class MPIComm(Communicator):
         """Poll until `done()`. Past `limit` (default self.timeout): report and abort the job; past an explicit
         `timeout`: raise CommError (the operation stays in flight). NCCLComm polls its CUDA events through it."""
         limit = (self.timeout if limit is None else limit) if timeout is None else timeout
-        deadline, pause = time.monotonic() + limit, 1e-5
+        clock, pause = RunningClock(), 1e-5     # a stop of the process (Ctrl-Z) does not count
         while not done():
-            if time.monotonic() > deadline:
+            if clock.tick() > limit:
                 message = f"{op} on rank {self.rank} of {self.world_size} did not complete within {limit:g} s"
                 if timeout is not None:
                     raise CommError(f"{message} (wait(timeout=...); still in flight, wait again)")

@@ -117,6 +117,9 @@ class NCCLComm(Communicator):
             self.nccl = None
         self._mpi.close()
 
+    def abort(self, code: int) -> None:
+        self._mpi.abort(code)
+
     # -- inputs go to the device; base.py's validation (_check_reduce, _check_flat) works on device arrays --------
     def _as_device(self, x):
         cp = self.cupy
