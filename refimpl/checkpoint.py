@@ -81,7 +81,21 @@ def _agree(comm, error, what: str) -> None:
 
 # ---------------------------------------------------------------------------------------------- save
 def save_checkpoint(root, engine, config: dict) -> Path:
-    """Write the engine's state under root/global_step{N}/ and point root/latest at it. Collective."""
+    """Write the engine's state under root/global_step{N}/ and point root/latest at it. Collective. A failure
+    to write (a full disk) is a CheckpointError; the checkpoints already there, and `latest`, are untouched."""
+    try:
+        return _save(root, engine, config)
+    except OSError as exc:
+        root = Path(root)
+        kept = (root / "latest").read_text().strip() if (root / "latest").is_file() else None
+        where = f" ({exc.filename})" if exc.filename else ""
+        raise CheckpointError(f"cannot write checkpoint global_step{engine.global_steps} in {root}: "
+                              f"{exc.strerror or exc}{where}; "
+                              + (f"the last complete checkpoint, {kept}, is intact" if kept else
+                                 "no earlier checkpoint exists")) from None
+
+
+def _save(root, engine, config: dict) -> Path:
     comm, zero, rank = engine.comm, engine.zero, engine.comm.rank
     root = Path(root)
     tag = f"global_step{engine.global_steps}"

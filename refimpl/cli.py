@@ -205,6 +205,16 @@ def main(argv=None) -> int:
         print(f"refimpl: error: {_on_rank(comm)}{exc}", file=sys.stderr)
         _end_job(comm, 1)
         return 1
+    except OSError as exc:                         # the machine refused: a full disk, a file that vanished, ...
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"refimpl: error: {_on_rank(comm)}{where}{exc.strerror or exc}", file=sys.stderr)
+        _end_job(comm, 2)
+        return 2
+    except MemoryError:
+        print(f"refimpl: error: {_on_rank(comm)}out of memory (a smaller model, batch or world_size, or "
+              f"offload_param/offload_optimizer, needs less)", file=sys.stderr)
+        _end_job(comm, 2)
+        return 2
     except Exception:                              # a bug; under MPI the other ranks must not wait for us
         if comm is not None and comm.world_size > 1:
             import traceback

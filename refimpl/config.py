@@ -21,6 +21,7 @@ import json
 import math
 import re
 import os
+import stat
 import tomllib
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -54,6 +55,10 @@ def _show(v) -> str:
     return "null" if v is None else f"{type(v).__name__} {v!r}"
 
 
+MAX_WORLD_SIZE = 1024
+MAX_INT = 2**53      # the largest integer JSON round-trips exactly; nothing refimpl counts comes near it
+
+
 def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)   # True is an int in Python, never in a config
 
@@ -75,7 +80,10 @@ def _in_range(path, v, lo=None, hi=None, lo_open=False, hi_open=False):
 def integer(lo=None, hi=None):
     def check(path, v):
         if not _is_int(v):
-            raise ConfigError(path, f"must be an int, got {_show(v)}")
+            raise ConfigError(path, f"must be an int, got {_show(v)[:80]}")
+        if abs(v) > MAX_INT:
+            raise ConfigError(path, f"must be an int of magnitude at most 2**53, got one of {len(str(abs(v)))} "
+                                    f"digits")
         return _in_range(path, v, lo, hi)
     return check
 
@@ -99,6 +107,16 @@ def byte_size(path, v):
             raise ConfigError(path, f"must be a byte count like 268435456, \"256MB\" or \"1.5GiB\", got {_show(v)}")
         v = int(float(m.group(1)) * _UNITS[m.group(2).upper()])
     return size(1)(path, v)
+
+
+def multiple_of(n, check_first):
+    """``check_first``, then a multiple of n (aio.block_size: O_DIRECT's 4096-byte alignment)."""
+    def check(path, v):
+        v = check_first(path, v)
+        if v % n:
+            raise ConfigError(path, f"must be a multiple of {n} (the O_DIRECT alignment), got {v}")
+        return v
+    return check
 
 
 def number(lo=None, hi=None, lo_open=False, hi_open=False):
@@ -249,11 +267,12 @@ SCHEMA = {
         "offload_optimizer": Field(None, nullable(section(OFFLOAD_OPTIMIZER))),
     },
     "activation_checkpointing": {"cpu_checkpointing": Field(False, boolean)},
-    "aio": {"block_size": Field(1048576, size(1)), "queue_depth": Field(8, integer(1)),
+    "aio": {"block_size": Field(1048576, multiple_of(4096, size(1))), "queue_depth": Field(8, integer(1)),
             "intra_op_parallelism": Field(1, integer(1))},    # old name: thread_count
     # null: REFIMPL_BACKEND, else numpy. The backend registry checks the name at run time.
     "backend": Field(None, nullable(string)),
-    "world_size": Field(1, integer(1)),                      # ranks; under mpiexec the MPI world decides
+    # ranks; under mpiexec the MPI world decides. Simulated ranks are threads of one process: at most 1024.
+    "world_size": Field(1, integer(1, MAX_WORLD_SIZE)),
     # byte budgets per rank (refimpl's own section): null = unlimited. On CPU backends the "device" is a RAM
     # region, so memory.device_bytes=256MB makes a laptop play a 256 MB GPU (model states + gathered parameters)
     "memory": {"device_bytes": Field(None, nullable(byte_size)), "host_bytes": Field(None, nullable(byte_size))},
@@ -499,14 +518,23 @@ def _deep_merge(base, overlay, path=""):
     return out
 
 
+MAX_CONFIG_BYTES = 16 << 20
+
+
 def _read_file(path) -> dict:
     path = os.fspath(path)
     suffix = os.path.splitext(path)[1].lower()
     if suffix not in (".json", ".toml"):
         raise ConfigError(path, f"unsupported config file type {suffix or '(none)'!r}; allowed: .json, .toml")
     try:
+        st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode):   # a FIFO would block, /dev/zero never end, a directory not read
+            raise ConfigError(path, "cannot read config file: not a regular file (a directory, FIFO or device); "
+                                    "give a .json or .toml file")
+        if st.st_size > MAX_CONFIG_BYTES:
+            raise ConfigError(path, f"config file is {st.st_size} bytes; at most {MAX_CONFIG_BYTES} are read")
         with open(path, "rb") as f:
-            raw = f.read()
+            raw = f.read(MAX_CONFIG_BYTES + 1)
     except OSError as e:
         raise ConfigError(path, f"cannot read config file: {e.strerror or e}") from None
     try:
@@ -517,6 +545,10 @@ def _read_file(path) -> dict:
         raise ConfigError(path, f"malformed TOML: {e}") from None
     except UnicodeDecodeError as e:
         raise ConfigError(path, f"is not UTF-8 text: {e}") from None
+    except RecursionError:
+        raise ConfigError(path, "is nested too deeply to be a config") from None
+    except ValueError as e:                # e.g. an integer of more digits than Python converts (4300)
+        raise ConfigError(path, f"holds a value that cannot be read: {e}") from None
     if not isinstance(data, dict):
         raise ConfigError(path, f"must hold a JSON object / TOML table at the top, got {type(data).__name__}")
     return data
@@ -537,6 +569,10 @@ def parse_override(text: str) -> tuple[list[str], object]:
         value = json.loads(raw)
     except json.JSONDecodeError:
         value = raw.strip()
+    except RecursionError:
+        raise ConfigError(key, f"override {key}=... is nested too deeply") from None
+    except ValueError as e:                # an integer of more digits than Python converts
+        raise ConfigError(key, f"override {key}=... holds a value that cannot be read: {e}") from None
     return keys, value
 
 

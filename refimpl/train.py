@@ -38,11 +38,18 @@ def default_out_dir() -> Path:
 
 
 def prepare_out_dir(out) -> Path:
+    """The run directory, new or empty, created; anything else is one RunDirError naming it."""
     out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise RunDirError(f"output directory {str(out)!r} already exists and is not empty; "
-                          f"choose another --out (nothing of an earlier run is overwritten)")
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise RunDirError(f"output directory {str(out)!r} already exists and is not empty; "
+                              f"choose another --out (nothing of an earlier run is overwritten)")
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".refimpl-write-probe"      # /proc, /sys and read-only mounts refuse files, not always dirs
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise RunDirError(f"cannot use output directory {str(out)!r}: {exc.strerror or exc}") from None
     return out
 
 
@@ -111,7 +118,10 @@ def train(config: dict, out_dir=None, *, resume=None, progress: bool = True, com
     """Train as `config` says on config["world_size"] ranks (or the ranks of `comm`); returns rank 0's summary.
 
     resume: a checkpoint path to continue from (any world size: it is resharded)."""
-    out = Path(out_dir or config["run"]["out"] or default_out_dir())
+    if out_dir is not None and not str(out_dir).strip():
+        raise RunDirError("the output directory is the empty string; give --out DIR (or leave --out out for "
+                          "runs/<timestamp>/)")
+    out = Path(out_dir if out_dir is not None else config["run"]["out"] or default_out_dir())
     if resume is not None:
         tag_dir, _ = ckpt.read_manifest(resume)  # a bad path fails before anything is written
         if comm is None or comm.rank == 0:

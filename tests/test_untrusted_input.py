@@ -432,3 +432,108 @@ def _wait(barrier):
         return "passed"
     except threading.BrokenBarrierError:
         return "broken"
+
+
+# ---------------------------------------------------------------------------- every bad input: one line, exit 2
+def _fifo(tmp_path):
+    path = tmp_path / "pipe.json"
+    os.mkfifo(path)
+    return path
+
+
+def _file(tmp_path, name, data):
+    path = tmp_path / name
+    path.write_bytes(data)
+    return path
+
+
+BAD_INPUTS = {
+    # config files that are not files, or would never end
+    "config_fifo": (lambda t: ["--config", _fifo(t)], "not a regular file"),
+    "config_dev_zero": (lambda t: ["--config", "/dev/zero"], "unsupported config file type"),
+    "config_dev_zero_json": (lambda t: ["--config", _dev_zero_json(t)], "not a regular file"),
+    "config_directory": (lambda t: ["--config", _dir_json(t)], "not a regular file"),
+    # nested too deeply, numbers too long
+    "deep_json": (lambda t: ["--config", _file(t, "d.json", b'{"model": ' + b"[" * 50_000 + b"]" * 50_000 + b"}")],
+                  "nested too deeply"),
+    "deep_toml": (lambda t: ["--config", _file(t, "d.toml", b"a = " + b"[" * 50_000 + b"]" * 50_000)],
+                  "d.toml"),
+    "digits_config": (lambda t: ["--config", _file(t, "n.json", b'{"run": {"steps": ' + b"9" * 5000 + b"}}")],
+                      "cannot be read"),
+    "digits_set": (lambda t: ["--set", "run.steps=" + "9" * 5000], "cannot be read"),
+    "huge_steps": (lambda t: ["--steps", "99999999999999999999999"], "run.steps"),
+    "huge_int_set": (lambda t: ["--set", "model.d_model=" + "9" * 40], "model.d_model"),
+    # values the run would only trip over later
+    "block_size": (lambda t: ["--set", "aio.block_size=1000"], "aio.block_size: must be a multiple of 4096"),
+    "world_size": (lambda t: ["--world-size", "100000"], "world_size: must be in [1, 1024]"),
+    # output directories that cannot be
+    "out_empty": (lambda t: ["--out", ""], "empty string"),
+    "out_proc": (lambda t: ["--out", "/proc/refimpl-run"], "/proc/refimpl-run"),
+    "out_sys": (lambda t: ["--out", "/sys/refimpl-run"], "/sys/refimpl-run"),
+    "out_too_long": (lambda t: ["--out", str(t / ("x" * 5000))], "File name too long"),
+    "out_under_a_file": (lambda t: ["--out", str(_file(t, "f", b"") / "run")], "Not a directory"),
+}
+
+
+def _dev_zero_json(tmp_path):
+    link = tmp_path / "zero.json"
+    link.symlink_to("/dev/zero")
+    return link
+
+
+def _dir_json(tmp_path):
+    d = tmp_path / "dir.json"
+    d.mkdir()
+    return d
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_is_one_line_and_exit_2(capsys, tiny_set_args, tmp_path, case):
+    make, needle = BAD_INPUTS[case]
+    extra = [str(a) for a in make(tmp_path)]
+    out = [] if "--out" in extra else ["--out", tmp_path / "run"]
+    before = snapshot(tmp_path)
+    code, _, err = cli(capsys, "train", "--no-progress", *out, *tiny_set_args, "--steps", 1, *extra)
+    one_line_error(code, err, needle)
+    assert snapshot(tmp_path) == before and not (tmp_path / "run").exists()
+
+
+def test_a_read_only_output_is_one_line(capsys, tiny_set_args, tmp_path):
+    if os.geteuid() != 0:
+        ro = tmp_path / "ro"
+        ro.mkdir()
+        ro.chmod(0o500)
+    else:                                     # root writes through file modes: a read-only mount refuses it
+        ro = tmp_path / "ro"
+        ro.mkdir()
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(ro)], capture_output=True)
+        if r.returncode != 0:
+            pytest.skip(f"cannot mount a read-only tmpfs here: {r.stderr.decode().strip()}")
+    try:
+        code, _, err = cli(capsys, "train", "--no-progress", "--out", ro / "run", *tiny_set_args, "--steps", 1)
+        one_line_error(code, err, str(ro / "run"), "Read-only file system" if os.geteuid() == 0 else "Permission")
+    finally:
+        if os.geteuid() == 0:
+            subprocess.run(["umount", str(ro)])
+
+
+def test_a_full_disk_while_saving_is_one_line_and_keeps_the_last_checkpoint(capsys, tiny_set_args, tmp_path,
+                                                                            monkeypatch):
+    import errno
+    import refimpl.checkpoint as ckpt
+    real_save, saves = ckpt.save_file, []
+
+    def save_file(tensors, path):
+        saves.append(path)
+        if "global_step4" in str(path):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+        return real_save(tensors, path)
+    monkeypatch.setattr(ckpt, "save_file", save_file)
+    out = tmp_path / "run"
+    code, _, err = cli(capsys, "train", "--no-progress", "--out", out, *tiny_set_args, "--steps", 4,
+                       "--set", "run.checkpoint_interval=2")
+    one_line_error(code, err, "No space left on device", "global_step2, is intact")
+    assert (out / "checkpoint" / "latest").read_text() == "global_step2"
+    assert sorted(p.name for p in (out / "checkpoint").iterdir()) == ["global_step2", "latest"]
+    monkeypatch.setattr(ckpt, "save_file", real_save)
+    tiny_run(capsys, tiny_set_args, tmp_path / "resumed", "--resume", out, steps=4)   # and it resumes
