@@ -38,8 +38,15 @@ USER_ERRORS = (ConfigError, DataError, BackendError, CheckpointError, RunDirErro
                TierBudgetError, PeerError, TraceError, LockError)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage error as one line (exit 2) like every other error of refimpl's."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {_one_line(message)} (see {self.prog} --help)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="refimpl", description="A readable reference implementation of ZeRO-Infinity.")
+    p = _Parser(prog="refimpl", description="A readable reference implementation of ZeRO-Infinity.")
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="train a transformer (no arguments: the embedded default run)")
     t.add_argument("--config", metavar="FILE", help="JSON or TOML config (DeepSpeed's section names)")
@@ -198,16 +205,16 @@ def main(argv=None) -> int:
             print(format_summary(summary))
         return 0
     except USER_ERRORS as exc:
-        print(f"refimpl: error: {_on_rank(comm)}{exc}", file=sys.stderr)
+        print(f"refimpl: error: {_on_rank(comm)}{_one_line(exc)}", file=sys.stderr)
         _end_job(comm, 2)
         return 2
     except (CommError, MinLossScaleError) as exc:  # a rank failed, a collective timed out, fp16 gave up
-        print(f"refimpl: error: {_on_rank(comm)}{exc}", file=sys.stderr)
+        print(f"refimpl: error: {_on_rank(comm)}{_one_line(exc)}", file=sys.stderr)
         _end_job(comm, 1)
         return 1
     except OSError as exc:                         # the machine refused: a full disk, a file that vanished, ...
         where = f"{exc.filename}: " if exc.filename else ""
-        print(f"refimpl: error: {_on_rank(comm)}{where}{exc.strerror or exc}", file=sys.stderr)
+        print(f"refimpl: error: {_on_rank(comm)}{_one_line(where)}{exc.strerror or exc}", file=sys.stderr)
         _end_job(comm, 2)
         return 2
     except MemoryError:
@@ -224,6 +231,12 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("refimpl: interrupted", file=sys.stderr)
         return 130
+
+
+def _one_line(message) -> str:
+    """An error message as one line: characters a terminal would not print as themselves (newlines, NEL, other
+    control characters a user's input may carry) are written as their escapes."""
+    return "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in str(message))
 
 
 def _on_rank(comm) -> str:
