@@ -98,6 +98,7 @@ class MPIComm(Communicator):
         """End every process of the job now (MPI_Abort): a rank that failed must not leave the others waiting."""
         sys.stdout.flush()
         sys.stderr.flush()
+        time.sleep(0.5)     # let the launcher forward this rank's last words before MPI_Abort tears it down
         self.MPI.COMM_WORLD.Abort(code)
 
     def _start(self, op, x, description, reduce_op=None, root=None) -> Handle:
