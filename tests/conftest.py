@@ -2,9 +2,11 @@
 import pytest
 
 # A one-layer, 32-wide byte LM on 200 kB of stdlib source: a whole `refimpl train` run takes about a second.
+# The tiny model every end-to-end test trains (one block of width 32 on 200 kB of bytes): files add what they vary.
+TINY_MODEL = ("model.n_layers=1", "model.d_model=32", "model.n_heads=2", "model.max_seq_len=32", "data.seq_len=32",
+              "data.max_bytes=200000")
 TINY_OVERRIDES = (
-    "model.n_layers=1", "model.d_model=32", "model.n_heads=2", "model.max_seq_len=32", "data.seq_len=32",
-    "train_micro_batch_size_per_gpu=4", "data.max_bytes=200000", "run.eval_batches=2", "run.eval_interval=5",
+    *TINY_MODEL, "train_micro_batch_size_per_gpu=4", "run.eval_batches=2", "run.eval_interval=5",
     "scheduler.params.warmup_num_steps=2",
 )
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from refimpl.cli import main
+from tests.conftest import TINY_MODEL
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = REPO / "tests" / "crash_worker.py"
@@ -28,9 +29,7 @@ def losses(run):
             if "loss" in r}
 
 
-TINY = ("model.n_layers=1", "model.d_model=32", "model.n_heads=2", "model.max_seq_len=32", "data.seq_len=32",
-        "train_micro_batch_size_per_gpu=4", "data.max_bytes=200000", "run.eval_batches=2",
-        "scheduler.params.warmup_num_steps=2")
+TINY = (*TINY_MODEL, "train_micro_batch_size_per_gpu=4", "run.eval_batches=2", "scheduler.params.warmup_num_steps=2")
 
 
 @pytest.fixture(scope="module")

@@ -14,12 +14,12 @@ from refimpl.config import load_config  # noqa: E402
 from refimpl.crosscheck import compare, diagnose  # noqa: E402
 from refimpl.crosscheck.refimpl_side import fp64_config, initial_weights, run_refimpl  # noqa: E402
 from refimpl.crosscheck.trace import Trace  # noqa: E402
+from tests.conftest import TINY_MODEL  # noqa: E402
 
 pytestmark = pytest.mark.crosscheck
 
-TINY = ["model.n_layers=1", "model.d_model=32", "model.n_heads=2", "model.max_seq_len=32", "data.seq_len=32",
-        "train_micro_batch_size_per_gpu=4", "data.max_bytes=200000", "scheduler=null",
-        "optimizer.params.lr=3e-3", "optimizer.params.weight_decay=0.1"]
+TINY = [*TINY_MODEL, "train_micro_batch_size_per_gpu=4", "scheduler=null", "optimizer.params.lr=3e-3",
+        "optimizer.params.weight_decay=0.1"]
 
 
 def tiny(*extra):

@@ -8,9 +8,9 @@ from refimpl.config import ConfigError, load_config
 from refimpl.crosscheck.refimpl_side import run_refimpl
 from refimpl.engine import Engine
 from refimpl.train import build, train_step
+from tests.conftest import TINY_MODEL
 
-TINY = ["model.n_layers=1", "model.d_model=32", "model.n_heads=2", "model.max_seq_len=32", "data.seq_len=32",
-        "train_micro_batch_size_per_gpu=4", "data.max_bytes=200000", "scheduler=null", "optimizer.params.lr=3e-3"]
+TINY = [*TINY_MODEL, "train_micro_batch_size_per_gpu=4", "scheduler=null", "optimizer.params.lr=3e-3"]
 
 
 def losses(cfg, steps=3):

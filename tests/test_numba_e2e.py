@@ -31,6 +31,7 @@ def losses(tmp_path, backend, overrides):
     return np.array([r["loss"] for r in records if "overflow" in r])  # training steps, not evals
 
 
+@pytest.mark.slow
 def test_default_model_30_steps_match_numpy(tmp_path):
     # The default model and batch (2 layers, 8 heads of 16, d_model 128, 16 x 128 tokens); 200 kB of text and
     # no evaluation keep it to seconds. Causal LM with the plain attention form.

@@ -6,7 +6,6 @@ runs the same elementwise kernel on the same numbers, sub-group by sub-group. Th
 grads device->host, low-precision partitions host->device, and with NVMe the sub-groups nvme<->host.
 """
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,9 +13,9 @@ import pytest
 from refimpl.checkpoint import full_optimizer_state
 from refimpl.config import ConfigError, load_config
 from refimpl.train import train
+from tests.conftest import TINY_MODEL
 
-TINY = ("model.n_layers=1", "model.d_model=32", "model.n_heads=2", "model.max_seq_len=32", "data.seq_len=32",
-        "data.max_bytes=200000", "run.eval_batches=1", "run.eval_interval=1000", "run.steps=4",
+TINY = (*TINY_MODEL, "run.eval_batches=1", "run.eval_interval=1000", "run.steps=4",
         "scheduler.params.warmup_num_steps=2", "zero_optimization.stage3_param_persistence_threshold=0",
         # several sub-groups per partition, the last one partial: the pipeline has to turn over
         "zero_optimization.sub_group_size=3000")

@@ -20,6 +20,7 @@ from refimpl.engine import Engine
 from refimpl.nn import Linear, Module, Parameter
 from refimpl.tiling import TiledLinear, concat_last_dim, split_last_dim
 from refimpl.zero import ZeroParamStatus
+from tests.conftest import TINY_MODEL
 
 from gradcheck import gradcheck
 
@@ -301,9 +302,8 @@ def test_model_mlp_tiles_config_trains_like_the_untiled_model(tmp_path):
 
     from refimpl.config import load_config
     from refimpl.train import train
-    tiny = ["model.n_layers=1", "model.d_model=32", "model.n_heads=2", "model.max_seq_len=32", "data.seq_len=32",
-            "model.d_ff=1024",  # the MLP holds the largest parameters, so its tiles set the peak
-            "data.max_bytes=200000", "run.eval_batches=1", "run.steps=3", "train_micro_batch_size_per_gpu=4",
+    tiny = [*TINY_MODEL, "model.d_ff=1024",  # the MLP holds the largest parameters, so its tiles set the peak
+            "run.eval_batches=1", "run.steps=3", "train_micro_batch_size_per_gpu=4",
             "scheduler.params.warmup_num_steps=2", "zero_optimization.stage=3", "world_size=2",
             "zero_optimization.stage3_param_persistence_threshold=0",
             # gather only what runs: no parameters kept for reuse or fetched ahead

@@ -17,6 +17,7 @@ from refimpl.config import load_config
 from refimpl.memory.ledger import Ledger
 from refimpl.memory.transfer import CopyStream
 from refimpl.train import train
+from tests.conftest import TINY_MODEL
 
 
 class _Event:
@@ -106,8 +107,7 @@ def lazy(monkeypatch):
     return be
 
 
-TINY = ("model.n_layers=1", "model.d_model=32", "model.n_heads=2", "model.max_seq_len=32", "data.seq_len=32",
-        "data.max_bytes=200000", "run.eval_batches=1", "run.eval_interval=1000", "run.steps=3",
+TINY = (*TINY_MODEL, "run.eval_batches=1", "run.eval_interval=1000", "run.steps=3",
         "scheduler.params.warmup_num_steps=1", "zero_optimization.stage3_param_persistence_threshold=0",
         "zero_optimization.sub_group_size=3000", "zero_optimization.reduce_bucket_size=2000",
         "train_micro_batch_size_per_gpu=4", "gradient_accumulation_steps=2")
