@@ -11,7 +11,8 @@
 from .stage0 import DataParallel
 from .stage1 import OptimizerStatePartitioning
 from .stage2 import GradientPartitioning
-from .stage3 import ParameterPartitioning, ZeroParamStatus
+from .partition import ZeroParamStatus
+from .stage3 import ParameterPartitioning
 
 ZERO_STAGES = {0: DataParallel, 1: OptimizerStatePartitioning, 2: GradientPartitioning, 3: ParameterPartitioning}
 

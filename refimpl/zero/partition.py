@@ -14,12 +14,20 @@ layout and resharding from N to M ranks is a per-parameter operation.
 """
 from __future__ import annotations
 
+import enum
 import math
 from dataclasses import dataclass
 
 import numpy as np
 
 from ..kernels import array_module
+
+
+class ZeroParamStatus(enum.Enum):
+    """A stage-3 parameter's state on this rank, DeepSpeed's names (``deepspeed/runtime/zero/partition_parameters.py``)."""
+    NOT_AVAILABLE = 1   # only this rank's chunk exists here
+    INFLIGHT = 2        # an all-gather has been issued
+    AVAILABLE = 3       # the whole parameter is in p.data
 
 
 @dataclass(frozen=True)

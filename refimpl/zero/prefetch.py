@@ -13,9 +13,18 @@ fetches on demand, and the next pass records a new trace.
 """
 from __future__ import annotations
 
+import enum
 import warnings
 
 from ..autodiff import is_grad_enabled
+from .partition import ZeroParamStatus
+
+
+class TraceMode(enum.Enum):
+    """What the coordinator does with the module order of a training pass."""
+    RECORD = "record"     # the first pass: write the trace
+    REPLAY = "replay"     # later passes: follow it, prefetching ahead
+    INVALID = "invalid"   # this pass left the trace: fetch on demand, record again on the next pass
 
 
 class PartitionedParameterCoordinator:
@@ -26,7 +35,7 @@ class PartitionedParameterCoordinator:
         self.max_reuse_distance = zcfg["stage3_max_reuse_distance"]
         self.in_use: dict[int, int] = {}   # id(param) -> modules running that use it (never evicted)
         self.trace: list = []          # modules in fetch order during one pass
-        self.recording = True          # first pass: record; later passes: replay
+        self.mode = TraceMode.RECORD
         self.step_id = 0               # position in the trace during replay
         self.warned = False
         self.stats = {"fetches": 0, "prefetched": 0, "waited_on_demand": 0, "trace_invalidations": 0}
@@ -43,20 +52,19 @@ class PartitionedParameterCoordinator:
                 self.in_use[id(p)] = self.in_use.get(id(p), 0) + 1
             self.zero.fetch(self._params(module))
             return
-        if self.recording:
+        if self.mode is TraceMode.RECORD:
             self.trace.append(module)
-        elif self.recording is None:   # off the trace this pass: fetch on demand, record again next pass
-            pass
-        elif self.step_id >= len(self.trace) or self.trace[self.step_id] is not module:
-            self._invalidate(module)
-        else:
-            self.step_id += 1
+        elif self.mode is TraceMode.REPLAY:
+            if self.step_id >= len(self.trace) or self.trace[self.step_id] is not module:
+                self._invalidate(module)
+            else:
+                self.step_id += 1
         params = self._params(module)
-        self.stats["waited_on_demand"] += sum(p.ds_status.name == "NOT_AVAILABLE" for p in params)
+        self.stats["waited_on_demand"] += sum(p.ds_status is ZeroParamStatus.NOT_AVAILABLE for p in params)
         for p in params:
             self.in_use[id(p)] = self.in_use.get(id(p), 0) + 1
         self.zero.fetch(params)   # this module first; then what comes after it
-        if self.recording is False:
+        if self.mode is TraceMode.REPLAY:
             self._prefetch_after(self.step_id - 1)
 
     def _prefetch_after(self, i: int) -> None:
@@ -70,7 +78,7 @@ class PartitionedParameterCoordinator:
         budget, live = self.prefetch_bucket_size, self.zero.gathered_numel()
         for module in self.trace[i + 1:]:
             for p in self._params(module):
-                if p.ds_status.name != "NOT_AVAILABLE":
+                if p.ds_status is not ZeroParamStatus.NOT_AVAILABLE:
                     continue
                 if p.ds_numel > budget or live + p.ds_numel > self.max_live_parameters:
                     return
@@ -91,11 +99,11 @@ class PartitionedParameterCoordinator:
                           f"the recorded order; fetching on demand and re-recording the trace on the next pass",
                           RuntimeWarning, stacklevel=3)
             self.warned = True
-        self.recording, self.trace, self.step_id = None, [], 0  # None: neither record nor replay this pass
+        self.mode, self.trace, self.step_id = TraceMode.INVALID, [], 0
 
     # ------------------------------------------------------------------------------------- release
     def release_sub_module(self, module, forward: bool) -> None:
-        keep = self._reused_soon(module) if self.recording is False and is_grad_enabled() else set()
+        keep = self._reused_soon(module) if self.mode is TraceMode.REPLAY and is_grad_enabled() else set()
         for p in self._params(module):
             self.in_use[id(p)] = max(0, self.in_use.get(id(p), 0) - 1)
             if id(p) not in keep:
@@ -107,9 +115,9 @@ class PartitionedParameterCoordinator:
         for p in self.zero.params.values():
             if self.zero.ledger.fits("device", need):
                 return
-            if p.ds_persist or self.in_use.get(id(p), 0) or p.ds_status.name == "NOT_AVAILABLE":
+            if p.ds_persist or self.in_use.get(id(p), 0) or p.ds_status is ZeroParamStatus.NOT_AVAILABLE:
                 continue
-            if p.ds_status.name == "INFLIGHT":
+            if p.ds_status is ZeroParamStatus.INFLIGHT:
                 self.zero.wait_for(p)   # a prefetched gather: complete it, then drop it
             self.zero.release(p)
 
@@ -132,8 +140,7 @@ class PartitionedParameterCoordinator:
         """After backward: release everything, and switch to replaying the trace just recorded."""
         self.in_use.clear()
         self.zero.release_all()
-        if self.recording is None:          # invalidated during this pass: record the next one
-            self.recording = True
-        elif self.recording:
-            self.recording = False
+        # RECORD -> REPLAY (the trace just recorded); INVALID -> RECORD (the next pass records anew)
+        self.mode = TraceMode.REPLAY if self.mode is TraceMode.RECORD else (
+            TraceMode.RECORD if self.mode is TraceMode.INVALID else TraceMode.REPLAY)
         self.step_id = 0

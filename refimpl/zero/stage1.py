@@ -8,7 +8,6 @@ partitions gives every rank the whole new model (Ψ): 2Ψ in all, the same volum
 """
 from __future__ import annotations
 
-import numpy as np
 
 from .stage0 import DataParallel
 

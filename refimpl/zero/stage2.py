@@ -8,7 +8,6 @@ Reduction happens during backward, micro-batch by micro-batch, which is what let
 """
 from __future__ import annotations
 
-import numpy as np
 
 from .stage1 import OptimizerStatePartitioning
 

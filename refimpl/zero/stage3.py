@@ -12,19 +12,12 @@ they save in memory). Which parameters to gather ahead of time is the job of the
 """
 from __future__ import annotations
 
-import enum
 from pathlib import Path
 
-
 from .init import materialize
+from .partition import ZeroParamStatus
 from .prefetch import PartitionedParameterCoordinator
 from .stage2 import GradientPartitioning
-
-
-class ZeroParamStatus(enum.Enum):
-    NOT_AVAILABLE = 1   # only this rank's chunk exists here
-    INFLIGHT = 2        # an all-gather has been issued
-    AVAILABLE = 3       # the whole parameter is in p.data
 
 
 class ParameterPartitioning(GradientPartitioning):
