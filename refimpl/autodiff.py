@@ -186,8 +186,10 @@ def _graph(root: Tensor) -> tuple[list[Function], dict[int, int]]:
     return nodes, leaf_uses
 
 
-def _add(a, b):
-    return b if a is None else get_backend().add(a, b)  # out of place: gradients may alias forward arrays
+def _add(a, b, backend):
+    """a + b by the backend of the node the gradient comes from (out of place: gradients may alias forward
+    arrays)."""
+    return b if a is None else backend.add(a, b)
 
 
 def backward(root: Tensor, grad=None, retain_graph=False) -> None:
@@ -197,15 +199,16 @@ def backward(root: Tensor, grad=None, retain_graph=False) -> None:
     if grad is None:
         if root.size != 1:
             raise RuntimeError(f"backward() needs an explicit gradient for a non-scalar of shape {root.shape}")
-        grad = get_backend().xp.ones(root.shape, dtype=root.dtype)
+        be = getattr(root.creator, "backend", None) or get_backend()   # a freed node has none: backward says so
+        grad = be.xp.ones(root.shape, dtype=root.dtype)
     if root.is_leaf:
-        _accumulate_leaf(root, grad)
+        _accumulate_leaf(root, grad, get_backend())
         return
     nodes, leaf_uses = _graph(root)
     pending_leaf: dict[int, object] = {}
     root.creator.grad_outputs[root.output_index] = grad
     for fn in nodes:
-        grads = fn.grad_outputs
+        be, grads = fn.backend, fn.grad_outputs
         if all(g is None for g in grads) and not fn.always_record:
             grad_inputs = (None,) * len(fn.inputs)  # no gradient reached this node (only integer paths)
         else:
@@ -217,12 +220,12 @@ def backward(root: Tensor, grad=None, retain_graph=False) -> None:
             if not (isinstance(x, Tensor) and x.requires_grad):
                 continue
             if x.is_leaf:
-                pending_leaf[id(x)] = _add(pending_leaf.get(id(x)), g)
+                pending_leaf[id(x)] = _add(pending_leaf.get(id(x)), g, be)
                 leaf_uses[id(x)] -= 1
                 if leaf_uses[id(x)] == 0 and pending_leaf[id(x)] is not None:
-                    _accumulate_leaf(x, pending_leaf.pop(id(x)))  # its gradient is complete now
+                    _accumulate_leaf(x, pending_leaf.pop(id(x)), be)  # its gradient is complete now
             elif g is not None:
-                x.creator.grad_outputs[x.output_index] = _add(x.creator.grad_outputs[x.output_index], g)
+                x.creator.grad_outputs[x.output_index] = _add(x.creator.grad_outputs[x.output_index], g, be)
         fn.grad_outputs = [None] * len(fn.grad_outputs)
         if not retain_graph:
             fn.__dict__.clear()  # free saved activations; the node cannot run backward again
@@ -241,8 +244,8 @@ def _run_hooks(hooks, grad):
     return grad
 
 
-def _accumulate_leaf(t: Tensor, grad) -> None:
+def _accumulate_leaf(t: Tensor, grad, backend) -> None:
     grad = _run_hooks(t._hooks, grad)
-    t.grad = _add(t.grad, grad)
+    t.grad = _add(t.grad, grad, backend)
     for h in t._post_accumulate_grad_hooks:
         h(t)

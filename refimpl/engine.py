@@ -20,9 +20,9 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
+from .backend import host_backend
 from .comm.local import LocalWorld
 from .kernels import array_module
-from .kernels import optim as host_kernels
 from .memory.ledger import Ledger
 from .memory.optimizer_offload import OffloadedAdamW, sub_groups
 from .loss_scaler import MinLossScaleError, make_loss_scaler
@@ -168,8 +168,8 @@ class Engine:
             grad = self.zero.reduce_gradients()             # (S,) mean over ranks, still loss-scaled
             for hook in self.gradient_hooks:
                 hook(grad, scale)
-            # the optimizer offloaded: the gradient is in host memory, checked there by the reference kernels
-            be = host_kernels if self.backend.is_gpu and array_module(grad) is np else self.backend
+            # the optimizer offloaded: the gradient is in host memory, checked there by the host backend's kernels
+            be = host_backend(self.backend) if array_module(grad) is np else self.backend
             overflow = self._all_ranks(float(be.has_inf_or_nan(grad)), "max") > 0 or force_skip  # any rank: all
         self.global_steps += 1
         if overflow:

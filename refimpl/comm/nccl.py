@@ -216,12 +216,13 @@ def _reduce_rows(cp, rows, op):
     narrower than 32 bits (rounded once at the end), in the input dtype otherwise. rows: (N, ...)."""
     dtype = rows.dtype
     narrow = op == "sum" and _is_float(dtype) and dtype.itemsize < 4
-    if narrow:
-        from refimpl_cupy import _runtime as rt
-        acc = rt.cast(rows[0], np.float32)
+    if narrow:   # the backend's cast kernel (RNE): the interface, never a plugin's private module
+        from ..backend import get_backend
+        cast = get_backend("cupy").cast
+        acc = cast(rows[0], np.float32)
         for r in range(1, rows.shape[0]):
-            acc += rt.cast(rows[r], np.float32)
-        return rt.cast(acc, dtype)
+            acc += cast(rows[r], np.float32)
+        return cast(acc, dtype)
     combine = {"sum": cp.add, "max": cp.maximum, "min": cp.minimum}[op]
     acc = rows[0].copy()
     for r in range(1, rows.shape[0]):
