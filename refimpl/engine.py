@@ -59,7 +59,6 @@ class Engine:
         except BaseException:
             self.close()       # a swap folder taken by the stage is given back at once
             raise
-        self.master = self.zero.master  # this rank's fp32 master partition on the device (None when offloaded)
         self.ledger.alloc("device", self._device_model_state_bytes(), "the model states kept on the device")
         if self._grads_on_host():
             self.ledger.alloc("host", self.zero.model_state_bytes()["grads"], "the gradient partition")
@@ -126,11 +125,6 @@ class Engine:
     def _grads_on_host(self) -> bool:
         """Stages 2-3 with the optimizer offloaded keep the gradient partition on the host (ZeRO-Offload)."""
         return self.zero.grads_on_host and self.zero.stage >= 2
-
-    @property
-    def flat(self):
-        """The flat buffer of whole low-precision parameters (stages 0-2)."""
-        return self.zero.flat
 
     @property
     def loss_scale(self) -> float:

@@ -8,15 +8,13 @@ kernel (the reference is ``refimpl/kernels/optim.py``).
 
 The rest reproduces DeepSpeed's training-loop numerics, with DeepSpeed's names and config keys:
 
-- `global_grad_norm` / `clip_coefficient`: ``torch.nn.utils.clip_grad_norm_`` semantics, as
+- `clip_coefficient` (of the global norm the engine sums over ranks): ``torch.nn.utils.clip_grad_norm_`` semantics, as
   DeepSpeed's ``gradient_clipping`` uses them (the factor is folded into Adam's ``grad_scale``
   together with the loss scale, as in ``deepspeed/runtime/zero/stage_1_and_2.py``
   ``unscale_and_clip_grads``).
 - loss scaling: refimpl/loss_scaler.py (``deepspeed/runtime/fp16/loss_scaler.py``);
 - LR schedules: refimpl/lr_schedules.py (``deepspeed/runtime/lr_schedules.py``).
 """
-import math
-from numbers import Integral
 
 import numpy as np
 
@@ -98,39 +96,6 @@ class AdamW:
                                  f"has shape {dst.shape}")
             dst[...] = self.backend.asarray(parts[key])
 
-    _STATE_KEYS = ("exp_avg", "exp_avg_sq", "step")
-
-    def state_dict(self) -> dict:
-        """Host copies of the moments and the step count: ``{"exp_avg", "exp_avg_sq", "step"}``."""
-        return {
-            # np.array(..., copy=True): a snapshot, never a view the next step would overwrite.
-            "exp_avg": np.array(self.backend.to_numpy(self.exp_avg), dtype=self.master.dtype, copy=True),
-            "exp_avg_sq": np.array(self.backend.to_numpy(self.exp_avg_sq), dtype=self.master.dtype, copy=True),
-            "step": int(self.step_count),
-        }
-
-    def load_state_dict(self, state) -> None:
-        """Restore moments and step count; everything is checked before anything is changed."""
-        missing = [k for k in self._STATE_KEYS if k not in state]
-        unexpected = sorted(k for k in state if k not in self._STATE_KEYS)
-        if missing or unexpected:
-            raise ValueError(f"AdamW.load_state_dict: missing keys {missing}, unexpected keys "
-                             f"{unexpected}; expected exactly {list(self._STATE_KEYS)}")
-        moments = {}
-        for key in ("exp_avg", "exp_avg_sq"):
-            arr = np.asarray(state[key])
-            if arr.shape != self.master.shape:
-                raise ValueError(f"AdamW.load_state_dict: {key!r} has shape {arr.shape}, but the "
-                                 f"master partition has shape {self.master.shape}")
-            moments[key] = arr
-        step = state["step"]
-        if not isinstance(step, Integral) or step < 0:
-            raise ValueError(f"AdamW.load_state_dict: 'step' must be an integer >= 0, got {step!r}")
-        xp = self.backend.xp
-        self.exp_avg[...] = xp.asarray(moments["exp_avg"], dtype=self.master.dtype)
-        self.exp_avg_sq[...] = xp.asarray(moments["exp_avg_sq"], dtype=self.master.dtype)
-        self.step_count = int(step)
-
 
 def adam_w_mode(optimizer_cfg: dict) -> bool:
     """Decoupled weight decay (AdamW) or L2 (Adam), by DeepSpeed's rule for an ``optimizer`` config section
@@ -143,16 +108,6 @@ def adam_w_mode(optimizer_cfg: dict) -> bool:
 # ---------------------------------------------------------------------------------------------
 # Gradient norm and clipping
 # ---------------------------------------------------------------------------------------------
-
-def global_grad_norm(grads, backend, grad_scale=1.0) -> float:
-    """L2 norm of all gradients together, unscaled: sqrt(sum of sum_squares) / grad_scale.
-
-    ``grads`` is a list of backend arrays (with ZeRO, the caller sums the squared norms of every
-    rank's shard before the square root). inf/nan in any gradient gives an inf/nan norm.
-    """
-    total = sum(backend.sum_squares(g) for g in grads)
-    return math.sqrt(total) / grad_scale
-
 
 def clip_coefficient(total_norm, max_norm) -> float:
     """The factor gradients are multiplied by: ``torch.nn.utils.clip_grad_norm_`` semantics.

@@ -57,7 +57,7 @@ def state_of(engine) -> dict:
         params = engine.zero.full_params()   # a collective at stage 3: every rank calls state_of together
     return {
         "params": {n: np.array(engine.backend.to_numpy(a), copy=True) for n, a in params.items()},
-        "optimizer": {"master": engine.master.copy(), "exp_avg": engine.optimizer.exp_avg.copy(),
+        "optimizer": {"master": engine.zero.master.copy(), "exp_avg": engine.optimizer.exp_avg.copy(),
                       "exp_avg_sq": engine.optimizer.exp_avg_sq.copy()},
         "counters": engine.counters(),
         "loss_scaler": engine.loss_scaler.state_dict(),
@@ -101,7 +101,7 @@ def test_round_trip_restores_everything(trained, tmp_path):
     assert tag_dir == tmp_path / "ckpt" / "global_step4"
 
     fresh, _, fresh_model = make_engine(config)     # the initial weights: differs from the trained ones
-    assert not np.array_equal(fresh.master, engine.master)
+    assert not np.array_equal(fresh.zero.master, engine.zero.master)
     manifest = load_checkpoint(tmp_path / "ckpt", fresh)
     assert manifest["step"] == 4 and manifest["config"] == config
 
@@ -160,7 +160,7 @@ def test_files_are_safetensors_and_json_never_pickle(trained, tmp_path):
         assert set(f.keys()) == OPTIM_KEYS
         for key in f.keys():
             assert f.get_tensor(key).dtype == np.float32
-        np.testing.assert_array_equal(f.get_tensor("master"), engine.master)
+        np.testing.assert_array_equal(f.get_tensor("master"), engine.zero.master)
         np.testing.assert_array_equal(f.get_tensor("exp_avg_sq"), engine.optimizer.exp_avg_sq)
     for path in [*tag.iterdir(), tmp_path / "ckpt" / "latest"]:
         assert not path.read_bytes().startswith(b"\x80"), f"{path} looks like a pickle"   # pickle protocol 2+
@@ -345,7 +345,7 @@ def test_partitioned_checkpoint_round_trip_at_world_size_2(tiny_config, tmp_path
         tag = save_checkpoint(root, engine, config)
         saved = state_of(engine)
         fresh, _, fresh_model = make_engine(config, engine.comm)      # a second engine on the same rank
-        assert not np.array_equal(fresh.master, engine.master)
+        assert not np.array_equal(fresh.zero.master, engine.zero.master)
         load_checkpoint(root, fresh)
         loaded = state_of(fresh)
         train_steps(engine, ds, model, 3, 5)                          # both continue identically
@@ -508,9 +508,9 @@ def test_consolidate_equals_zero_to_fp32_and_the_unpartitioned_master(tiny_confi
     single = tiny_config("scheduler=null", "world_size=1", "zero_optimization.stage=0",
                          f"train_micro_batch_size_per_gpu={2 * config['train_micro_batch_size_per_gpu']}")
     engine, ds, model = make_engine(single)
-    initial = engine.master.copy()
+    initial = engine.zero.master.copy()
     train_steps(engine, ds, model, 0, 3)
-    reference = engine.flat.unflatten(engine.master)   # stage 0: the flat master is the whole model
+    reference = engine.zero.flat.unflatten(engine.zero.master)   # stage 0: the flat master is the whole model
     assert set(weights) == {n for n, _ in model.named_parameters()}
     lr = single["optimizer"]["params"]["lr"]
     moved = 0.0
@@ -520,5 +520,5 @@ def test_consolidate_equals_zero_to_fp32_and_the_unpartitioned_master(tiny_confi
         # Adam divides by sqrt(v), so where a gradient is ~0 (attn.k_proj.bias: softmax ignores a shift shared
         # by all keys) rounding noise becomes a visible but tiny update: bound it far below one step of lr.
         np.testing.assert_allclose(weights[name], ref, rtol=0, atol=1e-3 * lr, err_msg=name)
-        moved = max(moved, float(np.abs(ref - engine.flat.unflatten(initial)[name]).max()))
+        moved = max(moved, float(np.abs(ref - engine.zero.flat.unflatten(initial)[name]).max()))
     assert moved > lr                                # 3 steps really moved the weights

@@ -8,7 +8,7 @@ follows the schedule.
 
 The accumulation, overflow and clipping rules are the engine's, not the stage's, so those tests run at ZeRO
 stages 0-3 (refimpl/zero/stage{0,1,2,3}.py) with one rank. With one partition the partition layout is every
-parameter flattened in model order, so `engine.master`, Adam's moments and the stage's gradient partition
+parameter flattened in model order, so `engine.zero.master`, Adam's moments and the stage's gradient partition
 line up element for element with a whole-model reference computed here.
 """
 import json
@@ -77,7 +77,7 @@ def whole_params(engine) -> np.ndarray:
 
 def snapshot(engine) -> dict:
     """Copies of every model state the optimizer step may touch."""
-    snap = {"params": whole_params(engine), "master": engine.master.copy(),
+    snap = {"params": whole_params(engine), "master": engine.zero.master.copy(),
             "exp_avg": engine.optimizer.exp_avg.copy(), "exp_avg_sq": engine.optimizer.exp_avg_sq.copy(),
             "adam_step": engine.optimizer.step_count}
     if engine.zero.lowp_partition is not None:
@@ -100,14 +100,14 @@ def test_gradient_accumulation_equals_one_big_batch(tiny_config, stage):
     big, _, m_big = make_engine(tiny_config("scheduler=null", "gradient_accumulation_steps=1",
                                             "train_micro_batch_size_per_gpu=8", *stage_overrides(stage)))
     assert acc.zero.stage == big.zero.stage == stage
-    np.testing.assert_array_equal(acc.master, big.master)   # same seed: same initial weights
+    np.testing.assert_array_equal(acc.zero.master, big.zero.master)   # same seed: same initial weights
 
     b0, b1 = ds.get_batch("train", 0, 4, 32), ds.get_batch("train", 1, 4, 32)
     micro_step(acc, m_acc, b0)
     assert not acc.is_gradient_accumulation_boundary()
-    before = acc.master.copy()
+    before = acc.zero.master.copy()
     assert acc.step() is True                      # not a boundary: nothing happens
-    np.testing.assert_array_equal(acc.master, before)
+    np.testing.assert_array_equal(acc.zero.master, before)
     assert acc.global_steps == 0 and acc.optimizer.step_count == 0
     micro_step(acc, m_acc, b1)
     assert acc.is_gradient_accumulation_boundary()
@@ -115,7 +115,7 @@ def test_gradient_accumulation_equals_one_big_batch(tiny_config, stage):
 
     # mean over 2 micro-batches of 4 == mean over one batch of 8, up to fp32 summation order
     g_acc, g_big = pending_grad(acc), pending_grad(big)
-    assert g_acc.shape == g_big.shape == acc.master.shape
+    assert g_acc.shape == g_big.shape == acc.zero.master.shape
     np.testing.assert_allclose(g_acc, g_big, rtol=1e-4, atol=1e-7)
     assert np.abs(g_acc).max() > 1e-3              # a real gradient, not zeros
 
@@ -125,11 +125,11 @@ def test_gradient_accumulation_equals_one_big_batch(tiny_config, stage):
     assert acc.micro_steps == 2 and big.micro_steps == 1
     lr = acc.config["optimizer"]["params"]["lr"]
     # Adam's first step is ~lr * sign(g): the two updates agree far below one step of lr.
-    np.testing.assert_allclose(acc.master, big.master, rtol=0, atol=1e-3 * lr)
+    np.testing.assert_allclose(acc.zero.master, big.zero.master, rtol=0, atol=1e-3 * lr)
     np.testing.assert_allclose(acc.optimizer.exp_avg, big.optimizer.exp_avg, rtol=1e-4, atol=1e-9)
-    assert np.abs(acc.master - before).max() > 0.5 * lr   # and the step did move the weights
+    assert np.abs(acc.zero.master - before).max() > 0.5 * lr   # and the step did move the weights
     # the model's parameters (gathered, at stage 3) are the new master
-    np.testing.assert_array_equal(whole_params(acc), acc.master)
+    np.testing.assert_array_equal(whole_params(acc), acc.zero.master)
     assert not pending_grad(acc).any() and not pending_grad(big).any()   # gradients cleared for the next step
 
 
@@ -146,7 +146,7 @@ def test_fp16_overflow_skips_step_and_follows_hysteresis(tiny_config, stage):
     engine, ds, model = make_engine(config)
     assert engine.dtype == np.float16 and whole_params(engine).dtype == np.float16
     if stage < 3:
-        assert engine.flat.dtype == np.float16
+        assert engine.zero.flat.dtype == np.float16
 
     # Poison one parameter's gradient on chosen steps: an inf gradient is what an fp16 overflow looks like.
     poison = {"on": False}
@@ -202,7 +202,7 @@ def test_fp16_huge_initial_scale_overflows_without_help(tiny_config, stage):
     before = snapshot(engine)
     assert full_step(engine, ds, model, 0) is False
     assert engine.skipped_steps == 1 and engine.loss_scale == 2.0 ** 39   # hysteresis 1: halve at once
-    np.testing.assert_array_equal(engine.master, before["master"])
+    np.testing.assert_array_equal(engine.zero.master, before["master"])
     np.testing.assert_array_equal(whole_params(engine), before["params"])
     assert engine.optimizer.step_count == 0
 
@@ -215,23 +215,23 @@ def test_low_precision_params_mirror_fp32_master(tiny_config, precision, dtype):
     engine, ds, model = make_engine(tiny_config(f"{precision}.enabled=true", "scheduler=null",
                                                 "fp16.initial_scale_power=8"))
     assert engine.zero.stage == 0
-    assert engine.flat.buffer.dtype == dtype and engine.master.dtype == np.float32
+    assert engine.zero.flat.buffer.dtype == dtype and engine.zero.master.dtype == np.float32
     for name, p in model.named_parameters():
         assert p.data.dtype == dtype, name
-        assert np.shares_memory(p.data, engine.flat.buffer), name   # a view into the flat buffer
-    initial = engine.master.copy()
+        assert np.shares_memory(p.data, engine.zero.flat.buffer), name   # a view into the flat buffer
+    initial = engine.zero.master.copy()
     for step in range(2):
         assert full_step(engine, ds, model, step) is True
-    assert not np.array_equal(engine.master, initial)
+    assert not np.array_equal(engine.zero.master, initial)
     # The stored params are the master rounded to nearest in their dtype ...
-    np.testing.assert_array_equal(engine.flat.buffer, engine.master.astype(dtype))
+    np.testing.assert_array_equal(engine.zero.flat.buffer, engine.zero.master.astype(dtype))
     for name, p in model.named_parameters():
         assert p.data.dtype == dtype, name
     # ... so the upcast params are within half an ulp of the master (fp16: 2^-11, bf16: 2^-8 relative).
     rel = {"fp16": 2.0 ** -11, "bf16": 2.0 ** -8}[precision]
-    up = engine.flat.buffer.astype(np.float32)
+    up = engine.zero.flat.buffer.astype(np.float32)
     tiny = np.finfo(dtype).smallest_subnormal if precision == "fp16" else 0
-    assert np.all(np.abs(up - engine.master) <= rel * np.abs(engine.master) + tiny)
+    assert np.all(np.abs(up - engine.zero.master) <= rel * np.abs(engine.zero.master) + tiny)
 
 
 # ----------------------------------------------------------------------------------------- clipping
@@ -249,7 +249,7 @@ def test_clipping_scales_gradient_by_max_norm_over_norm(tiny_config, precision, 
     scale = engine.loss_scale
     micro_step(engine, model, ds.get_batch("train", 0, 4, 32))
     grad = pending_grad(engine)                     # loss-scaled fp32 gradient
-    master = engine.master.copy()
+    master = engine.zero.master.copy()
 
     norm = float(np.sqrt(np.sum(grad.astype(np.float64) ** 2))) / scale
     assert norm > 100 * max_norm                    # clipping is active
@@ -270,7 +270,7 @@ def test_clipping_scales_gradient_by_max_norm_over_norm(tiny_config, precision, 
     assert engine.step() is True
     assert engine.last["grad_norm"] == pytest.approx(norm, rel=1e-6)
     np.testing.assert_allclose(engine.optimizer.exp_avg, expect_m, rtol=1e-5, atol=1e-12)
-    np.testing.assert_allclose(engine.master, expect_p, rtol=1e-6, atol=1e-6 * opt["lr"])
+    np.testing.assert_allclose(engine.zero.master, expect_p, rtol=1e-6, atol=1e-6 * opt["lr"])
     # the reference is discriminating: without clipping the update is very different
     assert np.abs(unclipped_p - expect_p).max() > 0.1 * opt["lr"]
 
@@ -280,13 +280,13 @@ def test_no_clipping_below_max_norm(tiny_config, stage):
     engine, ds, model = make_engine(tiny_config("scheduler=null", "gradient_clipping=1e6",
                                                 "optimizer.params.eps=1e-4", *stage_overrides(stage)))
     micro_step(engine, model, ds.get_batch("train", 0, 4, 32))
-    grad, master = pending_grad(engine), engine.master.copy()
+    grad, master = pending_grad(engine), engine.zero.master.copy()
     opt = engine.config["optimizer"]["params"]
     m, v = np.zeros_like(master), np.zeros_like(master)
     adam_step(master, grad, m, v, lr=opt["lr"], beta1=opt["betas"][0], beta2=opt["betas"][1], eps=opt["eps"],
               weight_decay=opt["weight_decay"], step=1)
     engine.step()
-    np.testing.assert_allclose(engine.master, master, rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(engine.zero.master, master, rtol=1e-6, atol=1e-9)
 
 
 # --------------------------------------------------------------------------------------- LR per step
