@@ -2,6 +2,7 @@
 
     LocalComm / run_ranks   N simulated ranks as threads in one process (tests, laptops)
     MPIComm                 real processes through mpi4py (`mpiexec -n N ...`; install refimpl[mpi])
+    NCCLComm (nccl.py)      one process per GPU, the collectives over NCCL through CuPy, bootstrapped by MPI
 
 All share the interface and semantics of `Communicator` in base.py.
 """

@@ -7,7 +7,7 @@ the bytes a *ring* algorithm sends per rank for a model of Ψ elements:
     reduce_scatter   Ψ   (stage 2: each rank keeps only its shard of the summed gradients)
     all_gather       Ψ   (stage 3: parameters are gathered just before they are used)
 
-Every implementation (LocalComm: threads in one process; MPIComm: processes through mpi4py; later NCCL) shares
+Every implementation (LocalComm: threads in one process; MPIComm: processes through mpi4py; NCCLComm: GPUs through CuPy's NCCL) shares
 this interface and these semantics:
 
 * Deterministic, identical results on every rank. A sum is ((x_0 + x_1) + x_2) + ... in rank order, in the input

@@ -7,6 +7,7 @@
     stage2.py     + gradients partitioned, reduce-scattered in buckets during backward (P_os+g)
     stage3.py     + parameters partitioned, gathered and released around each module (P_os+g+p)
     prefetch.py   stage 3's trace-based all-gather prefetcher
+    init.py       zero.Init: a model built deferred, drawn and partitioned one parameter at a time
 """
 from .stage0 import DataParallel
 from .stage1 import OptimizerStatePartitioning
