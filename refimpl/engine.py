@@ -52,7 +52,7 @@ class Engine:
         self.ledger = Ledger(self.rank, limits={"device": config["memory"]["device_bytes"],
                                                 "host": config["memory"]["host_bytes"]})
         self.zero = ZERO_STAGES[config["zero_optimization"]["stage"]](model, config, backend, self.comm, self.dtype,
-                                                                     ledger=self.ledger)
+                                                                     ledger=self.ledger, progress=progress)
         self.optimizer = None
         try:
             self.optimizer = self._make_optimizer()
@@ -73,7 +73,7 @@ class Engine:
 
     def _make_optimizer(self):
         """AdamW on the device, or on the host with its states in host memory or NVMe files (ZeRO-Offload).
-        Stage 3 hands over the fp32 master in pieces as zero.Init draws the parameters (master_pieces)."""
+        Stage 3 hands over the fp32 master in pieces, read back from its parameter tier (master_pieces)."""
         opt, zcfg = self.config["optimizer"], self.config["zero_optimization"]
         p = opt["params"]
         kw = dict(backend=self.backend, lr=p["lr"], betas=tuple(p["betas"]), eps=p["eps"],
@@ -109,7 +109,7 @@ class Engine:
         if not self.progress:
             return pieces
         from tqdm import tqdm
-        return tqdm(pieces, total=len(self.zero.params), unit="param", desc=f"rank {self.rank}: partitioning",
+        return tqdm(pieces, total=len(self.zero.params), unit="param", desc=f"rank {self.rank}: fp32 master",
                     disable=self.rank != 0)
 
     def _device_model_state_bytes(self) -> int:

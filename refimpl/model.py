@@ -20,7 +20,7 @@ from .activation_checkpointing import checkpoint
 from .attention import MultiHeadAttention
 from .nn import MLP, Embedding, LayerNorm, Linear, Module, ModuleList
 from .tiling import TiledLinear
-from .zero.init import Suspended
+from .deferred_init import eager
 
 
 @dataclass(frozen=True)
@@ -71,7 +71,7 @@ class Block(Module):
         self.mlp = MLP(cfg.d_model, cfg.ff_dim, rng=rng, std=cfg.init_std, out_std=out_std, dtype=dtype)
         if cfg.mlp_tiles > 1:  # memory-centric tiling (ZeRO-Infinity §5.1.3): stage 3 gathers one tile at a time
             t = cfg.mlp_tiles
-            with Suspended():  # the tiles are cut from the drawn weight (each tile is small: that is the point)
+            with eager():  # the tiles are cut from the drawn weight (each tile is small: that is the point)
                 self.mlp.fc1 = TiledLinear.from_linear(self.mlp.fc1, in_splits=t, out_splits=t)
                 self.mlp.fc2 = TiledLinear.from_linear(self.mlp.fc2, in_splits=t, out_splits=t)
 

@@ -18,6 +18,7 @@ import numpy as np
 
 from . import functional as F
 from .autodiff import Function, Tensor, is_grad_enabled
+from . import deferred_init
 from .backend import get_backend
 
 
@@ -102,7 +103,7 @@ class Module:
             p.grad = None
 
     def state_dict(self) -> dict[str, np.ndarray]:
-        from .zero.init import materialize   # a parameter built inside zero.Init() is drawn here
+        from .deferred_init import materialize   # a deferred parameter is drawn here
         be = get_backend()
         return {name: np.array(be.to_numpy(materialize(p.data))) for name, p in self.named_parameters()}
 
@@ -195,13 +196,19 @@ class _PostBackwardHook(Function):
 # --------------------------------------------------------------------------------------------- layers
 def _init(rng, shape, std, dtype):
     """Normal(0, std) from the parameter's own random stream, seeded from the model's rng in construction order
-    (refimpl/zero/init.py): drawn in float64 on the host, then cast, so the weights are the same on every backend
-    and dtype. Inside `zero.Init()` the draw is deferred to when ZeRO stage 3 partitions the parameter."""
-    from .zero.init import DeferredInit, draw, init_active
+    (refimpl/deferred_init.py): drawn in float64 on the host, then cast, so the weights are the same on every
+    backend and dtype. Inside `deferred()` (zero.Init) the draw waits until the parameter's owner wants it."""
     seed = int(rng.integers(2**63)) if std > 0 else None   # zeros draw nothing
-    if init_active():
-        return DeferredInit(shape, std, seed, dtype)
-    return get_backend().asarray(draw(shape, std, seed)).astype(dtype)
+    if deferred_init.is_active():
+        return deferred_init.DeferredInit(shape, std, seed, dtype)
+    return get_backend().asarray(deferred_init.draw(shape, std, seed)).astype(dtype)
+
+
+def _constant(shape, fill, dtype):
+    """A constant parameter (LayerNorm's ones and zeros), deferred like every other."""
+    if deferred_init.is_active():
+        return deferred_init.DeferredInit(shape, dtype=dtype, fill=fill)
+    return get_backend().asarray(np.full(shape, fill, np.float32)).astype(dtype)
 
 
 class Linear(Module):
@@ -229,10 +236,9 @@ class Embedding(Module):
 class LayerNorm(Module):
     def __init__(self, dim, eps=1e-5, *, dtype=np.float32):
         super().__init__()
-        be = get_backend()
         self.eps = eps
-        self.weight = Parameter(be.asarray(np.ones(dim, np.float32)).astype(dtype))
-        self.bias = Parameter(be.asarray(np.zeros(dim, np.float32)).astype(dtype))
+        self.weight = Parameter(_constant((dim,), 1.0, dtype))
+        self.bias = Parameter(_constant((dim,), 0.0, dtype))
 
     def forward(self, x):
         return F.layer_norm(x, self.weight, self.bias, self.eps)

@@ -149,7 +149,7 @@ class TiledLinear(Module):
         if (other.bias is not None) != self.use_bias:
             raise ValueError(f"bias mismatch: the TiledLinear has bias={self.use_bias}, the Linear has "
                              f"bias={other.bias is not None}")
-        from .zero.init import materialize   # a Linear built inside zero.Init() is drawn here
+        from .deferred_init import materialize   # a deferred Linear is drawn here
         self._copy_tiles(materialize(other.weight.data), None if other.bias is None else materialize(other.bias.data))
 
     def _copy_tiles(self, weight, bias) -> None:

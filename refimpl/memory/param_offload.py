@@ -181,6 +181,14 @@ class ParamSwapper:
         self.ledger.free("host", self._staged)
         self._staged = 0
 
+    def read_chunk(self, slot) -> np.ndarray:
+        """This rank's chunk of one parameter, as a host array (the optimizer's fp32 master is built from it)."""
+        if self.device == "cpu":
+            return self.layout.view(self.host, slot)
+        out = np.empty(slot.chunk, dtype=self.dtype)
+        self.store.read_sync(self._key(slot), out)    # verified
+        return out
+
     def full_partition(self) -> np.ndarray:
         """This rank's whole low-precision partition as a host array (checkpoints)."""
         if self.device == "cpu":

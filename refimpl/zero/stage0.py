@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 
 from .flat import FlatParams
-from .init import materialize_all
+from ..deferred_init import materialize_all
 from .partition import PartitionLayout
 
 
@@ -26,13 +26,14 @@ class DataParallel:
     stage = 0
     partitioned = False  # does each rank own only a slice of the optimizer state?
 
-    def __init__(self, model, config: dict, backend, comm, dtype, ledger=None):
+    def __init__(self, model, config: dict, backend, comm, dtype, ledger=None, progress: bool = False):
         from ..memory.ledger import Ledger
         from ..memory.transfer import CopyStream
         self.model, self.config, self.backend, self.comm = model, config, backend, comm
         self.ledger = ledger if ledger is not None else Ledger(comm.rank)  # tier traffic is recorded here
         self.copies = CopyStream(backend, self.ledger)   # host <-> device copies beside compute (GPU backends)
         self.dtype = np.dtype(dtype)
+        self.progress = progress   # a bar while stage 3 draws and partitions a large model
         # the fp32 master, gradient reductions and Adam moments; all float64 in the fp64 reference run
         self.master_dtype = np.dtype(np.float64 if self.dtype == np.float64 else np.float32)
         self.rank, self.world_size = comm.rank, comm.world_size

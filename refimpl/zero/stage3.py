@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .init import materialize
+from ..deferred_init import materialize
 from .partition import ZeroParamStatus
 from .prefetch import PartitionedParameterCoordinator
 from .stage2 import GradientPartitioning
@@ -46,12 +46,18 @@ class ParameterPartitioning(GradientPartitioning):
             p.register_post_accumulate_grad_hook(lambda p, name=name: self._grad_ready(name))
         self.coordinator = PartitionedParameterCoordinator(self, zcfg)
         self._register_module_hooks()
+        self._partition_as_drawn()
 
-    def master_pieces(self):
-        """zero.Init's second half: one parameter at a time, draw it (or take its eager value), keep this rank's
-        low-precision chunk in the parameter tier, drop the rest, and yield the chunk in fp32 for the optimizer
-        tier. At no point is more than one whole parameter in memory (refimpl/zero/init.py)."""
-        for name, p in self.params.items():
+    def _partition_as_drawn(self):
+        """zero.Init's second half, DeepSpeed's post-init partitioning: one parameter at a time, draw it (or take
+        its eager value), keep this rank's low-precision chunk in the parameter tier and drop the rest. At no
+        point is more than one whole parameter in memory (refimpl/zero/init.py)."""
+        params = self.params.values()
+        if self.progress:
+            from tqdm import tqdm
+            params = tqdm(params, total=len(self.params), unit="param", desc=f"rank {self.rank}: partitioning",
+                          disable=self.rank != 0)
+        for p in params:
             slot = p.ds_slot
             full = materialize(p.data)
             chunk = self.layout.chunk_of(slot, full, self.rank, dtype=self.dtype)
@@ -63,9 +69,15 @@ class ParameterPartitioning(GradientPartitioning):
                 p.data, p.ds_status = full.astype(self.dtype, copy=False), ZeroParamStatus.AVAILABLE
             else:              # partitioned from the start
                 p.data, p.ds_status = self._empty, ZeroParamStatus.NOT_AVAILABLE
-            yield self.backend.cast(chunk, self.master_dtype)
         if self.swapper is not None:
             self.swapper.finish_writes()
+
+    def master_pieces(self):
+        """This rank's fp32 master partition, one parameter chunk at a time, read back from the parameter tier:
+        the optimizer's tier is filled without the partition ever being whole in memory."""
+        for p in self.params.values():
+            chunk = p.ds_tensor if self.swapper is None else self.swapper.read_chunk(p.ds_slot)
+            yield self.backend.cast(chunk, self.master_dtype)
 
     def _make_swapper(self, zcfg):
         off = zcfg["offload_param"]
