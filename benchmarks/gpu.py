@@ -490,7 +490,7 @@ def bench_nvme(args):
     import ml_dtypes
     from nvme_bandwidth import drop_caches
     from refimpl.memory.ledger import Ledger
-    from refimpl.memory.nvme import NVMeStore
+    from refimpl.memory.aio_store import AioStore
     from refimpl.memory.param_offload import ParamSwapper
     from refimpl.zero.partition import PartitionLayout
     be = get_backend(args.backend)
@@ -499,8 +499,8 @@ def bench_nvme(args):
         chunk = args.chunk_mib * (1 << 20) // 2                         # bf16 elements per chunk
         n = max(1, int(args.gib * (1 << 30)) // (2 * chunk))
         layout = PartitionLayout([(f"p{i}", (chunk,)) for i in range(n)], 1)
-        swapper = ParamSwapper(layout, 0, ml_dtypes.bfloat16, device="nvme", backend=be, ledger=Ledger(),
-                               store=NVMeStore(os.path.join(folder, "swap")), buffer_count=args.buffer_count,
+        swapper = ParamSwapper(layout, 0, ml_dtypes.bfloat16, backend=be, ledger=Ledger(),
+                               store=AioStore(os.path.join(folder, "swap")), buffer_count=args.buffer_count,
                                buffer_size=chunk)
         rng = np.random.default_rng(0)
         for s in layout.slots:
@@ -532,7 +532,7 @@ def bench_nvme(args):
         gpu_gbs = float(np.median([r[1] for r in rows]))
         lines = ["| path | GB/s (median of %d) | / dd |" % args.reps, "|---|---|---|",
                  f"| dd iflag=direct bs=1M -> /dev/null | {dd_gbs:.2f} | 1.00 |",
-                 f"| NVMeStore -> host -> device ({be.name}; ParamSwapper, {args.buffer_count} reads ahead) | {gpu_gbs:.2f} "
+                 f"| AioStore -> host -> device ({be.name}; ParamSwapper, {args.buffer_count} reads ahead) | {gpu_gbs:.2f} "
                  f"| {gpu_gbs / dd_gbs:.2f} |"]
         emit(lines, f"{n} chunks of {args.chunk_mib} MiB ({total / 2**30:.1f} GiB), bf16; page cache dropped: "
                     f"{all(r[2] for r in rows)}; crc32 verified on every chunk", __file__, args.out)

@@ -1,19 +1,21 @@
-"""NVMe tier bandwidth: NVMeStore's write and read GB/s against `dd` with O_DIRECT on the same filesystem, same run.
+"""NVMe tier bandwidth: the two NVMe stores' write and read GB/s against `dd` with O_DIRECT, same filesystem, same run.
 
 ZeRO-Infinity §6 (DeepNVMe) claims the NVMe tier runs near the disk's peak. Here the peak is what `dd` reaches with
-O_DIRECT and 1 MiB requests (queue depth 1), measured before and after every sweep; the table gives each NVMeStore
-setting (DeepSpeed ``aio`` knobs: block_size x queue_depth x intra_op_parallelism) as GB/s (10^9 bytes/s) and as a
-ratio to the median of the dd runs. Host arrays are plain numpy (O_DIRECT copies them through aligned bounce
-buffers) or 4096-aligned (``aligned_empty``: no copy for full blocks). The page cache is dropped before each read
-where permitted (root), and the output says whether it was. Write times include NVMeStore's crc32 (each
-request checksums its block); the buffered row's write time includes flush() (fsync), or it would time the page cache.
+O_DIRECT and 1 MiB requests (queue depth 1), measured before and after every sweep; the table gives the reference
+MmapStore (numpy.memmap: slice copies through the page cache, synchronous) and each AioStore setting (DeepSpeed
+``aio`` knobs: block_size x queue_depth x intra_op_parallelism) as GB/s (10^9 bytes/s) and as a ratio to the median
+of the dd runs. Host arrays are plain numpy (O_DIRECT copies them through aligned bounce buffers) or 4096-aligned
+(``aligned_empty``: no copy for full blocks). The page cache is dropped before each read where permitted (root),
+and the output says whether it was. Write times include each store's crc32 (AioStore: each request checksums its
+block; MmapStore: one pass); MmapStore's write includes its flush (msync) and the buffered AioStore row's an
+fsync, or they would time the page cache.
 
 Two writes, because a filesystem treats them differently (ext4: the first write into fallocate()d, "unwritten"
 extents converts them to written at I/O completion; a rewrite of written extents changes no metadata):
-- first write: into a freshly preallocated file (NVMeStore.allocate(), then write; dd: posix_fallocate, then
+- first write: into a freshly preallocated file (store.allocate(), then write; dd: posix_fallocate, then
   `dd conv=notrunc`), what a swap file's first step costs;
 - rewrite: the same file written again, what every later step costs (the offload paths rewrite their swap files).
-dd and NVMeStore are in the same state for each, both with O_DIRECT and neither fsyncing (no conv=fdatasync: the
+dd and the stores are in the same state for each, both with O_DIRECT and neither fsyncing (no conv=fdatasync: the
 store's write handles don't fsync either). The read follows the rewrite.
 
     python3 benchmarks/nvme_bandwidth.py --gib 2 [--repeat 3] [--path DIR] [--out table.md]
@@ -32,15 +34,19 @@ from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from _report import emit, filesystem  # noqa: E402  (benchmarks/ is the script's folder)
-from refimpl.memory.nvme import NVMeStore, aligned_empty  # noqa: E402
+from refimpl.memory.aio_store import AioStore  # noqa: E402
+from refimpl.memory.mmap_store import MmapStore  # noqa: E402
+from refimpl.memory.store import aligned_empty  # noqa: E402
 
 MiB = 1 << 20
-# (block_size, queue_depth, intra_op_parallelism, direct, host buffer 4096-aligned); the second row is DeepSpeed's
-# default aio section. An aligned host buffer lets O_DIRECT skip the bounce copy (as DeepSpeed's aligned swap buffers).
-SETTINGS = [(MiB, 1, 1, True, False), (MiB, 8, 1, True, False), (256 * 1024, 8, 1, True, False),
-            (4 * MiB, 8, 1, True, False), (MiB, 32, 1, True, False), (MiB, 8, 2, True, False),
-            (MiB, 1, 1, True, True), (MiB, 8, 1, True, True), (MiB, 16, 1, True, True), (2 * MiB, 8, 1, True, True),
-            (4 * MiB, 8, 1, True, True), (MiB, 8, 1, False, False)]
+# (engine, block_size, queue_depth, intra_op_parallelism, direct, host buffer 4096-aligned); the first aio row is
+# DeepSpeed's default aio section. An aligned host buffer lets O_DIRECT skip the bounce copy (as DeepSpeed's aligned
+# swap buffers). MmapStore has no knobs: the kernel's page cache and readahead decide.
+SETTINGS = [("mmap", None, None, None, False, False),
+            ("aio", MiB, 8, 1, True, False), ("aio", MiB, 1, 1, True, False), ("aio", 256 * 1024, 8, 1, True, False),
+            ("aio", 4 * MiB, 8, 1, True, False), ("aio", MiB, 32, 1, True, False), ("aio", MiB, 8, 2, True, False),
+            ("aio", MiB, 1, 1, True, True), ("aio", MiB, 8, 1, True, True), ("aio", MiB, 16, 1, True, True),
+            ("aio", 2 * MiB, 8, 1, True, True), ("aio", 4 * MiB, 8, 1, True, True), ("aio", MiB, 8, 1, False, False)]
 
 
 def drop_caches():
@@ -85,27 +91,43 @@ def measure_dd(folder, n_mib):
     return nbytes / w1 / 1e9, nbytes / w2 / 1e9, nbytes / r / 1e9, dropped
 
 
+def fsync(file):
+    fd = os.open(file, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def open_store(folder, setting):
+    engine, block_size, queue_depth, threads, direct, _ = setting
+    if engine == "mmap":
+        return MmapStore(folder)
+    return AioStore(folder, block_size=block_size, queue_depth=queue_depth, intra_op_parallelism=threads,
+                    direct=direct)
+
+
 def measure_store(folder, setting, array, out):
-    """NVMeStore's first write, rewrite and read of `array` with one setting, as measure_dd."""
-    block_size, queue_depth, threads, direct, _ = setting
+    """A store's first write, rewrite and read of `array` with one setting, as measure_dd."""
+    buffered = setting[0] == "aio" and not setting[4]
 
     def timed_write(store):
         t = time.perf_counter()
         store.write("a", array).wait()
-        if not direct:
-            store.flush()
+        if buffered:
+            fsync(store.file("a"))
         return array.nbytes / (time.perf_counter() - t) / 1e9
-    with NVMeStore(os.path.join(folder, "store"), block_size=block_size, queue_depth=queue_depth,
-                   intra_op_parallelism=threads, direct=direct) as store:
+    with open_store(os.path.join(folder, "store"), setting) as store:
         store.allocate("a", array.nbytes)
         w1 = timed_write(store)
         os.sync()
         w2 = timed_write(store)
         dropped = drop_caches()
         t = time.perf_counter()
-        store.read("a", out).wait()
+        store.read("a", out).wait()                     # verified against the write's crc32
         r = time.perf_counter() - t
-        store.verify("a", out)                          # the bytes came back (outside the timed region)
+        if not np.array_equal(out, array):              # the bytes came back (outside the timed region)
+            raise AssertionError(f"{setting}: the read returned other bytes than were written")
         store.free("a")
     return w1, w2, array.nbytes / r / 1e9, dropped
 
@@ -144,7 +166,7 @@ def main(argv=None):
                     if key == "dd":
                         runs[key].append(measure_dd(folder, n_mib))
                     else:
-                        runs[key].append(measure_store(folder, key, *(aligned if key[4] else plain).values()))
+                        runs[key].append(measure_store(folder, key, *(aligned if key[5] else plain).values()))
                     steps.update(1)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
@@ -159,17 +181,20 @@ def main(argv=None):
         if key == "dd":
             lines.append(f"| dd | 1 MiB | 1 | 1 | yes | dd's own | {cells} | {ratios} |")
             continue
-        block_size, queue_depth, threads, direct, is_aligned = key
+        engine, block_size, queue_depth, threads, direct, is_aligned = key
+        if engine == "mmap":
+            lines.append(f"| MmapStore | page | - | caller | no | numpy | {cells} | {ratios} |")
+            continue
         size = f"{block_size // MiB} MiB" if block_size >= MiB else f"{block_size // 1024} KiB"
         buffer = "aligned, no copy" if is_aligned else ("numpy, bounce copy" if direct else "numpy")
-        lines.append(f"| NVMeStore | {size} | {queue_depth} | {threads} | {'yes' if direct else 'no'} | {buffer} "
+        lines.append(f"| AioStore | {size} | {queue_depth} | {threads} | {'yes' if direct else 'no'} | {buffer} "
                      f"| {cells} | {ratios} |")
     dropped = all(run[3] for results in runs.values() for run in results)
     details = (f"filesystem {filesystem(args.path)}; {nbytes / 2**30:g} GiB per transfer, median (min-max) of "
                f"{args.repeat} sweeps (dd: {len(runs['dd'])} runs, before and after each sweep); page cache dropped "
                f"before each read: {'yes' if dropped else 'no (not permitted)'}; first write: into a fresh "
-               f"fallocate()d file, rewrite: the same file again; dd writes zeros, NVMeStore random bytes; "
-               f"neither fsyncs")
+               f"fallocate()d file, rewrite: the same file again; dd writes zeros, the stores random bytes; "
+               f"no fsync but the buffered rows' (MmapStore's flush, the buffered AioStore's fsync)")
     emit(lines, details, __file__, args.out)
 
 

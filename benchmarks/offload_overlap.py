@@ -17,7 +17,7 @@ same batches so that machine drift and other tenants hit every variant alike:
 All run ZeRO stage 3 with ``stage3_param_persistence_threshold=0``, so every parameter crosses the tiers. The first
 table gives the median step time (min-max), its ratio to ``none`` (ratio of medians, and the median of the ratios
 of steps of the same round, which were nearest in time), the split into forward+backward and optimizer step, and
-per NVMe direction: MB per step, the disk's GB/s over the time the NVMeStore had I/O in flight, and the seconds the
+per NVMe direction: MB per step, the disk's GB/s over the time the NVMe store had I/O in flight, and the seconds the
 compute thread was blocked (exposed, from the ledger's waits; refimpl/memory/ledger.py). The second table splits
 each NVMe variant's exposed seconds by what waited, with counts and transfer sizes: where the time goes. The third
 gives the host<->device copies of the offloaded variants per step: bytes, GB/s, and the ledger's hidden and exposed
@@ -77,9 +77,9 @@ def variant_config(device, dtype, world_size, swap, common, offload_only=(), kno
 
 
 def stores(engine):
-    """The NVMeStores of an Engine (parameters, optimizer states); none when nothing is on NVMe."""
+    """The NVMe stores of an Engine (parameters, optimizer states); none when nothing is on NVMe."""
     found = [getattr(engine.optimizer, "store", None), getattr(engine.zero.swapper, "store", None)]
-    return [s for s in found if s is not None]
+    return [s for s in found if s is not None and s.tier == "nvme"]
 
 
 def io_totals(engine):

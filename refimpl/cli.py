@@ -30,7 +30,7 @@ from .deepspeed_keys import DeepSpeedKeyWarning
 from .lock import LockError
 from .loss_scaler import MinLossScaleError
 from .memory.ledger import TierBudgetError
-from .memory.nvme import SwapError
+from .memory.swap_files import SwapError
 from .memory.param_offload import BufferPoolError
 from .train import RunDirError, train
 

@@ -268,7 +268,10 @@ SCHEMA = {
     },
     "activation_checkpointing": {"cpu_checkpointing": Field(False, boolean)},
     "aio": {"block_size": Field(1048576, multiple_of(4096, size(1))), "queue_depth": Field(8, integer(1)),
-            "intra_op_parallelism": Field(1, integer(1))},    # old name: thread_count
+            "intra_op_parallelism": Field(1, integer(1)),    # old name: thread_count
+            # refimpl's own: the NVMe store. "aio": O_DIRECT requests on I/O threads (DeepNVMe, fast);
+            # "mmap": numpy.memmap files (the readable reference). refimpl/memory/store.py
+            "engine": Field("aio", one_of("aio", "mmap"))},
     # null: REFIMPL_BACKEND, else numpy. The backend registry checks the name at run time.
     "backend": Field(None, nullable(string)),
     # ranks; under mpiexec the MPI world decides. Simulated ranks are threads of one process: at most 1024.

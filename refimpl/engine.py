@@ -25,6 +25,7 @@ from .comm.local import LocalWorld
 from .kernels import array_module
 from .memory.ledger import Ledger
 from .memory.optimizer_offload import OffloadedAdamW, sub_groups
+from .memory.store import make_store
 from .loss_scaler import MinLossScaleError, make_loss_scaler
 from .lr_schedules import lr_at
 from .optim import AdamW, adam_w_mode, clip_coefficient
@@ -87,19 +88,16 @@ class Engine:
                     self.zero.master[lo:lo + piece.size] = piece
                     lo += piece.size
             return AdamW(self.zero.master, **kw)
-        store = None
-        if off["device"] == "nvme":
-            from .memory.nvme import NVMeStore
-            path = Path(off["nvme_path"]) / f"zero_stage_{zcfg['stage']}" / "optimizer" / f"rank{self.rank}"
-            store = NVMeStore(path, **self.config["aio"])   # DeepSpeed's aio section, by its own names
+        path = Path(off["nvme_path"]) / f"zero_stage_{zcfg['stage']}" / "optimizer" / f"rank{self.rank}" \
+            if off["device"] == "nvme" else None
+        store = make_store(off["device"], path, self.config["aio"])   # DeepSpeed's aio section, by its own names
         groups = sub_groups([s.chunk for s in layout.slots], zcfg["sub_group_size"])
         try:
             optimizer = OffloadedAdamW(self._master_pieces(), numel=layout.partition_numel, groups=groups,
-                                       device=off["device"], ledger=self.ledger, store=store,
-                                       buffer_count=off["buffer_count"], dtype=self.zero.master_dtype, **kw)
+                                       store=store, ledger=self.ledger, buffer_count=off["buffer_count"],
+                                       dtype=self.zero.master_dtype, **kw)
         except BaseException:
-            if store is not None:
-                store.close()
+            store.close()
             raise
         self.zero.master = None  # the fp32 master now lives in the host or NVMe tier only
         return optimizer

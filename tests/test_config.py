@@ -62,7 +62,8 @@ def test_defaults_resolve():
                           ("stage3_param_persistence_threshold", 100_000), ("stage3_max_live_parameters", 10**9),
                           ("stage3_max_reuse_distance", 10**9)]:
         assert zero[key] == expected and type(zero[key]) is int, key
-    assert cfg["aio"] == {"block_size": 1048576, "queue_depth": 8, "intra_op_parallelism": 1}
+    # DeepSpeed's aio defaults, and refimpl's own choice of NVMe store: the fast one
+    assert cfg["aio"] == {"block_size": 1048576, "queue_depth": 8, "intra_op_parallelism": 1, "engine": "aio"}
 
 
 def test_validate_empty_dict_gives_deepspeed_defaults():

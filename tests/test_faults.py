@@ -11,7 +11,7 @@ fresh engine, `zero_to_fp32` equal to an unfaulted run's, and `--resume` from it
 
 Faults are real where the machine allows (a 256 KiB tmpfs mount as root) and injected otherwise: a wrapper of
 `refimpl.checkpoint.save_checkpoint` damages the swap folder right after the step-2 checkpoint, on the rank
-whose files it damages, and a stand-in for the `os` module inside refimpl.memory.nvme
+whose files it damages, and a stand-in for the `os` module inside the NVMe store
 fails `pwrite` (mid-training) or `posix_fallocate` (at allocation) with ENOSPC.
 Expected sizes come from the partition arithmetic (ZeRO §5: chunk = ceil(numel / N)) and the 4096-byte
 rounding of swap files, computed here from the model's parameter shapes.
@@ -31,7 +31,8 @@ import numpy as np
 import pytest
 
 import refimpl.checkpoint as checkpoint
-import refimpl.memory.nvme as nvme
+import refimpl.memory.aio_store as aio_store
+import refimpl.memory.swap_files as swap_files
 from refimpl.backend import use_backend
 from refimpl.cli import main
 from refimpl.config import load_config
@@ -153,7 +154,7 @@ def after_checkpoint(monkeypatch):
 
 def swap_file(store, key):
     """The path of `key`'s swap file, from the store's manifest."""
-    return os.path.join(store.path, store.manifest[key]["file"])
+    return store.file(key)
 
 
 def assert_checkpoint_survives(capsys, run, tmp_path, reference):
@@ -223,7 +224,7 @@ def test_real_enospc_names_the_swap_file_and_the_bytes(capsys, tmp_path, tiny_tm
 
 
 class _OsWithFaults:
-    """`os` as refimpl.memory.nvme sees it, with pwrite or posix_fallocate failing with ENOSPC when told to."""
+    """`os` as the NVMe store (refimpl/memory/aio_store.py, swap_files.py) sees it, with pwrite or posix_fallocate failing with ENOSPC when told to."""
 
     def __init__(self):
         self.full = False                # every pwrite fails
@@ -246,7 +247,8 @@ class _OsWithFaults:
 @pytest.fixture
 def faulty_os(monkeypatch):
     fake = _OsWithFaults()
-    monkeypatch.setattr(nvme, "os", fake)
+    monkeypatch.setattr(aio_store, "os", fake)     # pwrite
+    monkeypatch.setattr(swap_files, "os", fake)    # posix_fallocate
     return fake
 
 

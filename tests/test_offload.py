@@ -79,14 +79,14 @@ def test_offload_config_errors(overrides, key, fragments):
         assert fragment in str(info.value)
 
 
-def run3(tmp_path, world_size, param_device, optim_device):
+def run3(tmp_path, world_size, param_device, optim_device, *extra):
     """Stage 3 with every parameter partitioned; returns per-step losses, whole optimizer state, ledger."""
     tag = f"w{world_size}p{param_device}o{optim_device}"
     swap = tmp_path / tag / "swap"
     return run(tmp_path / tag, 3, world_size, "none",
                f'zero_optimization.offload_param={{"device": "{param_device}", "nvme_path": "{swap}", '
                f'"buffer_count": 3}}',
-               f'zero_optimization.offload_optimizer={{"device": "{optim_device}", "nvme_path": "{swap}"}}')
+               f'zero_optimization.offload_optimizer={{"device": "{optim_device}", "nvme_path": "{swap}"}}', *extra)
 
 
 @pytest.mark.parametrize("world_size, combos", [
@@ -108,6 +108,22 @@ def test_parameter_offload_changes_nothing(tmp_path, world_size, combos):
             assert ("host", "device") in pairs, what      # every gather moves this rank's chunk up
         if param_device == "nvme":
             assert ("nvme", "host") in pairs and ("host", "nvme") in pairs, what
+
+
+def test_every_store_trains_bitwise_the_same(tmp_path):
+    """Parameters and optimizer states in a HostStore, an MmapStore and an AioStore (refimpl/memory/store.py): the
+    tiers are interchangeable, so the runs are bitwise the run that offloads nothing."""
+    ref_losses, ref_state, _ = run3(tmp_path, 2, "none", "none")
+    for device, engine in (("cpu", "aio"), ("nvme", "mmap"), ("nvme", "aio")):
+        losses, state, ledger = run3(tmp_path / engine, 2, device, device, f"aio.engine={engine}")
+        what = f"offload device={device} aio.engine={engine}"
+        assert losses == ref_losses, what
+        for key in ref_state:
+            for name in ref_state[key]:
+                np.testing.assert_array_equal(state[key][name], ref_state[key][name], err_msg=f"{what} {key} {name}")
+        pairs = {(e["src"], e["dst"]) for e in ledger if e["kind"] == "transfer"}
+        assert (("nvme", "host") in pairs) == (device == "nvme"), what     # a host tier moves nothing to itself
+        assert ("host", "host") not in pairs, what
 
 
 def test_bandwidth_centric_each_rank_reads_only_its_shard(tmp_path):

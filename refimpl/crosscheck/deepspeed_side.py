@@ -32,6 +32,7 @@ DEEPSPEED_SECTIONS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gra
 def deepspeed_config(config: dict, raw: dict, swap_dir) -> dict:
     """The DeepSpeed config of a resolved refimpl ``config`` (``raw``: the merged config before validation)."""
     ds = {k: copy.deepcopy(config[k]) for k in DEEPSPEED_SECTIONS if config[k] is not None}
+    del ds["aio"]["engine"]                             # refimpl's own key: which NVMe store refimpl uses
     zero = ds["zero_optimization"]
     for name in ("offload_param", "offload_optimizer"):
         if zero[name] is None:

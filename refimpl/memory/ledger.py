@@ -39,7 +39,8 @@ class Ledger:
         self._flushers = []              # device copies whose times are known once their events complete
         self.device_timer = None         # a GPU's CopyStream: records intervals on the device's timeline
 
-    def _now(self) -> float:
+    def now(self) -> float:
+        """Seconds since the ledger started: the time axis of every record."""
         return self.clock() - self.t0
 
     # ----------------------------------------------------------------------------------------- record
@@ -51,18 +52,33 @@ class Ledger:
     @contextlib.contextmanager
     def transfer(self, src: str, dst: str, nbytes: int, label: str = ""):
         """A synchronous transfer: the caller waits for all of it."""
-        start = self._now()
+        start = self.now()
         yield
-        end = self._now()
+        end = self.now()
         self.add("transfer", start, end, src=src, dst=dst, nbytes=int(nbytes), label=label)
         self.add("wait", start, end, src=src, dst=dst, label=label)
+
+    def record_io(self, handles, src: str, dst: str, label: str = "") -> None:
+        """Block on the I/O handles of one transfer (refimpl/memory/store.py), recording the wait, and the transfer
+        as the store saw it: from the first request's issue to the last one's completion. A copy within one tier,
+        or handles that moved nothing (a host tier's own memory), are no transfer between tiers."""
+        nbytes = sum(h.nbytes for h in handles)
+        if src == dst or not nbytes:
+            for h in handles:
+                h.wait()
+            return
+        with self.wait(src, dst, label):
+            for h in handles:
+                h.wait()
+        self.add("transfer", min(h.start for h in handles) - self.t0, max(h.end for h in handles) - self.t0,
+                 src=src, dst=dst, nbytes=nbytes, label=label)
 
     @contextlib.contextmanager
     def wait(self, src: str, dst: str, label: str = ""):
         """The compute thread blocks on an asynchronous transfer (recorded separately with `add`)."""
-        start = self._now()
+        start = self.now()
         yield
-        self.add("wait", start, self._now(), src=src, dst=dst, label=label)
+        self.add("wait", start, self.now(), src=src, dst=dst, label=label)
 
     @contextlib.contextmanager
     def compute(self, label: str, on_device: bool = False):
@@ -72,9 +88,9 @@ class Ledger:
             with self.device_timer.interval("compute", label=label):
                 yield
             return
-        start = self._now()
+        start = self.now()
         yield
-        self.add("compute", start, self._now(), label=label)
+        self.add("compute", start, self.now(), label=label)
 
     def fits(self, tier: str, nbytes: int) -> bool:
         return tier not in self.limits or self.used[tier] + nbytes <= self.limits[tier]

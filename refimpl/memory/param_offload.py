@@ -9,7 +9,8 @@ DeepSpeed's AsyncPartitionedParameterSwapper: chunks are read into a pool of `bu
 the next modules in its trace), and written back by the optimizer step, sub-group by sub-group
 (`PartitionUpdate`). Under zero.Init the chunks arrive one parameter at a time (`write_chunk`), so the partition is
 never whole in host memory. Host buffers that feed the device are pinned and the host -> device copy runs on the
-copy stream beside compute (refimpl/memory/transfer.py).
+copy stream beside compute (refimpl/memory/transfer.py). The tier is a store (refimpl/memory/store.py): a
+HostStore's chunks are in host memory already (nothing to read ahead), a disk store's are read into the pool.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import bisect
 
 import numpy as np
 
-from .nvme import aligned_empty
+from .store import aligned_empty
 from .transfer import CopyStream
 
 
@@ -26,30 +27,22 @@ class BufferPoolError(MemoryError):
 
 
 class ParamSwapper:
-    def __init__(self, layout, rank: int, dtype, *, device: str, backend, ledger, store=None,
-                 buffer_count: int = 5, buffer_size: int = 10**8, copies=None):
-        if device not in ("cpu", "nvme"):
-            raise ValueError(f"offload_param.device must be 'cpu' or 'nvme' here, got {device!r}")
+    def __init__(self, layout, rank: int, dtype, *, store, backend, ledger, buffer_count: int = 5,
+                 buffer_size: int = 10**8, copies=None):
         self.layout, self.rank, self.dtype = layout, rank, np.dtype(dtype)
-        self.device, self.backend, self.ledger, self.store = device, backend, ledger, store
+        self.store, self.backend, self.ledger = store, backend, ledger
         self.buffer_count, self.buffer_size = int(buffer_count), int(buffer_size)
         self.copies = copies if copies is not None else CopyStream(backend, ledger)
         self._staged = 0     # host bytes of an updated partition waiting to be committed
-        self._writes = []    # (buffer, handle, label) of writes in flight, oldest first
-        nbytes = layout.partition_numel * self.dtype.itemsize
-        if device == "cpu":
-            self.host = self.copies.host_empty(nbytes).view(self.dtype)  # the host tier holds the partition
-            self.host[...] = 0
-            ledger.alloc("host", nbytes, "the parameter partition (offload_param=cpu)")
-        else:
-            largest = max((s.chunk for s in layout.slots), default=0)
-            if largest > self.buffer_size:
-                raise BufferPoolError(f"offload_param.buffer_size={self.buffer_size} elements cannot hold the "
-                                      f"largest parameter chunk ({largest} elements); raise buffer_size")
-            self.inflight: dict[str, tuple] = {}               # slot name -> (buffer, read handle)
-            for s in layout.slots:
-                self.store.allocate(self._key(s), s.chunk * self.dtype.itemsize)
-            ledger.alloc("nvme", nbytes, "the parameter partition")
+        self._writes = []    # (buffer, handles, label) of writes in flight, oldest first
+        self.inflight: dict[str, tuple] = {}   # slot name -> (buffer, read handle, host bytes it holds)
+        largest = max((s.chunk for s in layout.slots), default=0)
+        if not store.resident and largest > self.buffer_size:
+            raise BufferPoolError(f"offload_param.buffer_size={self.buffer_size} elements cannot hold the "
+                                  f"largest parameter chunk ({largest} elements); raise buffer_size")
+        ledger.alloc(store.tier, layout.partition_numel * self.dtype.itemsize, "the parameter partition")
+        for s in layout.slots:
+            store.allocate(self._key(s), s.chunk * self.dtype.itemsize)
         self._starts = [s.offset for s in layout.slots]     # for finding the slots of a sub-group
 
     def _key(self, slot) -> str:
@@ -58,9 +51,6 @@ class ParamSwapper:
     # ------------------------------------------------------------------------------ write (init, update)
     def write_chunk(self, slot, chunk) -> None:
         """Put one parameter's chunk into the tier (zero.Init draws parameters one by one and calls this)."""
-        if self.device == "cpu":
-            self.layout.view(self.host, slot)[...] = self.backend.to_numpy(chunk)
-            return
         buf = aligned_empty(chunk.nbytes).view(self.dtype)
         buf[...] = self.backend.to_numpy(chunk)
         self._write(buf, [(slot, buf)], slot.name)
@@ -75,13 +65,7 @@ class ParamSwapper:
 
     def _finish_write(self) -> None:
         buf, handles, label = self._writes.pop(0)
-        with self.ledger.wait("host", "nvme", label):
-            for h in handles:
-                h.wait()
-        if handles:
-            t0 = self.ledger.t0
-            self.ledger.add("transfer", min(h.start for h in handles) - t0, max(h.end for h in handles) - t0,
-                            src="host", dst="nvme", nbytes=buf.nbytes, label=label)
+        self.ledger.record_io(handles, "host", self.store.tier, label)
         self.ledger.free("host", buf.nbytes)
 
     def finish_writes(self) -> None:
@@ -100,113 +84,95 @@ class ParamSwapper:
 
     def begin_update(self) -> "PartitionUpdate":
         """The optimizer is about to write new values: returns where its sub-groups go (see PartitionUpdate)."""
-        if self.device == "nvme":
-            while self.inflight:   # reads of the old values must not land after the new ones are written
-                self._drain_one()
+        self._drop_reads_ahead()
         return PartitionUpdate(self)
 
     # --------------------------------------------------------------------------------------- swap in
+    def _read(self, slot) -> tuple:
+        """Start moving `slot`'s chunk into host memory: (host array, read handle, host bytes charged). A host
+        tier's chunk is there already: its own array, read in place (a no-op)."""
+        key, nbytes = self._key(slot), slot.chunk * self.dtype.itemsize
+        if self.store.resident:
+            buf, cost = self.store.view(key).view(self.dtype), 0
+        else:
+            self.ledger.alloc("host", nbytes, f"the swap buffer of {slot.name}")   # raises over the budget
+            buf, cost = self.copies.host_empty(nbytes).view(self.dtype), nbytes  # 4096-aligned, pinned
+        return buf, self.store.read(key, buf), cost
+
     def swap_in_async(self, slot) -> bool:
-        """Start reading `slot`'s chunk from NVMe into a pool buffer; False when the pool is full."""
-        if self.device == "cpu" or slot.name in self.inflight:
+        """Start reading `slot`'s chunk from the tier into a pool buffer; False when the pool is full."""
+        if self.store.resident or slot.name in self.inflight:
             return True
         nbytes = slot.chunk * self.dtype.itemsize
         if len(self.inflight) >= self.buffer_count or not self.ledger.fits("host", nbytes):
             return False
-        buf = self.copies.host_empty(nbytes).view(self.dtype)  # 4096-aligned (O_DIRECT reads it directly), pinned
-        self.ledger.alloc("host", nbytes, f"the swap buffer of {slot.name}")
-        self.inflight[slot.name] = (buf, self.store.read(self._key(slot), buf))
+        self.inflight[slot.name] = self._read(slot)
         return True
 
     def ready(self, slot) -> bool:
         """Is `slot`'s chunk in host memory already (so gathering it will not wait on the disk)?"""
-        return self.device == "cpu" or (slot.name in self.inflight and self.inflight[slot.name][1].done())
+        return self.store.resident or (slot.name in self.inflight and self.inflight[slot.name][1].done())
 
     def to_device(self, slot):
         """This rank's chunk of `slot` on the device, ready for the all-gather (waits for its read)."""
-        if self.device == "cpu":
-            chunk = self.layout.view(self.host, slot)
-        else:
-            if slot.name in self.inflight:      # read ahead by the prefetcher: take it from the pool
-                buf, handle = self.inflight.pop(slot.name)
-            else:                               # not read ahead: read it now, outside the pool (never drop
-                nbytes = slot.chunk * self.dtype.itemsize   # reads issued ahead: they are needed next)
-                self.ledger.alloc("host", nbytes, f"the swap buffer of {slot.name}")  # raises over the budget
-                buf = self.copies.host_empty(nbytes).view(self.dtype)
-                handle = self.store.read(self._key(slot), buf)
-            with self.ledger.wait("nvme", "host", slot.name):
-                handle.wait()                     # verified: a swap file changed behind our back is an error
-            self.ledger.add("transfer", handle.start - self.ledger.t0, handle.end - self.ledger.t0,
-                            src="nvme", dst="host", nbytes=buf.nbytes, label=slot.name)  # when the disk was busy
-            self.ledger.free("host", buf.nbytes)
-            chunk = buf
-        return self.copies.to_device(chunk, slot.name)   # the copy keeps `chunk` until it is done
+        # read ahead by the prefetcher: take it from the pool; else read it now, outside the pool (never drop
+        # reads issued ahead: they are needed next)
+        buf, handle, cost = self.inflight.pop(slot.name) if slot.name in self.inflight else self._read(slot)
+        self.ledger.record_io([handle], self.store.tier, "host", slot.name)   # verified reads
+        self.ledger.free("host", cost)
+        return self.copies.to_device(buf, slot.name)   # the copy keeps `buf` until it is done
 
-    def _drain_one(self) -> None:
-        """The pool is full of reads nobody asked for yet (a stale prefetch): finish and drop the oldest."""
-        name = next(iter(self.inflight))
-        buf, handle = self.inflight.pop(name)
-        handle.wait()
-        self.ledger.free("host", buf.nbytes)
+    def _drop_reads_ahead(self) -> None:
+        """Reads of the old values must not land after the new ones are written: finish and drop them."""
+        while self.inflight:
+            name = next(iter(self.inflight))
+            buf, handle, cost = self.inflight.pop(name)
+            handle.wait()
+            self.ledger.free("host", cost)
 
     # ---------------------------------------------------------------------------------- update / save
     def partition_for_update(self):
-        """The host array the optimizer writes the new low-precision partition into."""
-        if self.device == "cpu":
-            return self.host
+        """The host array the optimizer writes the whole new low-precision partition into (then `commit`)."""
         nbytes = self.layout.partition_numel * self.dtype.itemsize
-        self.ledger.alloc("host", nbytes, "the updated parameter partition on its way to NVMe")
+        self.ledger.alloc("host", nbytes, "the updated parameter partition on its way to the parameter tier")
         self._staged = nbytes
         return np.empty(self.layout.partition_numel, dtype=self.dtype)
 
     def commit(self, partition) -> None:
-        """After an update: nothing more on the host tier; NVMe: write every chunk back (and wait)."""
+        """After an update: write every chunk back to the tier (and wait)."""
         if isinstance(partition, PartitionUpdate):
             partition.finish()
             return
-        if self.device == "cpu":
-            if partition is not self.host:
-                self.host[...] = partition
-            return
-        while self.inflight:       # reads of the old values must not land after the new ones are written
-            self._drain_one()
-        start = self.ledger._now()
+        self._drop_reads_ahead()
         handles = [self.store.write(self._key(s), np.ascontiguousarray(self.layout.view(partition, s)))
                    for s in self.layout.slots]
-        with self.ledger.wait("host", "nvme", "parameter partition"):
-            for h in handles:
-                h.wait()
-        self.ledger.add("transfer", start, self.ledger._now(), src="host", dst="nvme",
-                        nbytes=partition.nbytes, label="parameter partition")
+        self.ledger.record_io(handles, "host", self.store.tier, "parameter partition")
         self.ledger.free("host", self._staged)
         self._staged = 0
 
     def read_chunk(self, slot) -> np.ndarray:
         """This rank's chunk of one parameter, as a host array (the optimizer's fp32 master is built from it)."""
-        if self.device == "cpu":
-            return self.layout.view(self.host, slot)
         out = np.empty(slot.chunk, dtype=self.dtype)
-        self.store.read_sync(self._key(slot), out)    # verified
+        self.store.read(self._key(slot), out).wait()    # verified
         return out
 
     def full_partition(self) -> np.ndarray:
         """This rank's whole low-precision partition as a host array (checkpoints)."""
-        if self.device == "cpu":
-            return self.host.copy()
         out = np.empty(self.layout.partition_numel, dtype=self.dtype)
-        for s in self.layout.slots:
-            self.store.read_sync(self._key(s), self.layout.view(out, s))   # verified
+        handles = [self.store.read(self._key(s), self.layout.view(out, s)) for s in self.layout.slots]
+        for h in handles:
+            h.wait()                                    # verified
         return out
 
 
 class PartitionUpdate:
     """Where the offloaded optimizer writes the new low-precision parameters, one sub-group at a time, so the
-    write-back to NVMe of sub-group i overlaps the step of sub-group i+1 (DeepSpeed's stage 3 swaps out a
+    write-back to the tier of sub-group i overlaps the step of sub-group i+1 (DeepSpeed's stage 3 swaps out a
     sub-group's fp16 partitions right after its step) and the whole partition never sits in host memory.
 
         buf = update.buffer(lo, hi)     # host array for partition elements [lo, hi)
         ... the optimizer writes buf ...
-        update.done(lo, hi, buf)        # NVMe: start writing the sub-group's parameter chunks
+        update.done(lo, hi, buf)        # start writing the sub-group's parameter chunks
         update.finish()                 # wait for every write (publish_params calls it through commit)
     """
 
@@ -215,17 +181,12 @@ class PartitionUpdate:
 
     def buffer(self, lo: int, hi: int):
         sw = self.swapper
-        if sw.device == "cpu":
-            return sw.host[lo:hi]                     # the host tier itself
         return aligned_empty((hi - lo) * sw.dtype.itemsize).view(sw.dtype)
 
     def done(self, lo: int, hi: int, buf) -> None:
         sw = self.swapper
-        if sw.device == "cpu":
-            return
         pieces = [(s, buf[s.offset - lo:s.offset - lo + s.chunk]) for s in sw.slots_between(lo, hi)]
         sw._write(buf, pieces, f"parameters of sub-group [{lo}, {hi})")
 
     def finish(self) -> None:
-        if self.swapper.device == "nvme":
-            self.swapper.finish_writes()
+        self.swapper.finish_writes()

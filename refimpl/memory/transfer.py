@@ -25,7 +25,7 @@ import contextlib
 
 import numpy as np
 
-from .nvme import aligned_empty
+from .store import aligned_empty
 
 
 class DeviceClock:
@@ -36,7 +36,7 @@ class DeviceClock:
         self.anchor = backend.event()
         self.anchor.record(backend.current_stream())
         self.anchor.synchronize()
-        self.host0 = ledger._now()
+        self.host0 = ledger.now()
 
     def time(self, event) -> float:
         event.synchronize()

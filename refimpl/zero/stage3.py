@@ -84,18 +84,17 @@ class ParameterPartitioning(GradientPartitioning):
         if off is None or off["device"] == "none":
             return None
         from ..memory.param_offload import ParamSwapper
-        store = None
-        if off["device"] == "nvme":
-            from ..memory.nvme import NVMeStore
-            path = Path(off["nvme_path"]) / "zero_stage_3" / "params" / f"rank{self.rank}"
-            store = NVMeStore(path, **self.config["aio"])   # DeepSpeed's aio section, by its own names
+        from ..memory.store import make_store
+        path = Path(off["nvme_path"]) / "zero_stage_3" / "params" / f"rank{self.rank}" \
+            if off["device"] == "nvme" else None
+        # DeepSpeed's aio section, by its own names; host arrays pinned (and 4096-aligned) for the copy stream
+        store = make_store(off["device"], path, self.config["aio"], empty=self.copies.host_empty)
         try:
-            return ParamSwapper(self.layout, self.rank, self.dtype, device=off["device"], backend=self.backend,
-                                ledger=self.ledger, store=store, buffer_count=off["buffer_count"],
+            return ParamSwapper(self.layout, self.rank, self.dtype, store=store, backend=self.backend,
+                                ledger=self.ledger, buffer_count=off["buffer_count"],
                                 buffer_size=off["buffer_size"], copies=self.copies)
         except BaseException:
-            if store is not None:
-                store.close()   # its swap folder is given back at once
+            store.close()   # its swap folder is given back at once
             raise
 
     # ------------------------------------------------------------------------------- gather / release
