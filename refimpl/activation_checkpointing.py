@@ -15,9 +15,10 @@ block's activations, for the price of one extra forward per block. This is DeepS
 
 `cpu_checkpointing=True` (DeepSpeed's `activation_checkpointing.cpu_checkpointing`; ZeRO-Infinity §5.1.2)
 moves the saved inputs to the host tier right after forward and brings them back just before recomputation,
-so device memory holds no checkpoints at all. The copies go through the backend interface (a pinned host
-buffer, `copy_async` on a stream): on the NumPy backend host and device are the same RAM, on a GPU backend
-it is a real device->host transfer.
+so device memory holds no checkpoints at all. The host tier is handed in (`host`): the engine gives the model
+one whose copies run on its copy stream, are recorded by its ledger and charged to its host budget
+(refimpl/memory/transfer.py, OffloadedCheckpoints). On the NumPy backend host and device are the same RAM, on
+a GPU backend it is a real device->host transfer.
 
 There is no random-number state to save and restore: refimpl has no dropout, so a block's forward is a pure
 function of its inputs and parameters and the recomputation sees exactly what forward saw (DeepSpeed and
@@ -42,11 +43,8 @@ no_grad forward is fetched on demand, like evaluation.
 """
 from __future__ import annotations
 
-import itertools
-
 from . import autodiff
 from .autodiff import Function, Tensor, enable_grad, is_grad_enabled, no_grad
-from .backend import get_backend
 
 
 def checkpoint(function, *args, cpu_checkpointing: bool = False, host=None):
@@ -61,8 +59,9 @@ def checkpoint(function, *args, cpu_checkpointing: bool = False, host=None):
     args: Tensors (checkpointed) and anything else (masks, flags, None), passed through unchanged.
     cpu_checkpointing: move the saved Tensor inputs to the host tier after forward (DeepSpeed's
         `cpu_checkpointing`); the node's `offloaded_bytes` says how many bytes went.
-    host: where offloaded inputs go: an object with store(array) -> handle and load(handle) -> array
-        (default: a PinnedHostStore of the current backend).
+    host: where offloaded inputs go (needed with cpu_checkpointing): an object with store(array) -> handle and
+        load(handle) -> array, and optionally release(array), called once the recomputation's backward has
+        been issued (refimpl/memory/transfer.py, OffloadedCheckpoints).
     Under no_grad there is no backward to prepare for: function(*args) is simply called.
     """
     if not callable(function):
@@ -71,6 +70,9 @@ def checkpoint(function, *args, cpu_checkpointing: bool = False, host=None):
         raise ValueError(f"cpu_checkpointing must be True or False, got {cpu_checkpointing!r}")
     if host is not None and not (callable(getattr(host, "store", None)) and callable(getattr(host, "load", None))):
         raise ValueError(f"host must have store(array) -> handle and load(handle) -> array methods, got {host!r}")
+    if cpu_checkpointing and host is None:
+        raise ValueError("cpu_checkpointing=True needs a host tier to keep the inputs in (host=...); the engine "
+                         "gives its model one (OffloadedCheckpoints, refimpl/memory/transfer.py)")
     if not is_grad_enabled():
         return function(*args)
     outputs = CheckpointFunction.apply(function, *args, is_tensor=tuple(isinstance(a, Tensor) for a in args),
@@ -101,7 +103,7 @@ class CheckpointFunction(Function):
         self.args = list(args)          # the checkpoint: Tensor inputs' arrays, other args as they came
         self.host, self.handles, self.offloaded_bytes = None, {}, 0
         if cpu_checkpointing:
-            self.host = host if host is not None else PinnedHostStore(self.backend)
+            self.host = host
             for i, t in enumerate(is_tensor):
                 if t:
                     self.handles[i] = self.host.store(self.args[i])
@@ -127,6 +129,11 @@ class CheckpointFunction(Function):
             autodiff.backward(*seeded[0])
         elif seeded:  # autodiff.backward takes one root: join the outputs under one
             autodiff.backward(_Seed.apply(*[o for o, _ in seeded], grads=tuple(g for _, g in seeded)))
+        release = getattr(self.host, "release", None)
+        if release is not None:          # the loaded inputs' readers are all issued now
+            for i, t in enumerate(self.is_tensor):
+                if t:
+                    release(self.args[i])
         return (None, *[x.grad if isinstance(x, Tensor) else None for x in inputs])
 
 
@@ -150,48 +157,3 @@ def _edge(x):
     edge = Tensor(None, requires_grad=x.requires_grad, name=x.name)
     edge.creator, edge.output_index = x.creator, x.output_index
     return edge
-
-
-# ------------------------------------------------------------------------------------------ host tier
-class PinnedHostStore:
-    """The default host tier for offloaded checkpoints: one pinned host buffer per stored array.
-
-    store() copies device -> host on a stream of the backend and waits for it, so the caller may drop the
-    device array at once (a production system would record an event and overlap the copy with compute);
-    load() copies host -> device and forgets the host buffer. Counters play the part of the ledger:
-    bytes_stored / bytes_loaded (traffic, cumulative) and resident_bytes (held now).
-    """
-
-    def __init__(self, backend=None):
-        self.backend = backend if backend is not None else get_backend()
-        self._buffers: dict[int, object] = {}
-        self._ids = itertools.count()
-        self.bytes_stored = self.bytes_loaded = 0
-
-    @property
-    def resident_bytes(self) -> int:
-        return sum(b.nbytes for b in self._buffers.values())
-
-    def store(self, array) -> int:
-        be = self.backend
-        buf = be.pinned_empty(array.shape, array.dtype)
-        stream = be.stream()
-        be.copy_async(buf, array, stream)   # device -> host
-        stream.synchronize()
-        handle = next(self._ids)
-        self._buffers[handle] = buf
-        self.bytes_stored += buf.nbytes
-        return handle
-
-    def load(self, handle):
-        if handle not in self._buffers:
-            raise ValueError(f"no checkpoint stored under handle {handle!r} (each one can be loaded once); "
-                             f"stored: {sorted(self._buffers)}")
-        be = self.backend
-        buf = self._buffers.pop(handle)
-        array = be.empty(buf.shape, buf.dtype)
-        stream = be.stream()
-        be.copy_async(array, buf, stream)   # host -> device
-        stream.synchronize()
-        self.bytes_loaded += buf.nbytes
-        return array

@@ -29,7 +29,7 @@ from .data import DataError
 from .deepspeed_keys import DeepSpeedKeyWarning
 from .lock import LockError
 from .loss_scaler import MinLossScaleError
-from .memory.ledger import TierBudgetError
+from .memory.budget import TierBudgetError
 from .memory.swap_files import SwapError
 from .memory.param_offload import BufferPoolError
 from .train import RunDirError, train

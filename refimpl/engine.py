@@ -26,6 +26,7 @@ from .kernels import array_module
 from .memory.ledger import Ledger
 from .memory.optimizer_offload import OffloadedAdamW, sub_groups
 from .memory.store import make_store
+from .memory.transfer import OffloadedCheckpoints
 from .loss_scaler import MinLossScaleError, make_loss_scaler
 from .lr_schedules import lr_at
 from .optim import AdamW, adam_w_mode, clip_coefficient
@@ -60,9 +61,11 @@ class Engine:
         except BaseException:
             self.close()       # a swap folder taken by the stage is given back at once
             raise
-        self.ledger.alloc("device", self._device_model_state_bytes(), "the model states kept on the device")
+        if config["activation_checkpointing"]["cpu_checkpointing"]:   # the blocks' inputs wait in the host tier
+            model.checkpoint_host = OffloadedCheckpoints(self.zero.copies)
+        self.ledger.budget.alloc("device", self._device_model_state_bytes(), "the model states kept on the device")
         if self._grads_on_host():
-            self.ledger.alloc("host", self.zero.model_state_bytes()["grads"], "the gradient partition")
+            self.ledger.budget.alloc("host", self.zero.model_state_bytes()["grads"], "the gradient partition")
         self.loss_scaler = make_loss_scaler(config)
         self.micro_steps = 0
         self.global_steps = 0      # optimizer steps attempted (DeepSpeed's global_steps)

@@ -88,6 +88,7 @@ class Transformer(Module):
         if cfg.task == "classify" and not cfg.n_classes:
             raise ValueError("model.n_classes must be set for task 'classify'")
         self.cfg, self.dtype = cfg, np.dtype(dtype)
+        self.checkpoint_host = None   # cpu_checkpointing's host tier: the engine sets it (refimpl/engine.py)
         rng = np.random.default_rng(seed)  # parameters are drawn in registration order: deterministic
         self.tok_emb = Embedding(cfg.vocab_size, cfg.d_model, rng=rng, std=cfg.init_std, dtype=dtype)
         self.pos_emb = Embedding(cfg.max_seq_len, cfg.d_model, rng=rng, std=cfg.init_std, dtype=dtype)
@@ -108,7 +109,8 @@ class Transformer(Module):
         x = self.tok_emb(ids) + self.pos_emb(self._as_ids(positions))   # (B, T, C)
         for block in self.blocks:
             if self.cfg.checkpoint_activations:
-                x = checkpoint(block, x, key_padding_mask, cpu_checkpointing=self.cfg.cpu_checkpointing)
+                x = checkpoint(block, x, key_padding_mask, cpu_checkpointing=self.cfg.cpu_checkpointing,
+                               host=self.checkpoint_host)
             else:
                 x = block(x, key_padding_mask)
         x = self.ln_f(x)

@@ -1,5 +1,8 @@
-"""What a run shows a person: the summary table printed at the end, and loss.png."""
+"""What a run shows a person: the summary table printed at the end, loss.png, and timeline.png (the ledger's
+transfers and compute as lanes over time, refimpl/memory/ledger.py)."""
 from __future__ import annotations
+
+from collections import defaultdict
 
 import numpy as np
 
@@ -91,3 +94,44 @@ def plot_losses(history, evals, path, title="", uniform_loss=None) -> None:
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def plot_timeline(events, path, title="") -> None:
+    """Tiers as lanes over time, one lane per transfer direction and one for compute, per rank: the whole run
+    on top, and below it one step (the second-to-last: warm, and complete) where the overlap can be seen."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    drawn = [e for e in events if e["kind"] in ("compute", "transfer")]
+    lanes = sorted({(e["rank"], _lane(e)) for e in drawn})
+    steps = sorted({e["step"] for e in drawn})
+    zoom = steps[-2] if len(steps) > 1 else (steps[0] if steps else None)
+    fig, axes = plt.subplots(2, 1, figsize=(10, 2 * (0.4 * len(lanes) + 1.2)), dpi=110)
+    for ax, chosen, what in ((axes[0], drawn, "whole run"),
+                             (axes[1], [e for e in drawn if e["step"] == zoom], f"step {zoom}")):
+        _draw_lanes(ax, chosen, lanes)
+        ax.set_title(f"{title or 'tier traffic and compute'}: {what}")
+    axes[1].set_xlabel("seconds")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _lane(e) -> str:
+    return "compute" if e["kind"] == "compute" else f"{e['src']}->{e['dst']}"
+
+
+_COLORS = {"compute": "tab:green", "nvme->host": "tab:purple", "host->nvme": "tab:pink",
+           "host->device": "tab:blue", "device->host": "tab:orange"}
+
+
+def _draw_lanes(ax, events, lanes) -> None:
+    index = {lane: i for i, lane in enumerate(lanes)}
+    bars = defaultdict(list)   # one broken_barh call per lane: thousands of events draw in one go
+    for e in events:
+        bars[(e["rank"], _lane(e))].append((e["start"], max(e["end"] - e["start"], 1e-6)))
+    for (rank, name), spans in bars.items():
+        ax.broken_barh(spans, (index[(rank, name)] - 0.4, 0.8), color=_COLORS.get(name, "tab:gray"))
+    ax.set_yticks(range(len(lanes)), [f"rank {r}: {n}" for r, n in lanes])
+    ax.grid(axis="x", alpha=0.3)

@@ -161,7 +161,7 @@ def _clean_crashed_saves(root: Path) -> None:
 
 def _write_ledger(out, engine) -> None:
     """Every rank writes its ledger part; rank 0 joins them into ledger.jsonl and draws timeline.png."""
-    from .memory.ledger import plot_timeline
+    from .report import plot_timeline
     part = out / f".ledger.rank{engine.rank}.jsonl"
     engine.ledger.write_jsonl(part)
     engine.comm.barrier()

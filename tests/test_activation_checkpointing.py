@@ -15,12 +15,14 @@ import numpy as np
 import pytest
 
 import refimpl.functional as F
-from refimpl.activation_checkpointing import CheckpointFunction, PinnedHostStore, checkpoint
+from refimpl.activation_checkpointing import CheckpointFunction, checkpoint
 from refimpl.autodiff import Tensor, no_grad
-from refimpl.backend import use_backend
+from refimpl.backend import get_backend, use_backend
 from refimpl.comm.local import run_ranks
 from refimpl.config import load_config
 from refimpl.engine import Engine
+from refimpl.memory.ledger import Ledger
+from refimpl.memory.transfer import CopyStream, OffloadedCheckpoints
 from refimpl.model import Block, ModelConfig, Transformer
 from refimpl.nn import Linear, Module, Parameter
 from refimpl.train import build, rank_slice
@@ -38,11 +40,18 @@ def model_config(**kw):
     return ModelConfig(**{**base, **kw})
 
 
+def host_tier(ledger=None):
+    """The host tier an engine gives cpu_checkpointing: pinned buffers on a copy stream, charged to a budget."""
+    return OffloadedCheckpoints(CopyStream(get_backend(), ledger or Ledger()))
+
+
 @contextlib.contextmanager
 def checkpointed_blocks(**options):
     """Route every Block call through checkpoint(), as a model with activation checkpointing on does.
     Yields the list of blocks called, so a test can tell that checkpointing really happened."""
     calls = []
+    if options.get("cpu_checkpointing") and "host" not in options:
+        options["host"] = host_tier()
 
     def call(block, *args):
         calls.append(block)
@@ -148,7 +157,7 @@ def test_checkpointing_keeps_fewer_bytes_on_the_tape_and_offload_moves_exactly_t
     plain, _ = model.loss(batch)
     with checkpointed_blocks():
         ckpt, _ = model.loss(batch)
-    host = PinnedHostStore()
+    host = host_tier()
     with checkpointed_blocks(cpu_checkpointing=True, host=host):
         offl, _ = model.loss(batch)
 
@@ -294,17 +303,24 @@ def test_retain_graph_backward_twice_doubles_the_gradients_even_after_offload():
 
 def test_under_no_grad_checkpoint_is_a_plain_call():
     x = Tensor(np.ones((2, 2)), requires_grad=True)
-    host = PinnedHostStore()
+    host = host_tier()
     with no_grad():
         out = checkpoint(lambda t: t * 3.0, x, cpu_checkpointing=True, host=host)
     assert out.creator is None and not out.requires_grad and host.bytes_stored == 0
     np.testing.assert_array_equal(out.data, 3 * np.ones((2, 2)))
 
 
-def test_a_stored_checkpoint_loads_once():
-    host = PinnedHostStore()
+def test_a_stored_checkpoint_loads_once_and_is_charged_to_the_host_budget_and_ledger():
+    ledger = Ledger(limits={"host": 100})
+    host = host_tier(ledger)
     h = host.store(np.arange(6.0).reshape(2, 3))
+    assert ledger.budget.used["host"] == 48 and host.resident_bytes == 48
+    with pytest.raises(MemoryError, match="memory.host_bytes=100 .* activation checkpoint"):
+        host.store(np.zeros(8))                        # 48 + 64 > 100
     np.testing.assert_array_equal(host.load(h), np.arange(6.0).reshape(2, 3))
+    assert ledger.budget.used["host"] == 0
+    pairs = [(e["src"], e["dst"], e["nbytes"]) for e in ledger.events if e["kind"] == "transfer"]
+    assert pairs == [("device", "host", 48), ("host", "device", 48)]
     with pytest.raises(ValueError, match="handle"):
         host.load(h)
 
@@ -314,6 +330,7 @@ def test_a_stored_checkpoint_loads_once():
     (lambda x: checkpoint(lambda t: t.data, x), "must return a Tensor"),
     (lambda x: checkpoint(lambda t: t, x, cpu_checkpointing="yes"), "cpu_checkpointing"),
     (lambda x: checkpoint(lambda t: t, x, cpu_checkpointing=True, host=object()), "store"),
+    (lambda x: checkpoint(lambda t: t, x, cpu_checkpointing=True), "needs a host tier"),
 ])
 def test_bad_arguments_are_named(call, match):
     with pytest.raises(ValueError, match=match):

@@ -163,10 +163,10 @@ def _device_needs(tmp_path, *extra):
     cfg = _stage3_config(tmp_path / "probe", *extra)
     be, _, model = build(cfg)
     engine = Engine(model, cfg, be)
-    static, S = engine.ledger.used["device"], engine.zero.layout.partition_numel
+    static, S = engine.ledger.budget.used["device"], engine.zero.layout.partition_numel
     if cfg["zero_optimization"]["offload_optimizer"]["device"] == "nvme":
         assert static == 0                                   # everything offloaded; the gradients go to the host
-        assert engine.ledger.used["host"] >= 4 * S           # (ZeRO-Offload), as they are reduced
+        assert engine.ledger.budget.used["host"] >= 4 * S           # (ZeRO-Offload), as they are reduced
     else:
         assert static == 16 * S                              # fp32 gradients, master and both Adam moments
     largest = max(s.numel for s in engine.zero.layout.slots) * 4      # one rank: a chunk is the whole parameter

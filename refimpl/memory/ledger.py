@@ -5,11 +5,10 @@ costs little because the transfers hide under compute. The ledger makes that che
     transfer  src tier -> dst tier, bytes, start, end, label     (from issue to completion)
     wait      src tier -> dst tier, start, end                   (the compute thread blocked on a transfer)
     compute   start, end, label                                  (forward+backward, optimizer sub-groups)
-    alloc     tier, +/- bytes                                    (current and peak bytes per tier)
 A transfer's *exposed* time is the time the compute thread spent waiting for it; the rest of its duration was
 *hidden* (it ran while something else did). A synchronous copy is all exposed. `summary()` reports, per step:
-bytes and achieved GB/s per tier pair, hidden vs exposed seconds, and the peak bytes held in each tier.
-`write_jsonl` and `plot_timeline` put it on disk.
+bytes and achieved GB/s per tier pair, hidden vs exposed seconds, and the peak bytes held in each tier (from the
+byte budgets, budget.py). `write_jsonl` puts it on disk; refimpl/report.py draws it (timeline.png).
 """
 from __future__ import annotations
 
@@ -17,24 +16,19 @@ import contextlib
 import json
 import threading
 import time
-from collections import defaultdict
+
+from .budget import TierBudget
 
 TIERS = ("device", "host", "nvme")
-
-
-class TierBudgetError(MemoryError):
-    """A tier's byte budget cannot hold what must be in it at once; names the budget and the bytes needed."""
 
 
 class Ledger:
     def __init__(self, rank: int = 0, clock=time.perf_counter, limits: dict | None = None):
         self.rank, self.clock = rank, clock
-        self.limits = {k: v for k, v in (limits or {}).items() if v is not None}  # tier -> byte budget
+        self.budget = TierBudget(rank, limits)   # bytes held per tier, against memory.*_bytes (budget.py)
         self.t0 = clock()
         self.events: list[dict] = []
         self.step = 0
-        self.used = defaultdict(int)     # tier -> bytes held now
-        self.peak = defaultdict(int)     # tier -> most bytes held at once (since the last reset)
         self._lock = threading.Lock()    # I/O threads record too
         self._flushers = []              # device copies whose times are known once their events complete
         self.device_timer = None         # a GPU's CopyStream: records intervals on the device's timeline
@@ -92,24 +86,6 @@ class Ledger:
         yield
         self.add("compute", start, self.now(), label=label)
 
-    def fits(self, tier: str, nbytes: int) -> bool:
-        return tier not in self.limits or self.used[tier] + nbytes <= self.limits[tier]
-
-    def alloc(self, tier: str, nbytes: int, what: str = "") -> None:
-        """Count nbytes into `tier`; over its budget -> TierBudgetError naming budget, need and holder."""
-        with self._lock:
-            if not self.fits(tier, nbytes):
-                raise TierBudgetError(
-                    f"memory.{tier}_bytes={self.limits[tier]:,} is too small on rank {self.rank}: {what or 'an allocation'} "
-                    f"needs {int(nbytes):,} bytes with {self.used[tier]:,} already held "
-                    f"(at least {self.used[tier] + int(nbytes):,} bytes needed)")
-            self.used[tier] += int(nbytes)
-            self.peak[tier] = max(self.peak[tier], self.used[tier])
-
-    def free(self, tier: str, nbytes: int) -> None:
-        with self._lock:
-            self.used[tier] -= int(nbytes)
-
     def on_flush(self, fn) -> None:
         """fn() adds records that were waiting on the device (refimpl/memory/transfer.py); run before reading."""
         self._flushers.append(fn)
@@ -145,7 +121,7 @@ class Ledger:
             p["hidden_s"] = p["seconds"] - p["exposed_s"]
             p["GB_per_s"] = p["bytes"] / p["seconds"] / 1e9 if p["seconds"] > 0 else None
         return {"rank": self.rank, "pairs": pairs, "compute_s": sum(b - a for a, b in computes),
-                "peak_bytes": dict(self.peak)}
+                "peak_bytes": dict(self.budget.peak)}
 
     def write_jsonl(self, path) -> None:
         self.flush()
@@ -163,44 +139,3 @@ def _union(intervals):
         else:
             out.append([a, b])
     return out
-
-
-def plot_timeline(events, path, title="") -> None:
-    """Tiers as lanes over time, one lane per transfer direction and one for compute, per rank: the whole run
-    on top, and below it one step (the second-to-last: warm, and complete) where the overlap can be seen."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    drawn = [e for e in events if e["kind"] in ("compute", "transfer")]
-    lanes = sorted({(e["rank"], _lane(e)) for e in drawn})
-    steps = sorted({e["step"] for e in drawn})
-    zoom = steps[-2] if len(steps) > 1 else (steps[0] if steps else None)
-    fig, axes = plt.subplots(2, 1, figsize=(10, 2 * (0.4 * len(lanes) + 1.2)), dpi=110)
-    for ax, chosen, what in ((axes[0], drawn, "whole run"),
-                             (axes[1], [e for e in drawn if e["step"] == zoom], f"step {zoom}")):
-        _draw_lanes(ax, chosen, lanes)
-        ax.set_title(f"{title or 'tier traffic and compute'}: {what}")
-    axes[1].set_xlabel("seconds")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-
-
-def _lane(e) -> str:
-    return "compute" if e["kind"] == "compute" else f"{e['src']}->{e['dst']}"
-
-
-_COLORS = {"compute": "tab:green", "nvme->host": "tab:purple", "host->nvme": "tab:pink",
-           "host->device": "tab:blue", "device->host": "tab:orange"}
-
-
-def _draw_lanes(ax, events, lanes) -> None:
-    index = {lane: i for i, lane in enumerate(lanes)}
-    bars = defaultdict(list)   # one broken_barh call per lane: thousands of events draw in one go
-    for e in events:
-        bars[(e["rank"], _lane(e))].append((e["start"], max(e["end"] - e["start"], 1e-6)))
-    for (rank, name), spans in bars.items():
-        ax.broken_barh(spans, (index[(rank, name)] - 0.4, 0.8), color=_COLORS.get(name, "tab:gray"))
-    ax.set_yticks(range(len(lanes)), [f"rank {r}: {n}" for r, n in lanes])
-    ax.grid(axis="x", alpha=0.3)

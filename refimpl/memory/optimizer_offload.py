@@ -67,7 +67,7 @@ class OffloadedAdamW:
                 a[1] != b[0] for a, b in zip(self.groups, self.groups[1:])):
             raise ValueError(f"sub-groups {self.groups[:3]}... do not tile the partition [0, {self.numel})")
         self.buffer_count = max(3, int(buffer_count))  # sub-group buffer sets: read-ahead, compute, writes
-        ledger.alloc(store.tier, 3 * item * self.numel, "the offloaded optimizer states")
+        ledger.budget.alloc(store.tier, 3 * item * self.numel, "the offloaded optimizer states")
         for i, (lo, hi) in enumerate(self.groups):
             for key in KEYS:
                 self.store.allocate(self._key(key, i), (hi - lo) * item)
@@ -83,7 +83,7 @@ class OffloadedAdamW:
         if self.store.resident:
             return {key: self.store.view(self._key(key, i)).view(self.dtype) for key in KEYS}, 0
         nbytes = 3 * (hi - lo) * self.dtype.itemsize
-        self.ledger.alloc("host", nbytes, f"the buffers of optimizer sub-group {i} (sub_group_size)")
+        self.ledger.budget.alloc("host", nbytes, f"the buffers of optimizer sub-group {i} (sub_group_size)")
         return {key: aligned_empty((hi - lo) * self.dtype.itemsize).view(self.dtype) for key in KEYS}, nbytes
 
     def _write_initial_states(self, pieces) -> None:
@@ -167,7 +167,7 @@ class OffloadedAdamW:
     def _finish_writes(self, writes) -> None:
         for cost, i, handles in writes:
             self.ledger.record_io(handles, "host", self.store.tier, f"optimizer sub-group {i}")
-            self.ledger.free("host", cost)   # the sub-group's buffers can go
+            self.ledger.budget.free("host", cost)   # the sub-group's buffers can go
 
     # -------------------------------------------------------------------------------------- checkpoints
     def partitions(self) -> dict:

@@ -40,7 +40,7 @@ class ParamSwapper:
         if not store.resident and largest > self.buffer_size:
             raise BufferPoolError(f"offload_param.buffer_size={self.buffer_size} elements cannot hold the "
                                   f"largest parameter chunk ({largest} elements); raise buffer_size")
-        ledger.alloc(store.tier, layout.partition_numel * self.dtype.itemsize, "the parameter partition")
+        ledger.budget.alloc(store.tier, layout.partition_numel * self.dtype.itemsize, "the parameter partition")
         for s in layout.slots:
             store.allocate(self._key(s), s.chunk * self.dtype.itemsize)
         self._starts = [s.offset for s in layout.slots]     # for finding the slots of a sub-group
@@ -57,7 +57,7 @@ class ParamSwapper:
 
     def _write(self, buf, pieces, label) -> None:
         """Start writing `pieces` ((slot, array) pairs, views of `buf`); bound the buffers held by writes."""
-        self.ledger.alloc("host", buf.nbytes, f"the swap buffer of {label}")
+        self.ledger.budget.alloc("host", buf.nbytes, f"the swap buffer of {label}")
         handles = [self.store.write(self._key(slot), piece) for slot, piece in pieces]
         self._writes.append((buf, handles, label))
         while len(self._writes) > self.buffer_count:
@@ -66,7 +66,7 @@ class ParamSwapper:
     def _finish_write(self) -> None:
         buf, handles, label = self._writes.pop(0)
         self.ledger.record_io(handles, "host", self.store.tier, label)
-        self.ledger.free("host", buf.nbytes)
+        self.ledger.budget.free("host", buf.nbytes)
 
     def finish_writes(self) -> None:
         while self._writes:
@@ -95,7 +95,7 @@ class ParamSwapper:
         if self.store.resident:
             buf, cost = self.store.view(key).view(self.dtype), 0
         else:
-            self.ledger.alloc("host", nbytes, f"the swap buffer of {slot.name}")   # raises over the budget
+            self.ledger.budget.alloc("host", nbytes, f"the swap buffer of {slot.name}")   # raises over the budget
             buf, cost = self.copies.host_empty(nbytes).view(self.dtype), nbytes  # 4096-aligned, pinned
         return buf, self.store.read(key, buf), cost
 
@@ -104,7 +104,7 @@ class ParamSwapper:
         if self.store.resident or slot.name in self.inflight:
             return True
         nbytes = slot.chunk * self.dtype.itemsize
-        if len(self.inflight) >= self.buffer_count or not self.ledger.fits("host", nbytes):
+        if len(self.inflight) >= self.buffer_count or not self.ledger.budget.fits("host", nbytes):
             return False
         self.inflight[slot.name] = self._read(slot)
         return True
@@ -119,7 +119,7 @@ class ParamSwapper:
         # reads issued ahead: they are needed next)
         buf, handle, cost = self.inflight.pop(slot.name) if slot.name in self.inflight else self._read(slot)
         self.ledger.record_io([handle], self.store.tier, "host", slot.name)   # verified reads
-        self.ledger.free("host", cost)
+        self.ledger.budget.free("host", cost)
         return self.copies.to_device(buf, slot.name)   # the copy keeps `buf` until it is done
 
     def _drop_reads_ahead(self) -> None:
@@ -128,13 +128,13 @@ class ParamSwapper:
             name = next(iter(self.inflight))
             buf, handle, cost = self.inflight.pop(name)
             handle.wait()
-            self.ledger.free("host", cost)
+            self.ledger.budget.free("host", cost)
 
     # ---------------------------------------------------------------------------------- update / save
     def partition_for_update(self):
         """The host array the optimizer writes the whole new low-precision partition into (then `commit`)."""
         nbytes = self.layout.partition_numel * self.dtype.itemsize
-        self.ledger.alloc("host", nbytes, "the updated parameter partition on its way to the parameter tier")
+        self.ledger.budget.alloc("host", nbytes, "the updated parameter partition on its way to the parameter tier")
         self._staged = nbytes
         return np.empty(self.layout.partition_numel, dtype=self.dtype)
 
@@ -147,7 +147,7 @@ class ParamSwapper:
         handles = [self.store.write(self._key(s), np.ascontiguousarray(self.layout.view(partition, s)))
                    for s in self.layout.slots]
         self.ledger.record_io(handles, "host", self.store.tier, "parameter partition")
-        self.ledger.free("host", self._staged)
+        self.ledger.budget.free("host", self._staged)
         self._staged = 0
 
     def read_chunk(self, slot) -> np.ndarray:

@@ -22,6 +22,7 @@ otherwise hand the bytes to someone else while the copy engine still reads or wr
 from __future__ import annotations
 
 import contextlib
+import itertools
 
 import numpy as np
 
@@ -151,6 +152,49 @@ class CopyStream:
         for kind, start, end, fields, step in pending:
             self.ledger.add(kind, self.clock.time(start), self.clock.time(end), step=step, **fields)
         self._keep = [(e, o) for e, o in self._keep if not e.done]
+
+
+class OffloadedCheckpoints:
+    """Where ``activation_checkpointing.cpu_checkpointing`` keeps the checkpointed blocks' inputs (ZeRO-Infinity
+    §5.1.2): copied device -> host on the copy stream into pinned buffers charged to the host budget, and back
+    just before recomputation (the store/load/release protocol of refimpl/activation_checkpointing.py).
+
+    store() waits for its copy, so the caller may drop the device array at once (DeepSpeed's
+    ``synchronize_checkpoint_boundary``); load()'s copy runs on the copy stream and the compute stream waits for
+    it. Counters: bytes_stored / bytes_loaded (traffic, cumulative) and resident_bytes (held now)."""
+
+    def __init__(self, copies: CopyStream):
+        self.copies, self.budget = copies, copies.ledger.budget
+        self._held: dict[int, np.ndarray] = {}     # handle -> the host copy
+        self._ids = itertools.count()
+        self.bytes_stored = self.bytes_loaded = 0
+
+    @property
+    def resident_bytes(self) -> int:
+        return sum(buf.nbytes for buf in self._held.values())
+
+    def store(self, array) -> int:
+        self.budget.alloc("host", array.nbytes, "an offloaded activation checkpoint (cpu_checkpointing)")
+        buf = self.copies.host_empty(array.nbytes).view(array.dtype).reshape(array.shape)
+        self.copies.to_host(array, buf, "activation checkpoint").wait()
+        handle = next(self._ids)
+        self._held[handle] = buf
+        self.bytes_stored += buf.nbytes
+        return handle
+
+    def load(self, handle):
+        if handle not in self._held:
+            raise ValueError(f"no checkpoint stored under handle {handle!r} (each one can be loaded once); "
+                             f"stored: {sorted(self._held)}")
+        buf = self._held.pop(handle)
+        dev = self.copies.to_device(buf, "activation checkpoint")     # the copy keeps buf until it is done
+        self.budget.free("host", buf.nbytes)
+        self.bytes_loaded += buf.nbytes
+        return dev
+
+    def release(self, array) -> None:
+        """Every reader of a loaded array is queued (the recomputation's backward): see CopyStream.release."""
+        self.copies.release(array)
 
 
 def _bytes(a):

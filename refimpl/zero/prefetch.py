@@ -82,7 +82,7 @@ class PartitionedParameterCoordinator:
                     continue
                 if p.ds_numel > budget or live + p.ds_numel > self.max_live_parameters:
                     return
-                if not self.zero.ledger.fits("device", self.zero.gathered_bytes(p)):
+                if not self.zero.ledger.budget.fits("device", self.zero.gathered_bytes(p)):
                     return   # the device budget has no room to gather ahead
                 if not self.zero.chunk_ready(p):
                     return   # its read has not landed yet
@@ -113,7 +113,7 @@ class PartitionedParameterCoordinator:
         """Make room on the device: release whole parameters that no running module uses (kept for reuse or
         prefetched), until `need` more bytes fit or nothing else can go."""
         for p in self.zero.params.values():
-            if self.zero.ledger.fits("device", need):
+            if self.zero.ledger.budget.fits("device", need):
                 return
             if p.ds_persist or self.in_use.get(id(p), 0) or p.ds_status is ZeroParamStatus.NOT_AVAILABLE:
                 continue

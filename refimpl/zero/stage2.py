@@ -45,7 +45,7 @@ class GradientPartitioning(OptimizerStatePartitioning):
             self.params[s.name].grad = None                          # the whole gradient is gone
         if self.grads_on_host:  # ZeRO-Offload: into pinned host memory on the copy stream; added in once it lands
             label = f"reduced gradients of {len(slots)} parameters"
-            self.ledger.alloc("host", mine.nbytes, f"the pinned buffer of {label}")   # freed once added in
+            self.ledger.budget.alloc("host", mine.nbytes, f"the pinned buffer of {label}")   # freed once added in
             out = self.copies.host_empty(mine.nbytes).view(mdt)
             self._grads_in_flight.append((self.copies.to_host(mine, out, label), slots))
             self._accumulate_landed(wait=False)
@@ -66,7 +66,7 @@ class GradientPartitioning(OptimizerStatePartitioning):
         while self._grads_in_flight and (wait or self._grads_in_flight[0][0].done()):
             copy, slots = self._grads_in_flight.pop(0)
             self._accumulate(copy.wait(), slots)
-            self.ledger.free("host", copy.out.nbytes)
+            self.ledger.budget.free("host", copy.out.nbytes)
 
     def after_backward(self) -> None:
         self._reduce_bucket()  # the last, partly filled bucket

@@ -121,9 +121,9 @@ class ParameterPartitioning(GradientPartitioning):
     def all_gather_async(self, p) -> None:
         """Issue the all-gather of p's chunks; p is INFLIGHT until `wait_for` installs the result."""
         need = self.gathered_bytes(p)
-        if not self.ledger.fits("device", need):
+        if not self.ledger.budget.fits("device", need):
             self.coordinator.evict(need)   # drop parameters kept only for reuse, then try again
-        self.ledger.alloc("device", need, f"gathering parameter {p.ds_name}")
+        self.ledger.budget.alloc("device", need, f"gathering parameter {p.ds_name}")
         p.ds_chunk = self._chunk(p)
         p.ds_handle = self.comm.all_gather_async(p.ds_chunk)
         p.ds_status = ZeroParamStatus.INFLIGHT
@@ -155,7 +155,7 @@ class ParameterPartitioning(GradientPartitioning):
             return
         p.data = self._empty
         p.ds_status = ZeroParamStatus.NOT_AVAILABLE
-        self.ledger.free("device", self.gathered_bytes(p))
+        self.ledger.budget.free("device", self.gathered_bytes(p))
 
     def release_all(self) -> None:
         for p in self.params.values():
