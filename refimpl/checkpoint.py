@@ -334,7 +334,7 @@ def load_checkpoint(path, engine) -> dict:
                               f"run uses stage {engine.zero.stage} (resume with the same zero_optimization.stage)")
     _verified_model(tag_dir, manifest, engine.dtype)  # integrity; the parameters follow from the master weights
     full, _ = full_optimizer_state(tag_dir, engine.zero.master_dtype)
-    engine.zero.load_full_state(engine.optimizer, full)
+    engine.zero.load_full_state(full)
     engine.load_counters(manifest["counters"], manifest["loss_scaler"])
     return manifest
 

@@ -16,6 +16,8 @@ The rest reproduces DeepSpeed's training-loop numerics, with DeepSpeed's names a
 - LR schedules: refimpl/lr_schedules.py (``deepspeed/runtime/lr_schedules.py``).
 """
 
+from dataclasses import asdict, dataclass
+
 import numpy as np
 
 # loss scaling and LR schedules have their own files (as in DeepSpeed); their names are re-exported here
@@ -95,6 +97,26 @@ class AdamW:
                 raise ValueError(f"AdamW.load_partitions: {key!r} has shape {parts[key].shape}, the partition "
                                  f"has shape {dst.shape}")
             dst[...] = self.backend.asarray(parts[key])
+
+
+@dataclass(frozen=True)
+class AdamConfig:
+    """The ``optimizer`` section as AdamW's keyword arguments (DeepSpeed's FusedAdam / DeepSpeedCPUAdam)."""
+    lr: float = 1e-3
+    betas: tuple = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.01
+    adamw_mode: bool = True
+    bias_correction: bool = True
+
+    @classmethod
+    def from_section(cls, optimizer_cfg: dict) -> "AdamConfig":
+        p = optimizer_cfg["params"]
+        return cls(p["lr"], tuple(p["betas"]), p["eps"], p["weight_decay"], adam_w_mode(optimizer_cfg),
+                   p["bias_correction"])
+
+    def kwargs(self) -> dict:
+        return asdict(self)
 
 
 def adam_w_mode(optimizer_cfg: dict) -> bool:

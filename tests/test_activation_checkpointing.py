@@ -369,7 +369,7 @@ def _train_rank(comm, stage, gas):
                                  if stage == 3 else {})
             if coordinator:
                 out["stats"].append({k: v - before[k] for k, v in coordinator.stats.items()})
-        out["state"] = engine.zero.full_state(engine.optimizer)
+        out["state"] = engine.zero.full_state()
     return out
 
 

@@ -21,7 +21,7 @@ from refimpl.memory import aio_store
 from refimpl.memory.aio_store import AioStore
 from refimpl.memory.crc32 import crc32_combine
 from refimpl.memory.mmap_store import MmapStore
-from refimpl.memory.store import HostStore, aligned_empty, make_store
+from refimpl.memory.store import AioConfig, HostStore, aligned_empty, make_store
 from refimpl.memory.swap_files import SwapError
 
 DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
@@ -224,12 +224,12 @@ def test_disk_stores_are_not_resident(file_store):
 
 def test_make_store_picks_the_engine(tmp_path):
     assert isinstance(make_store("cpu"), HostStore)
-    with make_store("nvme", tmp_path / "m", {"engine": "mmap"}) as m:
+    with make_store("nvme", tmp_path / "m", AioConfig(engine="mmap")) as m:
         assert type(m) is MmapStore
-    with make_store("nvme", tmp_path / "a", {"engine": "aio", "block_size": 8192, "queue_depth": 3}) as a:
+    with make_store("nvme", tmp_path / "a", AioConfig(block_size=8192, queue_depth=3)) as a:
         assert type(a) is AioStore and (a.block_size, a.queue_depth) == (8192, 3)
     with pytest.raises(ValueError, match="aio.engine='dd'.*aio, mmap"):
-        make_store("nvme", tmp_path / "x", {"engine": "dd"})
+        make_store("nvme", tmp_path / "x", AioConfig(engine="dd"))
     with pytest.raises(ValueError, match="'gpu'"):
         make_store("gpu")
 
@@ -528,7 +528,7 @@ def test_bad_aio_arguments(tmp_path):
 def test_accepts_deepspeeds_aio_section(tmp_path):
     from refimpl.config import load_config
     aio = load_config(None, ["aio.thread_count=2", "aio.block_size=65536", "aio.single_submit=true"])["aio"]
-    with make_store("nvme", tmp_path, aio) as s:
+    with make_store("nvme", tmp_path, AioConfig.from_section(aio)) as s:
         assert (s.block_size, s.queue_depth, s.intra_op_parallelism) == (65536, 8, 2)
         array = random_array(100_000, "bfloat16")
         write(s, "a", array)

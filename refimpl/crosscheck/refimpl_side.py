@@ -65,7 +65,7 @@ def _rank(comm, config, steps, snapshot_steps, name, force_skips, initial, progr
         if initial is not None:   # as a checkpoint loads: master (and the model's copy), fresh moments
             dt = engine.zero.master_dtype
             zeros = {n: np.zeros(np.shape(a), dt) for n, a in initial.items()}
-            engine.zero.load_full_state(engine.optimizer, {"master": {n: np.asarray(a, dt) for n, a in initial.items()},
+            engine.zero.load_full_state({"master": {n: np.asarray(a, dt) for n, a in initial.items()},
                                                            "exp_avg": zeros, "exp_avg_sq": zeros})
         pending = {}
 
@@ -93,7 +93,7 @@ def _steps(engine, trace, config, dataset, model, steps, snapshot_steps, force_s
             trace.record(k, loss=loss, grad_norm=last["grad_norm"], lr=last["lr"],
                          loss_scale=last["loss_scale"], skipped=last["overflow"])
         if k in snapshot_steps:
-            full = engine.zero.full_state(engine.optimizer)       # collective: every rank calls it
+            full = engine.zero.full_state()       # collective: every rank calls it
             if lead:
                 trace.snapshot(k, "grad", pending.pop("grad"))
                 for key, quantity in (("master", "weight"), ("exp_avg", "exp_avg"), ("exp_avg_sq", "exp_avg_sq")):

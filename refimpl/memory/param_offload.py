@@ -139,10 +139,7 @@ class ParamSwapper:
         return np.empty(self.layout.partition_numel, dtype=self.dtype)
 
     def commit(self, partition) -> None:
-        """After an update: write every chunk back to the tier (and wait)."""
-        if isinstance(partition, PartitionUpdate):
-            partition.finish()
-            return
+        """After partition_for_update was written: write every chunk back to the tier (and wait)."""
         self._drop_reads_ahead()
         handles = [self.store.write(self._key(s), np.ascontiguousarray(self.layout.view(partition, s)))
                    for s in self.layout.slots]
@@ -173,7 +170,7 @@ class PartitionUpdate:
         buf = update.buffer(lo, hi)     # host array for partition elements [lo, hi)
         ... the optimizer writes buf ...
         update.done(lo, hi, buf)        # start writing the sub-group's parameter chunks
-        update.finish()                 # wait for every write (publish_params calls it through commit)
+        update.finish()                 # wait for every write
     """
 
     def __init__(self, swapper: ParamSwapper):

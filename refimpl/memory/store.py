@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -167,19 +168,33 @@ def _copy(dst, src) -> int:
     return src.nbytes
 
 
-def make_store(device: str, path=None, aio: dict | None = None, *, empty=aligned_empty) -> Store:
+@dataclass(frozen=True)
+class AioConfig:
+    """DeepSpeed's ``aio`` section (deepspeed/runtime/swap_tensor/aio_config.py), the knobs AioStore uses, and
+    refimpl's ``engine``: which NVMe store to build ("aio": AioStore, the default; "mmap": MmapStore)."""
+    block_size: int = 1 << 20
+    queue_depth: int = 8
+    intra_op_parallelism: int = 1
+    engine: str = "aio"
+
+    @classmethod
+    def from_section(cls, aio: dict) -> "AioConfig":
+        """From the validated ``aio`` section (DeepSpeed's knobs refimpl doesn't use are left out)."""
+        return cls(aio["block_size"], aio["queue_depth"], aio["intra_op_parallelism"], aio.get("engine", "aio"))
+
+
+def make_store(device: str, path=None, aio: AioConfig = AioConfig(), *, empty=aligned_empty) -> Store:
     """The store of an offload tier: ``device`` "cpu" -> HostStore (``empty`` allocates its arrays); "nvme" -> the
-    store ``aio["engine"]`` names, in the swap folder ``path``, with the rest of DeepSpeed's ``aio`` section."""
+    store ``aio.engine`` names, in the swap folder ``path``."""
     if device == "cpu":
         return HostStore(empty)
     if device != "nvme":
         raise ValueError(f"offload device {device!r}: a store is 'cpu' or 'nvme'")
-    aio = dict(aio or {})
-    engine = aio.pop("engine", "aio")
-    if engine == "mmap":
+    if aio.engine == "mmap":
         from .mmap_store import MmapStore
         return MmapStore(path)
-    if engine == "aio":
+    if aio.engine == "aio":
         from .aio_store import AioStore
-        return AioStore(path, **aio)
-    raise ValueError(f"aio.engine={engine!r}: must be one of {', '.join(ENGINES)}")
+        return AioStore(path, block_size=aio.block_size, queue_depth=aio.queue_depth,
+                        intra_op_parallelism=aio.intra_op_parallelism)
+    raise ValueError(f"aio.engine={aio.engine!r}: must be one of {', '.join(ENGINES)}")

@@ -40,3 +40,9 @@ class FlatParams:
     def unflatten(self, flat) -> dict:
         """name -> view of `flat` with the parameter's shape."""
         return {n: flat[o:o + p.size].reshape(p.shape) for n, o, p in zip(self.names, self.offsets, self.params)}
+
+    def assign(self, arrays: dict) -> None:
+        """Write whole parameters (name -> array) into the buffer (after an all-gather of the partitions)."""
+        views = self.unflatten(self.buffer)
+        for name, full in arrays.items():
+            views[name][...] = full

@@ -28,11 +28,11 @@ class TraceMode(enum.Enum):
 
 
 class PartitionedParameterCoordinator:
-    def __init__(self, zero, zcfg: dict):
-        self.zero = zero
-        self.prefetch_bucket_size = zcfg["stage3_prefetch_bucket_size"]
-        self.max_live_parameters = zcfg["stage3_max_live_parameters"]
-        self.max_reuse_distance = zcfg["stage3_max_reuse_distance"]
+    def __init__(self, zero, *, prefetch_bucket_size: int, max_live_parameters: int, max_reuse_distance: int):
+        self.zero = zero   # the stage-3 ParameterPartitioning whose parameters this coordinator gathers
+        self.prefetch_bucket_size = prefetch_bucket_size
+        self.max_live_parameters = max_live_parameters
+        self.max_reuse_distance = max_reuse_distance
         self.in_use: dict[int, int] = {}   # id(param) -> modules running that use it (never evicted)
         self.trace: list = []          # modules in fetch order during one pass
         self.mode = TraceMode.RECORD

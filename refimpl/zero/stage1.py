@@ -5,26 +5,28 @@ The fp32 master weights and Adam's moments (12Ψ bytes of the 16Ψ) are cut into
 every rank until the accumulation boundary; then one reduce-scatter leaves each rank the summed gradient of its
 own partition (Ψ of traffic), each rank updates its partition, and an all-gather of the updated low-precision
 partitions gives every rank the whole new model (Ψ): 2Ψ in all, the same volume as data parallelism (§7.2.1).
+What the engine calls: zero/base.py.
 """
 from __future__ import annotations
 
+from ..deferred_init import materialize_all
+from .base import ZeroStage
+from .flat import FlatParams
 
-from .stage0 import DataParallel
 
-
-class OptimizerStatePartitioning(DataParallel):
+class OptimizerStatePartitioning(ZeroStage):
     stage = 1
     partitioned = True
 
-    @property
-    def num_partitions(self) -> int:
-        return self.world_size
-
-    def _init_params_and_master(self):
-        super()._init_params_and_master()  # whole low-precision parameters, as in stage 0
+    def _init_states(self):
+        materialize_all(self.model)   # a model built inside zero.Init(): stages 0-2 keep whole parameters
+        self.flat = FlatParams(self.params.items(), self.backend, self.dtype)   # whole low-precision parameters
         full = {n: p.data for n, p in self.params.items()}
-        self.master = self.layout.partition(full, self.rank, dtype=self.master_dtype)
+        self.master = self.layout.partition(full, self.rank, dtype=self.master_dtype)   # this rank's slice only
         self.lowp_partition = self.backend.cast(self.master, self.dtype)  # what the all-gather sends
+
+    def after_backward(self) -> None:
+        """Gradients stay whole in each parameter's .grad until the boundary."""
 
     def reduce_gradients(self):
         """Reduce-scatter: rows of every parameter's padded gradient, summed, row `rank` kept."""
@@ -33,11 +35,29 @@ class OptimizerStatePartitioning(DataParallel):
         rows = self.layout.to_rows(grads, dtype=self.master_dtype)  # (N, S)
         mine = self.comm.reduce_scatter(rows.reshape(-1))           # (S,) this rank's partition, summed
         mean = mine / self.master_dtype.type(self.world_size)
-        return self._to_grad_tier(mean, "reduced gradient partition")
+        return self.grads.move(mean, "reduced gradient partition")
 
-    def publish_params(self, updated=None) -> None:
-        """All-gather the updated low-precision partitions and write the whole parameters back."""
-        gathered = self.comm.all_gather(self.lowp_partition)       # (N * S,)
-        views = self.flat.unflatten(self.flat.buffer)
-        for name, full in self.layout.unpartition(gathered).items():
-            views[name][...] = full
+    def apply_update(self, grad, *, lr, grad_scale) -> None:
+        """AdamW on this rank's partition writes its low-precision copy; an all-gather of the copies gives every
+        rank the whole new model."""
+        self._step(grad, lr, grad_scale, out_lowp=self.lowp_partition)
+        self._all_gather_params()
+
+    def _all_gather_params(self) -> None:
+        self.flat.assign(self.layout.unpartition(self.comm.all_gather(self.lowp_partition)))
+
+    def zero_grads(self) -> None:
+        self.model.zero_grad()
+
+    def full_params(self) -> dict:
+        return self.flat.unflatten(self.flat.buffer)
+
+    def _load_lowp(self, lowp) -> None:
+        self.lowp_partition[...] = lowp
+        self._all_gather_params()
+
+    def _param_bytes(self) -> int:
+        return self.layout.numel * self.dtype.itemsize   # whole parameters on every rank
+
+    def _grad_bytes(self) -> int:
+        return self.layout.numel * self.dtype.itemsize   # whole gradients in each .grad

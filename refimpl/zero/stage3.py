@@ -8,43 +8,43 @@ after, in forward and again in backward, through the module hooks of refimpl/nn.
 INFLIGHT (an all-gather is under way), AVAILABLE (whole). Parameters with fewer elements than
 `stage3_param_persistence_threshold` stay whole all the time (gathering them costs more in latency than
 they save in memory). Which parameters to gather ahead of time is the job of the coordinator
-(refimpl/zero/prefetch.py).
+(refimpl/zero/prefetch.py). Gradients are reduce-scattered in buckets during backward, as in stage 2
+(zero/buckets.py). What the engine calls: zero/base.py.
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 from ..deferred_init import materialize
+from .base import ZeroStage
+from .buckets import GradientBuckets
 from .partition import ZeroParamStatus
 from .prefetch import PartitionedParameterCoordinator
-from .stage2 import GradientPartitioning
 
 
-class ParameterPartitioning(GradientPartitioning):
+class ParameterPartitioning(ZeroStage):
     stage = 3
+    partitioned = True
 
-    def _init_params_and_master(self):
-        zcfg = self.config["zero_optimization"]
-        self.swapper = self._make_swapper(zcfg)
+    def _init_states(self):
+        self.swapper = self._make_swapper()
         # the only copy of the parameters: this rank's chunks, here or (offloaded) in the host or NVMe tier only
         S = self.layout.partition_numel
         self.lowp_partition = None if self.swapper else self.backend.zeros((S,), self.dtype)
-        self.master = None   # the engine assembles it from master_pieces() (or sends them to the offload tier)
-        self.grad_partition = self._grad_partition_buffer(S)   # device, or host with the optimizer offloaded
-        self.bucket_size = zcfg["reduce_bucket_size"]
-        self._bucket, self._bucket_numel = [], 0
-        self._grads_in_flight = []
-        threshold = zcfg["stage3_param_persistence_threshold"]
+        # the fp32 master: assembled from master_pieces() by the base (or sent to the optimizer's offload tier)
+        self.grad_partition = self.grads.zeros(S, self.dtype)   # device, or host with the optimizer offloaded
+        self.buckets = GradientBuckets(self.params, self.layout, self.comm, self.grad_partition,
+                                       bucket_size=self.cfg.reduce_bucket_size, dtype=self.dtype,
+                                       master_dtype=self.master_dtype, tier=self.grads)
         self._empty = self.backend.zeros((0,), self.dtype)
         for name, p in self.params.items():
             slot = self.layout.by_name[name]
             p.ds_name, p.ds_shape, p.ds_numel = name, slot.shape, slot.numel
             p.ds_slot = slot
             p.ds_tensor = None if self.swapper else self.layout.view(self.lowp_partition, slot)  # this rank's chunk
-            p.ds_persist = slot.numel < threshold
+            p.ds_persist = slot.numel < self.cfg.param_persistence_threshold
             p.ds_handle = p.ds_chunk = None
-            p.register_post_accumulate_grad_hook(lambda p, name=name: self._grad_ready(name))
-        self.coordinator = PartitionedParameterCoordinator(self, zcfg)
+        self.coordinator = PartitionedParameterCoordinator(
+            self, prefetch_bucket_size=self.cfg.prefetch_bucket_size,
+            max_live_parameters=self.cfg.max_live_parameters, max_reuse_distance=self.cfg.max_reuse_distance)
         self._register_module_hooks()
         self._partition_as_drawn()
 
@@ -79,20 +79,19 @@ class ParameterPartitioning(GradientPartitioning):
             chunk = p.ds_tensor if self.swapper is None else self.swapper.read_chunk(p.ds_slot)
             yield self.backend.cast(chunk, self.master_dtype)
 
-    def _make_swapper(self, zcfg):
-        off = zcfg["offload_param"]
-        if off is None or off["device"] == "none":
+    def _make_swapper(self):
+        off = self.cfg.offload_param
+        if off is None:
             return None
         from ..memory.param_offload import ParamSwapper
         from ..memory.store import make_store
-        path = Path(off["nvme_path"]) / "zero_stage_3" / "params" / f"rank{self.rank}" \
-            if off["device"] == "nvme" else None
-        # DeepSpeed's aio section, by its own names; host arrays pinned (and 4096-aligned) for the copy stream
-        store = make_store(off["device"], path, self.config["aio"], empty=self.copies.host_empty)
+        # host arrays pinned (and 4096-aligned) for the copy stream
+        store = make_store(off.device, off.swap_folder(3, "params", self.rank), self.cfg.aio,
+                           empty=self.copies.host_empty)
         try:
             return ParamSwapper(self.layout, self.rank, self.dtype, store=store, backend=self.backend,
-                                ledger=self.ledger, buffer_count=off["buffer_count"],
-                                buffer_size=off["buffer_size"], copies=self.copies)
+                                ledger=self.ledger, buffer_count=off.buffer_count, buffer_size=off.buffer_size,
+                                copies=self.copies)
         except BaseException:
             store.close()   # its swap folder is given back at once
             raise
@@ -175,26 +174,47 @@ class ParameterPartitioning(GradientPartitioning):
 
     # -------------------------------------------------------------------------------------- engine API
     def after_backward(self) -> None:
-        super().after_backward()
+        self.buckets.flush()   # the last, partly filled bucket, and every reduced bucket still on its way
         self.coordinator.end_of_pass()
 
-    def lowp_output(self, streaming: bool = False):
-        """Where AdamW writes the new low-precision partition: the device partition, or the offload tier (whole,
-        or sub-group by sub-group as the offloaded optimizer produces it: `streaming`)."""
-        if self.swapper is None:
-            return self.lowp_partition
-        return self.swapper.begin_update() if streaming else self.swapper.partition_for_update()
+    def reduce_gradients(self):
+        """The gradient partition as stored (see stage 2): reduced bucket by bucket during backward."""
+        return self.grad_partition
 
-    def publish_params(self, updated=None) -> None:
-        """AdamW wrote the new chunks (into ds_tensor views, or the offload tier); re-gather persistent params."""
-        if self.swapper is not None and updated is not None:
-            self.swapper.commit(updated)
+    def apply_update(self, grad, *, lr, grad_scale) -> None:
+        """AdamW writes the new chunks: into the device partition (the ds_tensor views), or into the parameter
+        tier, sub-group by sub-group when the optimizer is offloaded too (the write-back of one overlaps the step
+        of the next); then the persistent parameters are gathered whole again."""
+        if self.swapper is None:
+            self._step(grad, lr, grad_scale, out_lowp=self.lowp_partition)
+        elif self.cfg.offload_optimizer is not None:   # the step waits for the last sub-group's writes itself
+            self._step(grad, lr, grad_scale, out_lowp=self.swapper.begin_update())
+        else:
+            partition = self.swapper.partition_for_update()
+            self._step(grad, lr, grad_scale, out_lowp=partition)
+            self.swapper.commit(partition)
+        self._gather_persistent()
+
+    def _gather_persistent(self) -> None:
         persistent = [p for p in self.params.values() if p.ds_persist]
         chunks = [self._chunk(p) for p in persistent]
         handles = [self.comm.all_gather_async(c) for c in chunks]
         for p, h, c in zip(persistent, handles, chunks):
             p.data = h.wait()[:p.ds_numel].reshape(p.ds_shape)
             self._done_with_chunk(c)
+
+    def zero_grads(self) -> None:
+        self.grad_partition[...] = 0
+        self.model.zero_grad()
+
+    def _load_lowp(self, lowp) -> None:
+        if self.swapper is None:
+            self.lowp_partition[...] = lowp
+        else:
+            partition = self.swapper.partition_for_update()
+            partition[...] = self.backend.to_numpy(lowp)
+            self.swapper.commit(partition)
+        self._gather_persistent()
 
     def full_params(self) -> dict:
         mine = self.lowp_partition if self.swapper is None else self.backend.asarray(self.swapper.full_partition())
@@ -204,6 +224,12 @@ class ParameterPartitioning(GradientPartitioning):
     def _param_bytes(self) -> int:
         persistent = sum(p.ds_numel for p in self.params.values() if p.ds_persist)
         return (self.layout.partition_numel + persistent) * self.dtype.itemsize
+
+    def _grad_bytes(self) -> int:
+        return self.layout.partition_numel * self.dtype.itemsize
+
+    def _grad_partition_on_host(self) -> bool:
+        return self.grads.on_host
 
     def gathered_numel(self) -> int:
         """Elements of whole (non-persistent) parameters currently held: what max_live_parameters bounds."""

@@ -1,0 +1,68 @@
+"""Bucketed reduce-scatter of gradients during backward, for ZeRO stages 2 and 3 (ZeRO §5.2, P_g).
+
+As soon as a parameter's gradient is complete in backward (its post-accumulate-grad hook), it joins a bucket; a
+full bucket (``reduce_bucket_size`` elements) is reduce-scattered, each rank adds the rows it owns into its
+gradient partition, and the whole gradients are freed. Reduction happens during backward, micro-batch by
+micro-batch, which is what lets it overlap compute; only the partition (2Ψ/N bytes) outlives backward.
+The reduced rows are summed in fp32 and divided by N before they are stored in the parameters' dtype (a sum
+could overflow an fp16 partition N times sooner), as DeepSpeed's stage_1_and_2.py / stage3.py do.
+"""
+from __future__ import annotations
+
+
+class GradientBuckets:
+    def __init__(self, params: dict, layout, comm, grad_partition, *, bucket_size: int, dtype, master_dtype,
+                 tier):
+        self.params, self.layout, self.comm = params, layout, comm
+        self.grad_partition = grad_partition      # this rank's partition: device, or host (tier.on_host)
+        self.bucket_size, self.dtype, self.master_dtype = bucket_size, dtype, master_dtype
+        self.tier = tier                          # zero/grad_offload.py
+        self._bucket: list[str] = []
+        self._bucket_numel = 0
+        self._in_flight = []   # (HostCopy, slots): reduced buckets on their way to the host partition
+        for name, p in params.items():
+            p.register_post_accumulate_grad_hook(lambda p, name=name: self.grad_ready(name))
+
+    def grad_ready(self, name: str) -> None:
+        """A parameter's gradient is complete: into the bucket, and reduce the bucket once it is full."""
+        self._bucket.append(name)
+        self._bucket_numel += self.params[name].size
+        if self._bucket_numel >= self.bucket_size:
+            self.reduce_bucket()
+
+    def reduce_bucket(self) -> None:
+        """Reduce-scatter the bucket's gradients; accumulate this rank's rows; free the whole gradients."""
+        if not self._bucket:
+            return
+        slots = [self.layout.by_name[n] for n in self._bucket]
+        mdt = self.master_dtype
+        rows = self.layout.to_rows({n: self.params[n].grad for n in self._bucket}, dtype=mdt, slots=slots)
+        mine = self.comm.reduce_scatter(rows.reshape(-1)) / mdt.type(self.comm.world_size)  # (sum of chunks,)
+        for s in slots:
+            self.params[s.name].grad = None                          # the whole gradient is gone
+        if self.tier.on_host:   # ZeRO-Offload: to pinned host memory on the copy stream; added in once it lands
+            label = f"reduced gradients of {len(slots)} parameters"
+            self._in_flight.append((self.tier.start_move(mine, label), slots))
+            self._accumulate_landed(wait=False)
+        else:
+            self._accumulate(mine, slots)
+        self._bucket, self._bucket_numel = [], 0
+
+    def _accumulate(self, mine, slots) -> None:
+        """grad_partition[slot] += this bucket's reduced rows (fp32 sum, stored in the parameters' dtype)."""
+        col = 0
+        for s in slots:
+            view = self.layout.view(self.grad_partition, s)
+            view[...] = (view.astype(self.master_dtype) + mine[col:col + s.chunk]).astype(self.dtype)
+            col += s.chunk
+
+    def _accumulate_landed(self, wait: bool) -> None:
+        """Add in the buckets whose copies have landed, in order (all of them, waiting, when `wait`)."""
+        while self._in_flight and (wait or self._in_flight[0][0].done()):
+            copy, slots = self._in_flight.pop(0)
+            self._accumulate(self.tier.landed(copy), slots)
+
+    def flush(self) -> None:
+        """End of backward: reduce the last, partly filled bucket and add in every bucket still in flight."""
+        self.reduce_bucket()
+        self._accumulate_landed(wait=True)
