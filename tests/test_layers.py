@@ -8,7 +8,10 @@ backend plugin is an edge. The rules:
 - the model core (autodiff, functional, nn, attention, model, tiling, activation checkpointing, deferred init, the
   backend table) knows nothing of ZeRO, the memory tiers, communication, the engine or the command line;
 - communicators know nothing of ZeRO, the tiers or the engine; the tiers nothing of ZeRO or the engine; ZeRO
-  nothing of the engine, the training loop or the command line.
+  nothing of the engine, the training loop or the command line;
+- inside the tiers, the stores (store, mmap_store, aio_store, swap_files, crc32) know nothing of the swappers,
+  the copy stream or the ledger that use them;
+- the ZeRO stages are siblings: no stage imports another (they share zero/base.py, buckets.py, grad_offload.py).
 """
 import ast
 from pathlib import Path
@@ -21,6 +24,9 @@ MODEL_CORE = ("refimpl.autodiff", "refimpl.functional", "refimpl.nn", "refimpl.a
               "refimpl.tiling", "refimpl.activation_checkpointing", "refimpl.deferred_init", "refimpl.backend")
 ABOVE_THE_CORE = ("refimpl.zero", "refimpl.memory", "refimpl.comm", "refimpl.engine", "refimpl.train",
                   "refimpl.cli", "refimpl.config", "refimpl.crosscheck", "refimpl.checkpoint")
+STORES = ("refimpl.memory.store", "refimpl.memory.mmap_store", "refimpl.memory.aio_store",
+          "refimpl.memory.swap_files", "refimpl.memory.crc32")
+STAGES = tuple(f"refimpl.zero.stage{k}" for k in range(4))
 RULES = [
     # (modules the rule is about, what they must not import, exceptions, why)
     (("refimpl",), ("refimpl_numba", "refimpl_cupy"), (), "core never imports a backend plugin"),
@@ -32,7 +38,9 @@ RULES = [
      "the tiers sit below ZeRO and the engine"),
     (("refimpl.zero",), ("refimpl.engine", "refimpl.train", "refimpl.cli", "refimpl.crosscheck"), (),
      "ZeRO sits below the engine"),
-]
+    (STORES, ("refimpl.memory.param_offload", "refimpl.memory.optimizer_offload", "refimpl.memory.transfer",
+              "refimpl.memory.ledger", "refimpl.memory.budget"), (), "the stores sit below the swappers"),
+] + [((stage,), STAGES, (stage,), f"{stage} is a sibling of the other stages") for stage in STAGES]
 
 
 def _module_name(path: Path) -> str:
@@ -51,7 +59,10 @@ def import_graph() -> dict:
             if isinstance(node, ast.ImportFrom):
                 if node.level:
                     base = package.split(".")[:len(package.split(".")) - (node.level - 1)]
-                    deps.add(".".join(base + ([node.module] if node.module else [])))
+                    if node.module:
+                        deps.add(".".join(base + [node.module]))
+                    else:               # `from . import x`: the submodule x
+                        deps.update(".".join(base + [alias.name]) for alias in node.names)
                 else:
                     deps.add(node.module or "")
             elif isinstance(node, ast.Import):
@@ -84,6 +95,8 @@ def test_the_rules_can_fail():
     graph["refimpl.model"] = graph["refimpl.model"] | {"refimpl.zero.init"}
     graph["refimpl.kernels.dense"] = graph["refimpl.kernels.dense"] | {"refimpl.backend"}
     graph["refimpl.comm.nccl"] = graph["refimpl.comm.nccl"] | {"refimpl_cupy._runtime"}
+    graph["refimpl.zero.stage3"] = graph["refimpl.zero.stage3"] | {"refimpl.zero.stage2"}   # the old tower
     assert violations(graph, RULES[2]) == ["refimpl.model imports refimpl.zero.init"]
+    assert violations(graph, RULES[-1]) == ["refimpl.zero.stage3 imports refimpl.zero.stage2"]
     assert violations(graph, RULES[1]) == ["refimpl.kernels.dense imports refimpl.backend"]
     assert violations(graph, RULES[0]) == ["refimpl.comm.nccl imports refimpl_cupy._runtime"]

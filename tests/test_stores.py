@@ -21,7 +21,8 @@ from refimpl.memory import aio_store
 from refimpl.memory.aio_store import AioStore
 from refimpl.memory.crc32 import crc32_combine
 from refimpl.memory.mmap_store import MmapStore
-from refimpl.memory.store import AioConfig, HostStore, aligned_empty, make_store
+from refimpl.memory.store import HostStore, aligned_empty
+from refimpl.memory.tiers import AioConfig, make_store
 from refimpl.memory.swap_files import SwapError
 
 DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}

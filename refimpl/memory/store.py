@@ -20,7 +20,8 @@ different keys may overlap; the caller orders operations on one key (waits for a
     AioStore    O_DIRECT block I/O on a pool of I/O threads       offload_*.device = "nvme", aio.engine = "aio"
                 (DeepNVMe, §6: the fast path, and the default)
 
-A HostStore's bytes are host memory already (``resident``): ``view(key)`` hands out the stored array itself, so
+refimpl/memory/tiers.py builds the store an offload config asks for. A HostStore's bytes are host memory already
+(``resident``): ``view(key)`` hands out the stored array itself, so
 the offloaded optimizer steps it in place and nothing is read ahead; reading or writing a key through its own
 view moves nothing. The swappers (param_offload.py, optimizer_offload.py) are written once against this interface.
 """
@@ -28,12 +29,10 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
 
 import numpy as np
 
 ALIGN = 4096            # O_DIRECT alignment of buffer address, file offset and length; swap files are padded to it
-ENGINES = ("aio", "mmap")
 
 
 def round_up(n, align=ALIGN):
@@ -166,35 +165,3 @@ def _copy(dst, src) -> int:
         return 0
     dst[...] = src
     return src.nbytes
-
-
-@dataclass(frozen=True)
-class AioConfig:
-    """DeepSpeed's ``aio`` section (deepspeed/runtime/swap_tensor/aio_config.py), the knobs AioStore uses, and
-    refimpl's ``engine``: which NVMe store to build ("aio": AioStore, the default; "mmap": MmapStore)."""
-    block_size: int = 1 << 20
-    queue_depth: int = 8
-    intra_op_parallelism: int = 1
-    engine: str = "aio"
-
-    @classmethod
-    def from_section(cls, aio: dict) -> "AioConfig":
-        """From the validated ``aio`` section (DeepSpeed's knobs refimpl doesn't use are left out)."""
-        return cls(aio["block_size"], aio["queue_depth"], aio["intra_op_parallelism"], aio.get("engine", "aio"))
-
-
-def make_store(device: str, path=None, aio: AioConfig = AioConfig(), *, empty=aligned_empty) -> Store:
-    """The store of an offload tier: ``device`` "cpu" -> HostStore (``empty`` allocates its arrays); "nvme" -> the
-    store ``aio.engine`` names, in the swap folder ``path``."""
-    if device == "cpu":
-        return HostStore(empty)
-    if device != "nvme":
-        raise ValueError(f"offload device {device!r}: a store is 'cpu' or 'nvme'")
-    if aio.engine == "mmap":
-        from .mmap_store import MmapStore
-        return MmapStore(path)
-    if aio.engine == "aio":
-        from .aio_store import AioStore
-        return AioStore(path, block_size=aio.block_size, queue_depth=aio.queue_depth,
-                        intra_op_parallelism=aio.intra_op_parallelism)
-    raise ValueError(f"aio.engine={aio.engine!r}: must be one of {', '.join(ENGINES)}")

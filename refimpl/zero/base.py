@@ -11,11 +11,15 @@ each rank stores and which collectives run; the engine drives every stage the sa
                                             parameters made visible to the model
     zero_grads()
 
-and, for checkpoints and reports, ``full_state``, ``load_full_state``, ``full_params``, ``unpartition``,
-``model_state_bytes`` and ``close``. The stages (stage0.py .. stage3.py) are siblings, each readable alone. They
-share this base (the rank's identity, the optimizer on or off the device, the byte budgets, checkpoints),
-zero/buckets.py (stages 2-3 reduce-scatter gradients in buckets during backward) and zero/grad_offload.py (where
-reduced gradients go when the optimizer runs on the host).
+and reads ``partitioned`` (norms sum over ranks), ``grad_kernels`` (the kernels of the gradient's tier),
+``optimizer`` (its step count and partitions, for checkpoints) and ``copies`` (the rank's copy stream, which
+activation offload shares). For checkpoints and reports: ``full_state``, ``load_full_state``, ``full_params``,
+``unpartition``, ``model_state_bytes``, ``layout``, ``master_dtype``, and ``close`` at the end.
+
+The stages (stage0.py .. stage3.py) are siblings, each readable alone. They share this base (the rank's
+identity, the optimizer on or off the device, the byte budgets, checkpoints), zero/buckets.py (stages 2-3
+reduce-scatter gradients in buckets during backward) and zero/grad_offload.py (where reduced gradients go when
+the optimizer runs on the host).
 """
 from __future__ import annotations
 
@@ -25,7 +29,7 @@ import numpy as np
 
 from ..memory.ledger import Ledger
 from ..memory.optimizer_offload import KEYS, OffloadedAdamW, sub_groups
-from ..memory.store import make_store
+from ..memory.tiers import make_store
 from ..memory.transfer import CopyStream
 from ..optim import AdamConfig, AdamW
 from .config import ZeroConfig

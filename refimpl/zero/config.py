@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..memory.store import AioConfig
+from ..memory.tiers import AioConfig
 
 
 @dataclass(frozen=True)

@@ -84,7 +84,7 @@ class ParameterPartitioning(ZeroStage):
         if off is None:
             return None
         from ..memory.param_offload import ParamSwapper
-        from ..memory.store import make_store
+        from ..memory.tiers import make_store
         # host arrays pinned (and 4096-aligned) for the copy stream
         store = make_store(off.device, off.swap_folder(3, "params", self.rank), self.cfg.aio,
                            empty=self.copies.host_empty)
