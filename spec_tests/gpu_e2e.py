@@ -7,8 +7,8 @@
    the reason, on fewer than 2 GPUs or without mpirun.
 3. The tier manager's stream-ordered copies (refimpl/memory/transfer.py) on one GPU, 2 ranks as threads
    (LocalComm): stage 2 with the optimizer on the host (reduced gradients copied to pinned memory during
-   backward), and stage 3 with parameters on the host and on NVMe (chunks copied up beside compute), in fp32;
-   each against the same run on numpy.
+   backward), stage 3 with parameters on the host and on NVMe (chunks copied up beside compute; both NVMe stores),
+   and stage 3 with activation checkpoints offloaded to the host, in fp32; each against the same run on numpy.
 
 Prints one line per check and exits non-zero when one fails. Needs cupy and refimpl installed.
 """
@@ -83,7 +83,11 @@ def main():
             ("stage 2, optimizer on the host", ["zero_optimization.stage=2", "zero_optimization.offload_param=null",
                                                 *cpu]),
             ("stage 3, params and optimizer on the host", [*cpu, 'zero_optimization.offload_param={"device": "cpu"}']),
-            ("stage 3, params on NVMe, optimizer on the host", [*cpu, swap[0]])]:
+            ("stage 3, params on NVMe, optimizer on the host", [*cpu, swap[0]]),
+            ("stage 3, params and optimizer on NVMe through numpy.memmap (MmapStore)", [*swap, "aio.engine=mmap"]),
+            ("stage 3, params on the host, block inputs offloaded (cpu_checkpointing)",
+             [*cpu, 'zero_optimization.offload_param={"device": "cpu"}', "model.checkpoint_activations=true",
+              "activation_checkpointing.cpu_checkpointing=true"])]:
         sets = SMALL + ["world_size=2", "zero_optimization.reduce_bucket_size=20000", *sets]
         tag = name.replace(" ", "_").replace(",", "")
         ref = train(f"{tmp}/{tag}_numpy", "numpy", 10, [s.replace("%s", "numpy") for s in sets])
