@@ -14,6 +14,7 @@ never a traceback from deep inside.
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 import warnings
 from dataclasses import fields
@@ -24,7 +25,7 @@ from .comm.base import CommError
 from .comm.mpi import launched_under_mpi
 from .crosscheck.torch_side import PeerError
 from .crosscheck.trace import TraceError
-from .config import CLI_DEFAULT_CONFIG, ConfigError, load_config, parse_override
+from .config import CLI_DEFAULT_CONFIG, ConfigError, load_config, parse_override, validate
 from .data import DataError
 from .deepspeed_keys import DeepSpeedKeyWarning
 from .lock import LockError
@@ -143,13 +144,18 @@ def _check_same_run(cfg, saved, ckpt_path, source) -> None:
     """A resumed run must have the checkpoint's model and precision; name every key that differs."""
     from .model import ModelConfig
     order = [f.name for f in fields(ModelConfig)]
-    diff = sorted((k for k in cfg["model"] if cfg["model"][k] != saved["model"].get(k)),
+    # a checkpoint from before a model key existed was trained with that key's default (e.g. model.dtype)
+    try:
+        saved_model = validate(copy.deepcopy(saved))["model"]
+    except ConfigError as exc:
+        raise CheckpointError(f"checkpoint {ckpt_path!r} holds an invalid config: {exc}") from None
+    diff = sorted((k for k in cfg["model"] if cfg["model"][k] != saved_model.get(k)),
                   key=lambda k: order.index(k) if k in order else len(order))
     if diff:
         k = diff[0]
         also = f" (also differ: {', '.join('model.' + d for d in diff[1:])})" if diff[1:] else ""
         raise CheckpointError(f"checkpoint {ckpt_path!r} is from a different model: model.{k} is "
-                              f"{saved['model'].get(k)!r} there and {cfg['model'][k]!r} in {source}{also}")
+                              f"{saved_model.get(k)!r} there and {cfg['model'][k]!r} in {source}{also}")
     if cfg["zero_optimization"]["stage"] != saved["zero_optimization"]["stage"]:
         raise CheckpointError(f"checkpoint {ckpt_path!r} was written at ZeRO stage {saved['zero_optimization']['stage']}; "
                               f"resuming at stage {cfg['zero_optimization']['stage']} ({source}) is not supported")

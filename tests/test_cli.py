@@ -222,6 +222,24 @@ def test_resume_continues_exactly(capsys, tiny_set_args, tmp_path, precision):
         assert json.loads((run / "config.json").read_text())["world_size"] == ranks
 
 
+def test_a_checkpoint_from_before_newer_config_keys_still_resumes(capsys, tiny_set_args, tmp_path):
+    """A checkpoint whose config predates model.dtype and aio.engine (written by an older refimpl) was trained with
+    their defaults: it resumes, and continues exactly as the uninterrupted run."""
+    from refimpl.checkpoint import _manifest_digest
+    a, b = tmp_path / "a", tmp_path / "b"
+    code, _, err = run_cli(capsys, *train_args(tiny_set_args, a, "--set", "run.steps=6",
+                                               "--set", "run.checkpoint_interval=3"))
+    assert code == 0, err
+    path = a / "checkpoint" / "global_step3" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    del manifest["config"]["model"]["dtype"], manifest["config"]["aio"]["engine"]
+    manifest["manifest_sha256"] = _manifest_digest(manifest)
+    path.write_text(json.dumps(manifest))
+    code, _, err = run_cli(capsys, "train", "--no-progress", "--resume", path.parent, "--out", b)
+    assert code == 0, err
+    assert [r["loss"] for r in step_lines(b)] == [r["loss"] for r in step_lines(a)[3:]]
+
+
 def test_resume_on_4_ranks_from_a_2_rank_checkpoint(capsys, tiny_set_args, tmp_path):
     """A checkpoint is resharded to the new world size; the global batch (micro * ranks = 8 rows) stays the
     same, so the losses follow the uninterrupted 2-rank run up to the order of fp32 sums."""
