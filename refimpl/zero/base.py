@@ -117,7 +117,7 @@ class ZeroStage(ABC):
             if self.master is None:       # stage 3: assemble the device partition piece by piece
                 self.master, lo = self.backend.empty((self.layout.partition_numel,), self.master_dtype), 0
                 for piece in self._master_pieces_shown():
-                    self.master[lo:lo + piece.size] = piece
+                    self.master[lo:lo + piece.size] = self.backend.asarray(piece)   # (a host piece goes up)
                     lo += piece.size
             return AdamW(self.master, backend=self.backend, **adam.kwargs())
         store = make_store(off.device, off.swap_folder(self.stage, "optimizer", self.rank), self.cfg.aio)

@@ -13,6 +13,7 @@ they save in memory). Which parameters to gather ahead of time is the job of the
 """
 from __future__ import annotations
 
+from ..backend import host_backend
 from ..deferred_init import materialize
 from .base import ZeroStage
 from .buckets import GradientBuckets
@@ -76,8 +77,10 @@ class ParameterPartitioning(ZeroStage):
         """This rank's fp32 master partition, one parameter chunk at a time, read back from the parameter tier:
         the optimizer's tier is filled without the partition ever being whole in memory."""
         for p in self.params.values():
-            chunk = p.ds_tensor if self.swapper is None else self.swapper.read_chunk(p.ds_slot)
-            yield self.backend.cast(chunk, self.master_dtype)
+            if self.swapper is None:
+                yield self.backend.cast(p.ds_tensor, self.master_dtype)
+            else:   # a host array: upcast on the host (the offloaded optimizer keeps it there)
+                yield host_backend(self.backend).cast(self.swapper.read_chunk(p.ds_slot), self.master_dtype)
 
     def _make_swapper(self):
         off = self.cfg.offload_param
