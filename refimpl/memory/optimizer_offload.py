@@ -4,9 +4,9 @@ ZeRO-Offload (Ren et al. 2021) and ZeRO-Infinity §5 (infinity offload engine): 
 Adam moments — 12 of the 16 bytes per parameter — leave the device. The step runs on the host, sub-group by
 sub-group (runs of whole parameters holding at least `sub_group_size` elements, as DeepSpeed's stage 3 forms
 them), so only a few sub-groups' states are in host memory at once (a host store's own arrays are stepped in
-place, refimpl/memory/store.py). The gradient partition is on the host already
-(the ZeRO stage moved it there as it was reduced) and is upcast to fp32 one sub-group at a time. The sub-groups
-are pipelined (DeepSpeed's PipelinedOptimizerSwapper; with a host store the reads and writes move nothing):
+place, refimpl/memory/store.py). The gradient partition is on the host already (the ZeRO stage moved it there
+as it was reduced) and is upcast to fp32 one sub-group at a time. The sub-groups are pipelined (DeepSpeed's
+PipelinedOptimizerSwapper; with a host store the reads and writes move nothing):
 
     read  sub-group i+1  (nvme -> host, async)
     step  sub-group i    (host compute)
@@ -88,31 +88,30 @@ class OffloadedAdamW:
 
     def _write_initial_states(self, pieces) -> None:
         """Master from the pieces, moments zero, sub-group by sub-group as the pieces arrive."""
-        group, filled, states, pending = 0, 0, None, []
+        group, filled, bufs, cost, pending = 0, 0, None, 0, []
         for piece in pieces:
             piece = np.asarray(self.backend.to_numpy(piece), dtype=self.dtype).reshape(-1)
             pos = 0
             while pos < piece.size:
                 lo, hi = self.groups[group]
-                if states is None:
-                    states = self._host_states(group)
+                if bufs is None:
+                    bufs, cost = self._host_states(group)
                 n = min(hi - lo - filled, piece.size - pos)
-                states[0]["master"][filled:filled + n] = piece[pos:pos + n]
+                bufs["master"][filled:filled + n] = piece[pos:pos + n]
                 filled, pos = filled + n, pos + n
                 if filled == hi - lo:    # the sub-group is complete: write it while the next one fills
-                    pending = self._write_group(group, states, pending)
-                    group, filled, states = group + 1, 0, None
+                    pending = self._write_group(group, bufs, cost, pending)
+                    group, filled, bufs = group + 1, 0, None
         if self.numel == 0:              # an empty partition still has its (empty) sub-group
-            pending = self._write_group(0, self._host_states(0), pending)
+            pending = self._write_group(0, *self._host_states(0), pending)
         self._finish_writes(pending)
         written = self.groups[group - 1][1] if group else 0
         if written != self.numel and self.numel:
             raise ValueError(f"the master pieces hold {written} elements, the partition has {self.numel}")
 
-    def _write_group(self, i, states, pending) -> list:
+    def _write_group(self, i, bufs, cost, pending) -> list:
         """Zero sub-group i's moments and start writing its states; the previous sub-group's writes finish first."""
         self._finish_writes(pending)
-        bufs, cost = states
         bufs["exp_avg"][...] = 0
         bufs["exp_avg_sq"][...] = 0
         return [(cost, i, [self.store.write(self._key(key, i), bufs[key]) for key in KEYS])]
