@@ -100,3 +100,41 @@ def test_the_rules_can_fail():
     assert violations(graph, RULES[-1]) == ["refimpl.zero.stage3 imports refimpl.zero.stage2"]
     assert violations(graph, RULES[1]) == ["refimpl.kernels.dense imports refimpl.backend"]
     assert violations(graph, RULES[0]) == ["refimpl.comm.nccl imports refimpl_cupy._runtime"]
+
+
+def floors(graph) -> dict:
+    """module -> its floor: 0 for a module importing no other refimpl module, else one above its highest import."""
+    graph = {m: {d for d in deps if d in graph and d != m} for m, deps in graph.items()}
+    memo = {}
+
+    def floor(m, seen=()):
+        if m not in memo:
+            memo[m] = 1 + max((floor(d, seen + (m,)) for d in graph[m] if d not in seen), default=-1)
+        return memo[m]
+    return {m: floor(m) for m in graph}
+
+
+def not_down(graph) -> list:
+    """Imports that do not go to a lower floor (a cycle has one)."""
+    level = floors(graph)
+    return sorted(f"{m} imports {d}" for m, deps in graph.items() for d in deps
+                  if d in level and d != m and level[d] >= level[m])
+
+
+def test_every_import_points_down():
+    """The graph has floors: every import goes to a lower floor (no cycle, no import sideways or up)."""
+    assert not_down(import_graph()) == []
+
+
+def test_a_cycle_is_caught():
+    graph = import_graph()     # store.py building the stores it is the interface of, as it once did
+    graph["refimpl.memory.store"] = graph["refimpl.memory.store"] | {"refimpl.memory.aio_store"}
+    assert not_down(graph)
+
+
+if __name__ == "__main__":     # python tests/test_layers.py: the floors, top down
+    by_floor = {}
+    for module, f in floors(import_graph()).items():
+        by_floor.setdefault(f, []).append(module.removeprefix("refimpl."))
+    for f in sorted(by_floor, reverse=True):
+        print(f"floor {f:2d}: {', '.join(sorted(by_floor[f]))}")
