@@ -38,6 +38,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from _report import emit  # noqa: E402  (benchmarks/ is the script's folder)
+import gpu_offload  # noqa: E402
 from refimpl.backend import get_backend, use_backend  # noqa: E402
 
 PEAK_BF16 = 989e12   # H100/H200 SXM dense bf16 tensor-core peak (NVIDIA's datasheet)
@@ -568,8 +569,9 @@ def main():
     v.add_argument("--path", default=None, help="folder on the disk to measure (default: the temp folder)")
     v.add_argument("--backend", default="cupy", help="numpy: the same path ending in host memory (a dry run)")
     v.add_argument("--out")
+    gpu_offload.add_parser(sub)
     args = ap.parse_args()
-    {"attention": bench_attention, "step": bench_step, "nvme": bench_nvme}[args.what](args)
+    {"attention": bench_attention, "step": bench_step, "nvme": bench_nvme, "offload": gpu_offload.run}[args.what](args)
 
 
 if __name__ == "__main__":

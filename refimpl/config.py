@@ -224,7 +224,8 @@ _OFFLOAD_DEVICE = Field("none", one_of("none", "cpu", "nvme"))
 OFFLOAD_PARAM = {"device": _OFFLOAD_DEVICE, "nvme_path": Field(None, nullable(string)),
                  "buffer_count": Field(5, integer(1)), "buffer_size": Field(1e8, size(1))}
 OFFLOAD_OPTIMIZER = {"device": _OFFLOAD_DEVICE, "nvme_path": Field(None, nullable(string)),
-                     "buffer_count": Field(4, integer(1))}
+                     "buffer_count": Field(4, integer(1)),
+                     "ratio": Field(1.0, number(0, 1))}   # Twin-Flow: the fraction offloaded (stage 3)
 
 SCHEMA = {
     # the batch sizes: any two determine the third, as in DeepSpeed (null: derived; see _resolve_batch_sizes)
@@ -412,6 +413,12 @@ def _check_version_limits(cfg):
         if zero[name]["device"] != "none" and zero["stage"] < OFFLOAD_MIN_STAGE[name]:
             raise ConfigError(f"{path}.device", f"{zero[name]['device']!r} needs zero_optimization.stage >= "
                                                 f"{OFFLOAD_MIN_STAGE[name]}, got stage {zero['stage']}")
+    opt = zero["offload_optimizer"]
+    if opt is not None and opt["device"] != "none" and opt["ratio"] < 1 and zero["stage"] < 3:
+        import warnings                    # DeepSpeed reads the ratio in stage 3 only, and ignores it below
+        warnings.warn(f"zero_optimization.offload_optimizer.ratio: DeepSpeed key with no effect in refimpl: "
+                      f"{opt['ratio']} is honoured in stage 3 only (as in DeepSpeed), got stage {zero['stage']}",
+                      deepspeed_keys.DeepSpeedKeyWarning, stacklevel=2)
 
 
 def _resolve(cfg):

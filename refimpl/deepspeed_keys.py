@@ -168,8 +168,6 @@ KNOWN: dict[str, Known] = {
     "zero_optimization.offload_optimizer.pipeline_write": Known(_PERF + " (refimpl always pipelines sub-groups)",
                                                                 False),
     "zero_optimization.offload_optimizer.fast_init": Known(_PERF, False),
-    "zero_optimization.offload_optimizer.ratio": Known("refimpl offloads all of the optimizer state (ZeRO-Offload++'s "
-                                                       "partial offload is not implemented)", 1.0),
     "zero_optimization.offload_optimizer.super_offload": Known(_NOT_MODELLED + " (SuperOffload)", False,
                                                                strict=True),
     "zero_optimization.offload_optimizer.cpuadam_cores_perc": Known(_PERF, 0.8),

@@ -225,7 +225,7 @@ def test_deepspeed_json_config_loads(tmp_path):
     assert "overlap_comm" not in zero and "allgather_bucket_size" not in zero    # accepted, with no effect
     assert zero["reduce_bucket_size"] == 500_000_000
     assert type(zero["reduce_bucket_size"]) is int and type(zero["stage3_prefetch_bucket_size"]) is int
-    assert zero["offload_optimizer"] == {"device": "none", "nvme_path": None, "buffer_count": 4}
+    assert zero["offload_optimizer"] == {"device": "none", "nvme_path": None, "buffer_count": 4, "ratio": 1.0}
 
 
 def test_offload_param_section_fills_deepspeed_defaults():

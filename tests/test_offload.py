@@ -126,6 +126,39 @@ def test_every_store_trains_bitwise_the_same(tmp_path):
         assert ("host", "host") not in pairs, what
 
 
+@pytest.mark.parametrize("param_device, optim_device", [("none", "cpu"), ("cpu", "cpu"), ("nvme", "nvme")])
+def test_twin_flow_ratio_changes_nothing(tmp_path, param_device, optim_device):
+    """offload_optimizer.ratio (ZeRO-Offload++ Twin-Flow): the first int((1 - ratio) * n) sub-groups stay on the
+    device (DeepSpeed stage 3's rule), the rest are offloaded; the run is bitwise the run that offloads nothing."""
+    ref_losses, ref_state, _ = run3(tmp_path, 2, "none", "none")
+    for ratio in (0.0, 0.4, 1.0):
+        losses, state, ledger = run3(tmp_path / str(ratio), 2, param_device, optim_device,
+                                     f"zero_optimization.offload_optimizer.ratio={ratio}")
+        what = f"params {param_device}, optimizer {optim_device}, ratio {ratio}"
+        assert losses == ref_losses, what
+        for key in ref_state:
+            for name in ref_state[key]:
+                np.testing.assert_array_equal(state[key][name], ref_state[key][name], err_msg=f"{what} {key} {name}")
+        steps = [e for e in ledger if e["kind"] == "compute" and e["rank"] == 0 and e["step"] == 1
+                 and e["label"].startswith("adam sub-group")]
+        on_device = [e for e in steps if e["label"].endswith("(device)")]
+        assert len(steps) > 2, what                       # several sub-groups, so the split is visible
+        assert len(on_device) == int((1 - ratio) * len(steps)), what
+        if optim_device == "nvme":                        # only the offloaded sub-groups cross the disk
+            read = sum(e["nbytes"] for e in ledger if e["kind"] == "transfer" and e["src"] == "nvme"
+                       and e["rank"] == 0 and e["step"] == 1 and e["label"].startswith("optimizer"))
+            assert (read == 0) == (ratio == 0.0), what
+
+
+def test_twin_flow_ratio_is_checked():
+    with pytest.raises(ConfigError, match=r"offload_optimizer.ratio.*1\.5"):
+        load_config(None, ["zero_optimization.stage=3", "zero_optimization.offload_optimizer.device=cpu",
+                           "zero_optimization.offload_optimizer.ratio=1.5"])
+    with pytest.warns(UserWarning, match="ratio.*stage 3 only"):   # DeepSpeed ignores it below stage 3
+        load_config(None, ["zero_optimization.stage=2", "zero_optimization.offload_optimizer.device=cpu",
+                           "zero_optimization.offload_optimizer.ratio=0.5"])
+
+
 def test_bandwidth_centric_each_rank_reads_only_its_shard(tmp_path):
     """ZeRO-Infinity §6.1: per gather, each rank moves 1/N of the parameter across the slow tier."""
     _, _, led1 = run3(tmp_path, 1, "nvme", "none")

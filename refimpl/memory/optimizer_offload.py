@@ -13,6 +13,12 @@ PipelinedOptimizerSwapper; with a host store the reads and writes move nothing):
     write sub-group i    (host -> nvme, async; waited for before its buffer is reused), and its new
                          low-precision parameters (to the device, or to the parameter offload tier)
 
+Twin-Flow (ZeRO-Offload++, DeepSpeed's ``offload_optimizer.ratio``): only a fraction ``ratio`` of the
+sub-groups is offloaded. As DeepSpeed's stage 3 decides it, sub-group i of n stays on the device when
+i < int((1 - ratio) * n): its states live in device memory and the device's AdamW updates them (its gradient
+slice copied up), while the host updates the rest beside it. The tiers then act as one capacity pool, and the
+device's share of the update runs in parallel with the host's.
+
 Offload moves bytes and must not change them: the same elementwise kernel runs on the same numbers as the
 on-device AdamW, so results are bitwise equal (tests/test_offload.py).
 """
@@ -48,11 +54,12 @@ class OffloadedAdamW:
     `master_pieces`: this rank's fp32 master partition as arrays in partition order (one per parameter under
     zero.Init, or one whole array); they go straight to the store, so the partition never has to be in memory at
     once. `groups`: the sub-groups, [lo, hi) ranges covering [0, numel). `store`: the tier (refimpl/memory/store.py)
-    holding each sub-group's master, exp_avg and exp_avg_sq under its own key."""
+    holding each sub-group's master, exp_avg and exp_avg_sq under its own key. `device_groups`: how many of the
+    first sub-groups stay on the device (Twin-Flow; 0: all offloaded)."""
 
     def __init__(self, master_pieces, *, numel: int, groups, backend, store, ledger, buffer_count: int = 4, lr=1e-3,
                  betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01, adamw_mode=True, bias_correction=True,
-                 name: str = "optim", dtype=np.float32):
+                 name: str = "optim", dtype=np.float32, device_groups: int = 0):
         self.backend, self.store, self.ledger, self.name = backend, store, ledger, name
         self.lr, self.betas, self.eps = float(lr), (float(betas[0]), float(betas[1])), float(eps)
         self.weight_decay, self.adamw_mode = float(weight_decay), bool(adamw_mode)
@@ -67,8 +74,15 @@ class OffloadedAdamW:
                 a[1] != b[0] for a, b in zip(self.groups, self.groups[1:])):
             raise ValueError(f"sub-groups {self.groups[:3]}... do not tile the partition [0, {self.numel})")
         self.buffer_count = max(3, int(buffer_count))  # sub-group buffer sets: read-ahead, compute, writes
-        ledger.budget.alloc(store.tier, 3 * item * self.numel, "the offloaded optimizer states")
-        for i, (lo, hi) in enumerate(self.groups):
+        if not 0 <= device_groups <= len(self.groups):
+            raise ValueError(f"device_groups must be in [0, {len(self.groups)}] (the sub-groups), got {device_groups}")
+        self.device_groups = int(device_groups)
+        split = self.groups[self.device_groups - 1][1] if self.device_groups else 0   # [0, split) on the device
+        ledger.budget.alloc("device", 3 * item * split, "the optimizer states kept on the device (ratio)")
+        ledger.budget.alloc(store.tier, 3 * item * (self.numel - split), "the offloaded optimizer states")
+        self.on_device = {i: {key: backend.empty((hi - lo,), self.dtype) for key in KEYS}
+                          for i, (lo, hi) in enumerate(self.groups[:self.device_groups])}
+        for i, (lo, hi) in enumerate(self.groups[self.device_groups:], self.device_groups):
             for key in KEYS:
                 self.store.allocate(self._key(key, i), (hi - lo) * item)
         self._write_initial_states(master_pieces)
@@ -80,6 +94,8 @@ class OffloadedAdamW:
         """Host arrays for sub-group i's three states, and the host bytes they add: a host tier's own arrays
         (stepped in place), or 4096-aligned buffers a disk tier is read into (O_DIRECT lands there directly)."""
         lo, hi = self.groups[i]
+        if i in self.on_device:        # (only while the initial states are written: then copied up)
+            return {key: np.empty(hi - lo, self.dtype) for key in KEYS}, 0
         if self.store.resident:
             return {key: self.store.view(self._key(key, i)).view(self.dtype) for key in KEYS}, 0
         nbytes = 3 * (hi - lo) * self.dtype.itemsize
@@ -114,6 +130,10 @@ class OffloadedAdamW:
         self._finish_writes(pending)
         bufs["exp_avg"][...] = 0
         bufs["exp_avg_sq"][...] = 0
+        if i in self.on_device:
+            for key in KEYS:
+                self.on_device[i][key][...] = self.backend.asarray(bufs[key])
+            return []
         return [(cost, i, [self.store.write(self._key(key, i), bufs[key]) for key in KEYS])]
 
     # -------------------------------------------------------------------------------------------- step
@@ -127,9 +147,28 @@ class OffloadedAdamW:
                   step=self.step_count, grad_scale=grad_scale, adamw_mode=self.adamw_mode,
                   bias_correction=self.bias_correction)
         sink = None if out_lowp is None else _LowpSink.of(out_lowp, self.backend, self.ledger)
-        self._pipelined_step(grad, sink, kw)
+        device_outs = [self._update_on_device(i, grad, sink, kw) for i in self.on_device]   # queued on the device
+        self._pipelined_step(grad, sink, kw)                                                 # meanwhile, the host
+        for i, out in zip(self.on_device, device_outs):
+            if out is not None:      # a device sub-group's new parameters, bound for the parameter tier
+                lo, hi = self.groups[i]
+                buf = sink.buffer(lo, hi)
+                buf[...] = self.backend.to_numpy(out)
+                sink.done(lo, hi, buf)
         if sink is not None:
             sink.finish()
+
+    def _update_on_device(self, i, grad, sink, kw):
+        """Twin-Flow: AdamW on device sub-group i, with the device's kernel, its gradient slice copied up. The new
+        low-precision values are written into the device's partition, or returned (the parameter tier's)."""
+        lo, hi = self.groups[i]
+        states = self.on_device[i]
+        g = self.backend.asarray(np.asarray(grad[lo:hi]))
+        direct = isinstance(sink, _LowpSink)
+        out = None if sink is None else (sink.out[lo:hi] if direct else self.backend.empty((hi - lo,), sink.dtype))
+        with self.ledger.compute(f"adam sub-group {i} (device)", on_device=True):
+            self.backend.adam_step(states["master"], g, states["exp_avg"], states["exp_avg_sq"], **kw, out_lowp=out)
+        return None if direct else out
 
     def _update_group(self, i, states, grad, sink, kw) -> None:
         """Adam on sub-group i (its gradient is on the host already: the stage moved it there as it was reduced);
@@ -148,10 +187,12 @@ class OffloadedAdamW:
         return bufs, cost, [self.store.read(self._key(key, i), bufs[key]) for key in KEYS]
 
     def _pipelined_step(self, grad, sink, kw) -> None:
-        n = len(self.groups)
-        reads = {0: self._read_group(0)}          # group -> (arrays, host bytes, pending read handles)
+        first, n = self.device_groups, len(self.groups)
+        if first == n:
+            return
+        reads = {first: self._read_group(first)}  # group -> (arrays, host bytes, pending read handles)
         writes: list = []                          # (host bytes, group, pending write handles), oldest first
-        for i in range(n):
+        for i in range(first, n):
             if i + 1 < n:
                 reads[i + 1] = self._read_group(i + 1)          # read ahead while this group computes
             bufs, cost, handles = reads.pop(i)
@@ -172,6 +213,10 @@ class OffloadedAdamW:
     def partitions(self) -> dict:
         out = {key: np.empty(self.numel, self.dtype) for key in KEYS}
         for i, (lo, hi) in enumerate(self.groups):
+            if i in self.on_device:
+                for key in KEYS:
+                    out[key][lo:hi] = self.backend.to_numpy(self.on_device[i][key])
+                continue
             for h in [self.store.read(self._key(key, i), out[key][lo:hi]) for key in KEYS]:
                 h.wait()                                          # verified
         return out
@@ -183,7 +228,11 @@ class OffloadedAdamW:
                                  f"({self.numel},)")
         for i, (lo, hi) in enumerate(self.groups):
             for key in KEYS:
-                self.store.write(self._key(key, i), np.ascontiguousarray(parts[key][lo:hi], self.dtype)).wait()
+                part = np.ascontiguousarray(parts[key][lo:hi], self.dtype)
+                if i in self.on_device:
+                    self.on_device[i][key][...] = self.backend.asarray(part)
+                else:
+                    self.store.write(self._key(key, i), part).wait()
 
 
 class _LowpSink:
@@ -197,6 +246,7 @@ class _LowpSink:
 
     def __init__(self, out, backend, ledger):
         self.out, self.backend, self.ledger = out, backend, ledger
+        self.dtype = out.dtype
 
     def buffer(self, lo, hi):
         return np.empty(hi - lo, dtype=self.out.dtype)

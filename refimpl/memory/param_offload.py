@@ -174,7 +174,7 @@ class PartitionUpdate:
     """
 
     def __init__(self, swapper: ParamSwapper):
-        self.swapper = swapper
+        self.swapper, self.dtype = swapper, swapper.dtype
 
     def buffer(self, lo: int, hi: int):
         sw = self.swapper

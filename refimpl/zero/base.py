@@ -122,10 +122,13 @@ class ZeroStage(ABC):
             return AdamW(self.master, backend=self.backend, **adam.kwargs())
         store = make_store(off.device, off.swap_folder(self.stage, "optimizer", self.rank), self.cfg.aio)
         groups = sub_groups([s.chunk for s in self.layout.slots], self.cfg.sub_group_size)
+        # Twin-Flow (offload_optimizer.ratio): DeepSpeed keeps the first sub-groups on the device in stage 3 only
+        on_device = off.device_groups(len(groups)) if self.stage == 3 else 0
         try:
             optimizer = OffloadedAdamW(self._master_pieces_shown(), numel=self.layout.partition_numel,
                                        groups=groups, backend=self.backend, store=store, ledger=self.ledger,
-                                       buffer_count=off.buffer_count, dtype=self.master_dtype, **adam.kwargs())
+                                       buffer_count=off.buffer_count, dtype=self.master_dtype,
+                                       device_groups=on_device, **adam.kwargs())
         except BaseException:
             store.close()
             raise

@@ -19,12 +19,19 @@ class OffloadConfig:
     nvme_path: str | None
     buffer_count: int                 # swap buffers (parameters) or sub-group buffer sets (optimizer)
     buffer_size: int | None = None    # offload_param only: elements per parameter swap buffer
+    ratio: float = 1.0                # offload_optimizer only: the fraction of sub-groups offloaded (Twin-Flow)
 
     @classmethod
     def from_section(cls, section: dict | None) -> "OffloadConfig | None":
         if section is None or section["device"] == "none":
             return None
-        return cls(section["device"], section["nvme_path"], section["buffer_count"], section.get("buffer_size"))
+        return cls(section["device"], section["nvme_path"], section["buffer_count"], section.get("buffer_size"),
+                   section.get("ratio", 1.0))
+
+    def device_groups(self, n_groups: int) -> int:
+        """How many of the first sub-groups stay on the device: DeepSpeed stage 3's rule, sub-group i is offloaded
+        when i >= int((1 - ratio) * n_groups)."""
+        return int((1 - self.ratio) * n_groups)
 
     def swap_folder(self, stage: int, what: str, rank: int) -> Path | None:
         """Where this rank's swap files go (DeepSpeed's layout: nvme_path/zero_stage_N/<what>/rankR)."""

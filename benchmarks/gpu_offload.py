@@ -1,0 +1,277 @@
+"""ZeRO-Infinity's offload path on one GPU: refimpl against DeepSpeed, against the CPU's memory and the disk.
+
+    python3 benchmarks/gpu.py offload [--variants none opt params+opt nvme] [--batch 8] [--seq 1024]
+        [--layers 12] [--d-model 768] [--heads 12] [--tie] [--steps 6] [--warmup 2] [--path DIR]
+        [--no-peer] [--host-profile VARIANT] [--backend cupy] [--set KEY=VALUE ...] [--out FILE]
+
+Every variant is ZeRO stage 3 on one rank, bf16 mixed precision, the same model drawn from the same seed:
+
+    none         nothing offloaded (the in-memory peer)
+    opt          offload_optimizer cpu             (ZeRO-Offload: fp32 master and moments, Adam on the host)
+    params+opt   offload_param cpu + offload_optimizer cpu
+    nvme         offload_param nvme + offload_optimizer nvme under --path (ZeRO-Infinity)
+
+refimpl's variants are Engines in this process, stepped interleaved (A B C, C B A, ...) on the same batches.
+DeepSpeed 0.19.8 (benchmarks/_deepspeed_offload.py; install it on the GPU machine with
+benchmarks/install_deepspeed_peer.sh) runs the same variants in a process of its own, on the same step-0
+weights and batches, with the DeepSpeed config refimpl's config translates to (the cross-check's).
+
+Tables: (1) step time per variant (median, min-max), forward+backward and optimizer step, against refimpl's
+in-memory step and against DeepSpeed's; (2) the host AdamW: its seconds per step (the ledger's "adam sub-group"
+compute events), the bytes it moves (param, both moments read and written, the gradient read and the
+low-precision copy written), its GB/s, and that against an in-place numba triad (a = a + s*c, 12 B/element)
+measured in this run with the same number of elements; (3) for nvme: the bytes the step moved between host and
+disk, against dd O_DIRECT measured in this run (the disk roofline: read bytes / dd read + written / dd write).
+"""
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _report import emit, median_range  # noqa: E402
+from refimpl.backend import use_backend  # noqa: E402
+
+SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gpu.py")   # how it is run
+
+VARIANTS = {
+    "none": [],
+    "opt": ['zero_optimization.offload_optimizer={"device":"cpu","pin_memory":true}'],
+    "params+opt": ['zero_optimization.offload_param={"device":"cpu","pin_memory":true}',
+                   'zero_optimization.offload_optimizer={"device":"cpu","pin_memory":true}'],
+    "nvme": ['zero_optimization.offload_param={"device":"nvme","nvme_path":"{path}"}',
+             'zero_optimization.offload_optimizer={"device":"nvme","nvme_path":"{path}"}'],
+}
+
+
+def base_sets(args) -> list:
+    return [f"backend={args.backend}", "world_size=1", "zero_optimization.stage=3",
+            "zero_optimization.offload_param=null", "zero_optimization.offload_optimizer=null",
+            "memory.device_bytes=null", "memory.host_bytes=null", "bf16.enabled=true", "scheduler=null",
+            "gradient_clipping=1.0", "model.vocab_size=50257", f"model.n_layers={args.layers}",
+            f"model.d_model={args.d_model}", f"model.n_heads={args.heads}", f"model.max_seq_len={args.seq}",
+            f"data.seq_len={args.seq}", f"model.tie_embeddings={'true' if args.tie else 'false'}",
+            f"train_micro_batch_size_per_gpu={args.batch}", *args.set]
+
+
+def variant_config(args, name, swap):
+    from refimpl.config import load_config
+    return load_config(None, base_sets(args) + [s.replace("{path}", swap) for s in VARIANTS[name]])
+
+
+def nvme_stores(engine):
+    found = [getattr(engine.optimizer, "store", None), getattr(engine.zero.swapper, "store", None)]
+    return [s for s in found if s is not None and s.tier == "nvme"]
+
+
+def io_totals(engine):
+    """(bytes read, bytes written) by the Engine's NVMe stores so far."""
+    st = [s.stats for s in nvme_stores(engine)]
+    return np.array([sum(s.bytes_read for s in st), sum(s.bytes_written for s in st)], dtype=np.float64)
+
+
+def adam_seconds(events) -> float:
+    return sum(e["end"] - e["start"] for e in events if e["kind"] == "compute"
+               and e.get("label", "").startswith("adam sub-group"))
+
+
+def make_triad(n):
+    """The in-place numba triad a = a + s*c over n float32 (what Adam's bandwidth is held against): best seconds."""
+    import numba
+
+    @numba.njit(parallel=True, fastmath=False, cache=False)
+    def triad_inplace(a, c, s):
+        for i in numba.prange(a.size):
+            a[i] = a[i] + s * c[i]
+
+    a, c, s = np.ones(n, np.float32), np.ones(n, np.float32), np.float32(1e-3)
+    triad_inplace(a, c, s)             # compile and touch every page
+
+    def run(reps=3):
+        best = np.inf
+        for _ in range(reps):
+            t = time.perf_counter()
+            triad_inplace(a, c, s)
+            best = min(best, time.perf_counter() - t)
+        return best
+    return run
+
+
+class Variant:
+    def __init__(self, name, config):
+        from refimpl.engine import Engine
+        from refimpl.train import build
+        self.name, self.config = name, config
+        self.be, self.dataset, self.model = build(config)
+        with use_backend(self.be):
+            self.engine = Engine(self.model, config, self.be)
+        self.records = []
+
+    def step(self, batch, keep: bool):
+        be, engine = self.be, self.engine
+        io0 = io_totals(engine)
+        with use_backend(be):
+            be.synchronize()
+            t0 = time.perf_counter()
+            loss, _ = self.model.loss(batch)
+            engine.backward(loss)
+            be.synchronize()
+            t1 = time.perf_counter()
+            engine.step()
+            be.synchronize()
+            t2 = time.perf_counter()
+        led = engine.ledger
+        led.flush()
+        if keep:
+            events = [e for e in led.events if e["step"] == led.step]
+            self.records.append({"step_s": t2 - t0, "fb_s": t1 - t0, "opt_s": t2 - t1, "loss": float(loss.item()),
+                                 "adam_s": adam_seconds(events), "io": io_totals(engine) - io0})
+            # the last kept step on the ledger's clock: (step start, end of backward, end of step), its events
+            self.timeline = {"marks": [t - led.t0 for t in (t0, t1, t2)], "events": events}
+        led.next_step()
+        led.events.clear()
+
+    def close(self):
+        self.engine.close()
+
+
+def adam_bytes(engine) -> int:
+    """Bytes one host AdamW step moves: fp32 param, exp_avg, exp_avg_sq read and written, the gradient read,
+    the low-precision copy written."""
+    numel = engine.zero.layout.partition_numel
+    item = np.dtype(engine.dtype).itemsize
+    return numel * (6 * 4 + item + item)
+
+
+def run(args):
+    swap = args.path or tempfile.mkdtemp(prefix="refimpl-offload-")
+    variants = {name: Variant(name, variant_config(args, name, os.path.join(swap, name))) for name in args.variants}
+    first = next(iter(variants.values()))
+    n_params = sum(s.numel for s in first.engine.zero.layout.slots)   # (stage 3's model holds only chunks)
+    batches = [first.dataset.get_batch("train", s, args.batch, args.seq) for s in range(args.warmup + args.steps)]
+    triad = make_triad(first.engine.zero.layout.partition_numel) if any(
+        v.engine.zero.cfg.offload_optimizer is not None for v in variants.values()) else None
+    triad_s = []
+    dd = None
+    if "nvme" in variants:
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from nvme_bandwidth import measure_dd
+        dd = [measure_dd(swap, 1024)]
+    weights = None
+    if not args.no_peer:
+        weights = first.engine.zero.full_state()["master"]   # the step-0 fp32 weights (every variant drew these)
+    order = list(variants)
+    try:
+        for rnd, batch in enumerate(batches):
+            for name in (order if rnd % 2 == 0 else order[::-1]):
+                variants[name].step(batch, keep=rnd >= args.warmup)
+            if triad is not None:
+                triad_s.append(triad())
+            print(f"round {rnd + 1}/{len(batches)} done", file=sys.stderr, flush=True)
+        if args.timeline:     # every variant's last timed step, for reading what overlapped what
+            import json
+            with open(args.timeline, "w") as f:
+                json.dump({name: v.timeline for name, v in variants.items()}, f)
+        if args.host_profile:
+            host_profile(variants[args.host_profile], batches[0])
+    finally:
+        for v in variants.values():
+            v.close()
+    if dd is not None:
+        dd.append(measure_dd(swap, 1024))
+    peer = run_peer(args, first.config, weights, swap) if weights is not None else {}
+    report(args, variants, peer, n_params, triad_s, dd)
+
+
+def run_peer(args, config, weights, swap) -> dict:
+    try:
+        from _deepspeed_offload import run_deepspeed_offload
+        return run_deepspeed_offload(config, weights, list(args.variants), args.steps, args.warmup,
+                                     workdir=tempfile.mkdtemp(prefix="ds-offload-"),
+                                     nvme_path=os.path.join(swap, "deepspeed"))
+    except ImportError as exc:
+        print(f"DeepSpeed missing ({exc}): refimpl's rows only", file=sys.stderr)
+        return {}
+
+
+def host_profile(variant, batch, top=35):
+    import cProfile
+    import pstats
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(2):
+        variant.step(batch, keep=False)
+    prof.disable()
+    for key in ("tottime", "cumulative"):
+        pstats.Stats(prof).strip_dirs().sort_stats(key).print_stats(top)
+
+
+def report(args, variants, peer, n_params, triad_s, dd):
+    ms = {name: float(np.median([r["step_s"] for r in v.records])) for name, v in variants.items()}
+    base = ms.get("none")
+    lines = ["| variant | refimpl step ms | fwd+bwd ms | optimizer ms | / refimpl none | DeepSpeed step ms "
+             "| DeepSpeed fwd+bwd / optimizer ms | refimpl / DeepSpeed |", "|---|---|---|---|---|---|---|---|"]
+    for name, v in variants.items():
+        rec = v.records
+        row = [name, median_range([1e3 * r["step_s"] for r in rec]), f"{1e3 * np.median([r['fb_s'] for r in rec]):.0f}",
+               f"{1e3 * np.median([r['opt_s'] for r in rec]):.0f}", f"{ms[name] / base:.2f}" if base else "-"]
+        p = peer.get(name)
+        if p and not p.get("error"):
+            d = 1e3 * float(np.median(p["step_s"]))
+            row += [median_range([1e3 * s for s in p["step_s"]]),
+                    f"{1e3 * np.median(p['fb_s']):.0f} / {1e3 * np.median(p['opt_s']):.0f}", f"**{1e3 * ms[name] / d:.2f}**"]
+        else:
+            row += [f"failed: {p['error'][:120]}" if p else "-", "-", "-"]
+        lines.append("| " + " | ".join(row) + " |")
+    losses = {name: [round(r["loss"], 4) for r in v.records][:3] for name, v in variants.items()}
+    details = (f"{n_params / 1e6:.1f}M parameters ({args.layers} x {args.d_model}, vocab 50257, "
+               f"{'tied' if args.tie else 'untied'} head), {args.batch} x {args.seq} tokens, bf16, ZeRO stage 3, "
+               f"1 GPU; {args.warmup} warm-up + {args.steps} timed steps, interleaved; first losses {losses}")
+    if peer.get("versions"):
+        details += f"; peer {peer['versions']}"
+    emit(lines, details, SCRIPT, args.out)
+    offloaded = [n for n, v in variants.items() if v.engine.zero.cfg.offload_optimizer is not None]
+    if offloaded and triad_s:
+        tri = 12 * variants[offloaded[0]].engine.zero.layout.partition_numel / min(triad_s) / 1e9
+        lines = [f"| variant | host AdamW s/step | GB/s | / in-place triad ({tri:.1f} GB/s) | share of the step |",
+                 "|---|---|---|---|---|"]
+        for name in offloaded:
+            v = variants[name]
+            s = float(np.median([r["adam_s"] for r in v.records]))
+            gbs = adam_bytes(v.engine) / s / 1e9
+            lines.append(f"| {name} | {s:.3f} | {gbs:.1f} | **{gbs / tri:.2f}** | {s / ms[name]:.2f} |")
+        emit(lines, f"host AdamW: {adam_bytes(variants[offloaded[0]].engine) / n_params:.0f} B per parameter "
+                    f"moved; triad best of {len(triad_s)} x 3", SCRIPT, None)
+    if dd and "nvme" in variants:
+        rec = variants["nvme"].records
+        rd, wr = np.median([r["io"][0] for r in rec]), np.median([r["io"][1] for r in rec])
+        dd_w, dd_r = np.median([d[1] for d in dd]), np.median([d[2] for d in dd])   # rewrite, read GB/s
+        roof = rd / dd_r / 1e9 + wr / dd_w / 1e9
+        lines = ["| nvme step s | read GB/step | written GB/step | dd read / write GB/s | disk roofline s | "
+                 "step / roofline |", "|---|---|---|---|---|---|",
+                 f"| {ms['nvme']:.2f} | {rd / 1e9:.2f} | {wr / 1e9:.2f} | {dd_r:.2f} / {dd_w:.2f} | {roof:.2f} | "
+                 f"**{ms['nvme'] / roof:.2f}** |"]
+        emit(lines, "dd O_DIRECT 1 MiB blocks, 1 GiB, before and after the steps", SCRIPT, None)
+
+
+def add_parser(sub):
+    o = sub.add_parser("offload", help="ZeRO-3 with offload against DeepSpeed, the CPU's memory and the disk")
+    o.add_argument("--variants", nargs="+", default=["none", "opt", "params+opt"], choices=list(VARIANTS))
+    o.add_argument("--batch", type=int, default=8)
+    o.add_argument("--seq", type=int, default=1024)
+    o.add_argument("--layers", type=int, default=12)
+    o.add_argument("--d-model", type=int, default=768)
+    o.add_argument("--heads", type=int, default=12)
+    o.add_argument("--tie", action="store_true", help="tie the output head to the embedding (GPT-2's)")
+    o.add_argument("--steps", type=int, default=6)
+    o.add_argument("--warmup", type=int, default=2)
+    o.add_argument("--path", default=None, help="folder for the NVMe swap files (default: the temp folder)")
+    o.add_argument("--no-peer", action="store_true", help="refimpl only")
+    o.add_argument("--host-profile", default=None, help="then cProfile two steps of this variant")
+    o.add_argument("--backend", default="cupy", help="numpy or numba: a dry run of the same path on the CPU")
+    o.add_argument("--set", action="append", default=[], help="config override for every variant")
+    o.add_argument("--timeline", default=None, help="write each variant's last step's ledger events (JSON)")
+    o.add_argument("--out")
+    return o
