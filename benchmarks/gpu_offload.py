@@ -1,6 +1,6 @@
 """ZeRO-Infinity's offload path on one GPU: refimpl against DeepSpeed, against the CPU's memory and the disk.
 
-    python3 benchmarks/gpu.py offload [--variants none opt params+opt nvme] [--batch 8] [--seq 1024]
+    python3 benchmarks/gpu.py offload [--variants none opt params+opt twin nvme] [--batch 8] [--seq 1024]
         [--layers 12] [--d-model 768] [--heads 12] [--tie] [--steps 6] [--warmup 2] [--path DIR]
         [--no-peer] [--host-profile VARIANT] [--backend cupy] [--set KEY=VALUE ...] [--out FILE]
 
@@ -9,6 +9,8 @@ Every variant is ZeRO stage 3 on one rank, bf16 mixed precision, the same model 
     none         nothing offloaded (the in-memory peer)
     opt          offload_optimizer cpu             (ZeRO-Offload: fp32 master and moments, Adam on the host)
     params+opt   offload_param cpu + offload_optimizer cpu
+    twin         params+opt with offload_optimizer.ratio 0.5 and sub_group_size 2e7 (Twin-Flow: half the
+                 sub-groups' states and update stay on the device)
     nvme         offload_param nvme + offload_optimizer nvme under --path (ZeRO-Infinity)
 
 refimpl's variants are Engines in this process, stepped interleaved (A B C, C B A, ...) on the same batches.
@@ -41,6 +43,9 @@ VARIANTS = {
     "opt": ['zero_optimization.offload_optimizer={"device":"cpu","pin_memory":true}'],
     "params+opt": ['zero_optimization.offload_param={"device":"cpu","pin_memory":true}',
                    'zero_optimization.offload_optimizer={"device":"cpu","pin_memory":true}'],
+    "twin": ['zero_optimization.offload_param={"device":"cpu","pin_memory":true}',
+             'zero_optimization.offload_optimizer={"device":"cpu","pin_memory":true,"ratio":0.5}',
+             "zero_optimization.sub_group_size=20000000"],
     "nvme": ['zero_optimization.offload_param={"device":"nvme","nvme_path":"{path}"}',
              'zero_optimization.offload_optimizer={"device":"nvme","nvme_path":"{path}"}'],
 }
@@ -74,7 +79,7 @@ def io_totals(engine):
 
 def adam_seconds(events) -> float:
     return sum(e["end"] - e["start"] for e in events if e["kind"] == "compute"
-               and e.get("label", "").startswith("adam sub-group"))
+               and e.get("label", "").startswith("adam sub-group") and not e["label"].endswith("(device)"))
 
 
 def make_triad(n):
@@ -122,11 +127,12 @@ class Variant:
             engine.step()
             be.synchronize()
             t2 = time.perf_counter()
+            loss = float(loss.item())
         led = engine.ledger
         led.flush()
         if keep:
             events = [e for e in led.events if e["step"] == led.step]
-            self.records.append({"step_s": t2 - t0, "fb_s": t1 - t0, "opt_s": t2 - t1, "loss": float(loss.item()),
+            self.records.append({"step_s": t2 - t0, "fb_s": t1 - t0, "opt_s": t2 - t1, "loss": loss,
                                  "adam_s": adam_seconds(events), "io": io_totals(engine) - io0})
             # the last kept step on the ledger's clock: (step start, end of backward, end of step), its events
             self.timeline = {"marks": [t - led.t0 for t in (t0, t1, t2)], "events": events}
@@ -138,9 +144,10 @@ class Variant:
 
 
 def adam_bytes(engine) -> int:
-    """Bytes one host AdamW step moves: fp32 param, exp_avg, exp_avg_sq read and written, the gradient read,
+    """Bytes one host AdamW step moves (Twin-Flow's device sub-groups aside): fp32 param, exp_avg, exp_avg_sq read and written, the gradient read,
     the low-precision copy written."""
-    numel = engine.zero.layout.partition_numel
+    opt = engine.optimizer
+    numel = opt.numel - (opt.groups[opt.device_groups - 1][1] if opt.device_groups else 0)   # the host's share
     item = np.dtype(engine.dtype).itemsize
     return numel * (6 * 4 + item + item)
 

@@ -29,6 +29,7 @@ import numpy as np
 from ..backend import host_backend
 from .store import aligned_empty
 from .param_offload import PartitionUpdate
+from .transfer import CopyStream
 
 KEYS = ("master", "exp_avg", "exp_avg_sq")
 
@@ -55,12 +56,13 @@ class OffloadedAdamW:
     zero.Init, or one whole array); they go straight to the store, so the partition never has to be in memory at
     once. `groups`: the sub-groups, [lo, hi) ranges covering [0, numel). `store`: the tier (refimpl/memory/store.py)
     holding each sub-group's master, exp_avg and exp_avg_sq under its own key. `device_groups`: how many of the
-    first sub-groups stay on the device (Twin-Flow; 0: all offloaded)."""
+    first sub-groups stay on the device (Twin-Flow; 0: all offloaded). `copies`: the rank's copy stream."""
 
     def __init__(self, master_pieces, *, numel: int, groups, backend, store, ledger, buffer_count: int = 4, lr=1e-3,
                  betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01, adamw_mode=True, bias_correction=True,
-                 name: str = "optim", dtype=np.float32, device_groups: int = 0):
+                 name: str = "optim", dtype=np.float32, device_groups: int = 0, copies=None):
         self.backend, self.store, self.ledger, self.name = backend, store, ledger, name
+        self.copies = copies if copies is not None else CopyStream(backend, ledger)   # host -> device
         self.lr, self.betas, self.eps = float(lr), (float(betas[0]), float(betas[1])), float(eps)
         self.weight_decay, self.adamw_mode = float(weight_decay), bool(adamw_mode)
         self.bias_correction = bool(bias_correction)
@@ -146,15 +148,16 @@ class OffloadedAdamW:
         kw = dict(lr=lr, beta1=self.betas[0], beta2=self.betas[1], eps=self.eps, weight_decay=self.weight_decay,
                   step=self.step_count, grad_scale=grad_scale, adamw_mode=self.adamw_mode,
                   bias_correction=self.bias_correction)
-        sink = None if out_lowp is None else _LowpSink.of(out_lowp, self.backend, self.ledger)
+        sink = None if out_lowp is None else _LowpSink.of(out_lowp, self.copies)
         device_outs = [self._update_on_device(i, grad, sink, kw) for i in self.on_device]   # queued on the device
         self._pipelined_step(grad, sink, kw)                                                 # meanwhile, the host
         for i, out in zip(self.on_device, device_outs):
             if out is not None:      # a device sub-group's new parameters, bound for the parameter tier
                 lo, hi = self.groups[i]
-                buf = sink.buffer(lo, hi)
-                buf[...] = self.backend.to_numpy(out)
-                sink.done(lo, hi, buf)
+                pieces = sink.pieces(lo, hi)
+                for a, b, buf in pieces:
+                    buf[...] = self.backend.to_numpy(out[a - lo:b - lo])
+                sink.done(lo, hi, pieces)
         if sink is not None:
             sink.finish()
 
@@ -175,11 +178,14 @@ class OffloadedAdamW:
         its new low-precision values go out through the sink."""
         lo, hi = self.groups[i]
         g = np.asarray(grad[lo:hi])
-        out = None if sink is None else sink.buffer(lo, hi)
+        pieces = [(lo, hi, None)] if sink is None else sink.pieces(lo, hi)   # where the new values go
         with self.ledger.compute(f"adam sub-group {i}"):
-            self.host_adam_step(states["master"], g, states["exp_avg"], states["exp_avg_sq"], **kw, out_lowp=out)
+            for a, b, out in pieces:     # elementwise: any cut gives the same bits
+                at = slice(a - lo, b - lo)
+                self.host_adam_step(states["master"][at], g[at], states["exp_avg"][at], states["exp_avg_sq"][at],
+                                    **kw, out_lowp=out)
         if sink is not None:
-            sink.done(lo, hi, out)
+            sink.done(lo, hi, pieces)
 
     def _read_group(self, i: int) -> tuple:
         """Start moving sub-group i's states into host memory: (arrays, host bytes, read handles)."""
@@ -237,23 +243,23 @@ class OffloadedAdamW:
 
 class _LowpSink:
     """Where an offloaded step puts sub-group [lo, hi)'s new low-precision parameters: a device array (copied up
-    per sub-group), or the parameter offload tier's PartitionUpdate (refimpl/memory/param_offload.py), which has
-    the same buffer/done/finish methods."""
+    per sub-group from pinned memory on the copy stream, the next kernels wait for it), or the parameter offload
+    tier's PartitionUpdate (refimpl/memory/param_offload.py), which has the same pieces/done/finish methods."""
 
     @staticmethod
-    def of(out, backend, ledger):
-        return out if isinstance(out, PartitionUpdate) else _LowpSink(out, backend, ledger)
+    def of(out, copies):
+        return out if isinstance(out, PartitionUpdate) else _LowpSink(out, copies)
 
-    def __init__(self, out, backend, ledger):
-        self.out, self.backend, self.ledger = out, backend, ledger
-        self.dtype = out.dtype
+    def __init__(self, out, copies):
+        self.out, self.copies, self.dtype = out, copies, out.dtype
 
-    def buffer(self, lo, hi):
-        return np.empty(hi - lo, dtype=self.out.dtype)
+    def pieces(self, lo, hi):
+        """[(start, stop, host array)] covering partition elements [lo, hi): one pinned buffer."""
+        return [(lo, hi, self.copies.host_empty((hi - lo) * self.dtype.itemsize).view(self.dtype))]
 
-    def done(self, lo, hi, buf) -> None:
-        with self.ledger.transfer("host", "device", buf.nbytes, f"parameters [{lo}, {hi})"):
-            self.backend.copy_async(self.out[lo:hi], self.backend.asarray(buf))
+    def done(self, lo, hi, pieces) -> None:
+        for a, b, buf in pieces:
+            self.copies.to_device(buf, f"parameters [{a}, {b})", out=self.out[a:b])   # keeps buf until copied
 
     def finish(self) -> None:
-        self.backend.synchronize()
+        pass

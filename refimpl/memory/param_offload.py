@@ -167,23 +167,32 @@ class PartitionUpdate:
     write-back to the tier of sub-group i overlaps the step of sub-group i+1 (DeepSpeed's stage 3 swaps out a
     sub-group's fp16 partitions right after its step) and the whole partition never sits in host memory.
 
-        buf = update.buffer(lo, hi)     # host array for partition elements [lo, hi)
-        ... the optimizer writes buf ...
-        update.done(lo, hi, buf)        # start writing the sub-group's parameter chunks
+        pieces = update.pieces(lo, hi)  # [(start, stop, host array)] covering partition elements [lo, hi)
+        ... the optimizer writes each array ...
+        update.done(lo, hi, pieces)     # start writing the sub-group's parameter chunks
         update.finish()                 # wait for every write
+
+    A host tier's pieces are its own arrays, one per parameter chunk, written in place (nothing to copy); a disk
+    tier's are one buffer for the sub-group, written to the swap files by done().
     """
 
     def __init__(self, swapper: ParamSwapper):
         self.swapper, self.dtype = swapper, swapper.dtype
 
-    def buffer(self, lo: int, hi: int):
+    def pieces(self, lo: int, hi: int) -> list:
         sw = self.swapper
-        return aligned_empty((hi - lo) * sw.dtype.itemsize).view(sw.dtype)
+        if sw.store.resident:
+            return [(s.offset, s.offset + s.chunk, sw.store.view(sw._key(s)).view(sw.dtype))
+                    for s in sw.slots_between(lo, hi)]
+        return [(lo, hi, aligned_empty((hi - lo) * sw.dtype.itemsize).view(sw.dtype))]
 
-    def done(self, lo: int, hi: int, buf) -> None:
+    def done(self, lo: int, hi: int, pieces) -> None:
         sw = self.swapper
-        pieces = [(s, buf[s.offset - lo:s.offset - lo + s.chunk]) for s in sw.slots_between(lo, hi)]
-        sw._write(buf, pieces, f"parameters of sub-group [{lo}, {hi})")
+        if sw.store.resident:
+            return                      # written in place
+        (_, _, buf), = pieces
+        chunks = [(s, buf[s.offset - lo:s.offset - lo + s.chunk]) for s in sw.slots_between(lo, hi)]
+        sw._write(buf, chunks, f"parameters of sub-group [{lo}, {hi})")
 
     def finish(self) -> None:
         self.swapper.finish_writes()

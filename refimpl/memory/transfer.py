@@ -87,15 +87,24 @@ class CopyStream:
         self._keep = [(e, o) for e, o in self._keep if not e.done]
 
     # ------------------------------------------------------------------------------------------- copies
-    def to_device(self, host, label: str = ""):
-        """A new device array with host's contents. Asynchronous: later kernels on the compute stream wait for it."""
+    def to_device(self, host, label: str = "", out=None):
+        """A new device array (or the contiguous device array `out`) with host's contents. Asynchronous: later
+        kernels on the compute stream wait for it."""
         be = self.backend
         if not self.asynchronous:
             with self.ledger.transfer("host", "device", host.nbytes, label):
-                return be.asarray(host).copy()
+                if out is None:
+                    return be.asarray(host).copy()
+                out[...] = be.asarray(host)
+                return out
         compute = be.current_stream()
-        with self.stream:                       # allocated from the copy stream's pool (see release)
-            dev = be.empty(host.shape, host.dtype)
+        if out is not None:       # it may have had readers or writers on the compute stream: after them
+            dev, ready = out, be.event()
+            ready.record(compute)
+            self.stream.wait_event(ready)
+        else:
+            with self.stream:                   # allocated from the copy stream's pool (see release)
+                dev = be.empty(host.shape, host.dtype)
         start, done = be.event(), be.event()
         start.record(self.stream)
         be.copy_async(_bytes(dev), _bytes(host), self.stream)

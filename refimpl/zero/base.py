@@ -128,7 +128,7 @@ class ZeroStage(ABC):
             optimizer = OffloadedAdamW(self._master_pieces_shown(), numel=self.layout.partition_numel,
                                        groups=groups, backend=self.backend, store=store, ledger=self.ledger,
                                        buffer_count=off.buffer_count, dtype=self.master_dtype,
-                                       device_groups=on_device, **adam.kwargs())
+                                       device_groups=on_device, copies=self.copies, **adam.kwargs())
         except BaseException:
             store.close()
             raise

@@ -48,7 +48,7 @@ class GradientPartitioning(ZeroStage):
         self.flat.assign(self.layout.unpartition(self.comm.all_gather(self.lowp_partition)))
 
     def zero_grads(self) -> None:
-        self.grad_partition[...] = 0
+        self.buckets.reset()
         self.model.zero_grad()
 
     def full_params(self) -> dict:

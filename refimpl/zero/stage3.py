@@ -207,7 +207,7 @@ class ParameterPartitioning(ZeroStage):
             self._done_with_chunk(c)
 
     def zero_grads(self) -> None:
-        self.grad_partition[...] = 0
+        self.buckets.reset()
         self.model.zero_grad()
 
     def _load_lowp(self, lowp) -> None:
