@@ -7,6 +7,7 @@ and a missing wait shows up as NaN or stale numbers in the losses. Training with
 numbers of the synchronous NumPy backend, and the ledger must hold each copy with its device-side interval.
 """
 import json
+import time
 
 import numpy as np
 import pytest
@@ -138,6 +139,34 @@ def test_stream_ordered_copies_change_nothing(tmp_path, lazy, extra):
     assert {(e["src"], e["dst"]) for e in copies} >= {("device", "host")}
     assert all(e["end"] > e["start"] for e in copies)            # device intervals, from the events around each copy
     assert {e["step"] for e in copies} >= {0, 1, 2}             # recorded under the step they belong to
+
+
+@pytest.mark.parametrize("params", ["none", "cpu"])
+def test_host_update_beside_the_next_forward_changes_nothing(tmp_path, lazy, monkeypatch, params):
+    """memory/overlapped_update.py: with host tiers behind a copy stream, the host AdamW of step n runs on a worker
+    thread while step n+1's forward gathers each parameter after its own sub-group; persistent parameters (the
+    small ones, threshold 500) are gathered again on first use; a checkpoint (run.checkpoint_interval) settles it all.
+    The run is bitwise the NumPy run without overlap."""
+    from refimpl.memory import overlapped_update
+    started = []
+    real = overlapped_update.OverlappedUpdate.__init__
+
+    def spy(self, indices, starts, update, *rest):
+        started.append(len(list(indices)))
+
+        def slow(i):                                     # the forward gets ahead of the worker: waits must hold
+            time.sleep(0.01)
+            update(i)
+        real(self, indices, starts, slow, *rest)
+    monkeypatch.setattr(overlapped_update.OverlappedUpdate, "__init__", spy)
+    extra = ["zero_optimization.stage=3", "zero_optimization.stage3_param_persistence_threshold=500",
+             "run.checkpoint_interval=2", 'zero_optimization.offload_optimizer={"device": "cpu"}',
+             f'zero_optimization.offload_param={{"device": "{params}"}}', "scheduler=null"]
+    ref, _ = _run(tmp_path, "numpy", *extra)
+    assert not started                                   # a CPU backend has no copy stream: no overlap
+    got, _ = _run(tmp_path, "lazy", *extra)
+    assert got == ref                                    # bitwise
+    assert len(started) == 3 and min(started) > 1       # every step overlapped, several sub-groups each
 
 
 def test_host_copy_lands_only_when_waited_on(lazy):

@@ -34,7 +34,7 @@ def _adam_update(pi, gi, mi, vi, decay, l2, beta1, one_minus_beta1, beta2, one_m
     return pi - step_size * mi / denom, mi, vi           # (step_size*m)/denom, torch's addcdiv order
 
 
-@njit(parallel=True, cache=True, fastmath=False)
+@njit(parallel=True, cache=True, fastmath=False, nogil=True)   # the host update may run beside the GPU's work
 def _adam_kernel(p, g, g_kind, m, v, grad_scale, decay, l2, beta1, one_minus_beta1, beta2, one_minus_beta2,
                  step_size, bias_correction2_sqrt, eps):
     """One pass of torch's _single_tensor_adam over flat float32 arrays; the scalars are float32."""
@@ -44,7 +44,7 @@ def _adam_kernel(p, g, g_kind, m, v, grad_scale, decay, l2, beta1, one_minus_bet
                                         one_minus_beta2, step_size, bias_correction2_sqrt, eps)
 
 
-@njit(parallel=True, cache=True, fastmath=False)
+@njit(parallel=True, cache=True, fastmath=False, nogil=True)   # the host update may run beside the GPU's work
 def _adam_f16_kernel(p, g, g_kind, m, v, out, grad_scale, decay, l2, beta1, one_minus_beta1, beta2,
                      one_minus_beta2, step_size, bias_correction2_sqrt, eps):
     """_adam_kernel plus the float16 copy of the new param (uint16 bits) in the same pass."""
@@ -56,7 +56,7 @@ def _adam_f16_kernel(p, g, g_kind, m, v, out, grad_scale, decay, l2, beta1, one_
         out[i] = f32_to_f16(pi)
 
 
-@njit(parallel=True, cache=True, fastmath=False)
+@njit(parallel=True, cache=True, fastmath=False, nogil=True)   # the host update may run beside the GPU's work
 def _adam_bf16_kernel(p, g, g_kind, m, v, out, grad_scale, decay, l2, beta1, one_minus_beta1, beta2,
                       one_minus_beta2, step_size, bias_correction2_sqrt, eps):
     """_adam_kernel plus the bfloat16 copy of the new param (uint16 bits) in the same pass."""

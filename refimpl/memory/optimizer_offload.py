@@ -13,11 +13,9 @@ PipelinedOptimizerSwapper; with a host store the reads and writes move nothing):
     write sub-group i    (host -> nvme, async; waited for before its buffer is reused), and its new
                          low-precision parameters (to the device, or to the parameter offload tier)
 
-Twin-Flow (ZeRO-Offload++, DeepSpeed's ``offload_optimizer.ratio``): only a fraction ``ratio`` of the
-sub-groups is offloaded. As DeepSpeed's stage 3 decides it, sub-group i of n stays on the device when
-i < int((1 - ratio) * n): its states live in device memory and the device's AdamW updates them (its gradient
-slice copied up), while the host updates the rest beside it. The tiers then act as one capacity pool, and the
-device's share of the update runs in parallel with the host's.
+Twin-Flow (ZeRO-Offload++, DeepSpeed's ``offload_optimizer.ratio``): as DeepSpeed's stage 3 decides it,
+sub-group i of n stays on the device when i < int((1 - ratio) * n), updated there by the device's AdamW (its
+gradient slice copied up) beside the host's: the tiers act as one capacity pool.
 
 Offload moves bytes and must not change them: the same elementwise kernel runs on the same numbers as the
 on-device AdamW, so results are bitwise equal (tests/test_offload.py).
@@ -29,6 +27,7 @@ import numpy as np
 from ..backend import host_backend
 from .store import aligned_empty
 from .param_offload import PartitionUpdate
+from .overlapped_update import OverlappedUpdate
 from .transfer import CopyStream
 
 KEYS = ("master", "exp_avg", "exp_avg_sq")
@@ -79,6 +78,7 @@ class OffloadedAdamW:
         if not 0 <= device_groups <= len(self.groups):
             raise ValueError(f"device_groups must be in [0, {len(self.groups)}] (the sub-groups), got {device_groups}")
         self.device_groups = int(device_groups)
+        self._pending = None     # an OverlappedUpdate in flight (step(overlap=True))
         split = self.groups[self.device_groups - 1][1] if self.device_groups else 0   # [0, split) on the device
         ledger.budget.alloc("device", 3 * item * split, "the optimizer states kept on the device (ratio)")
         ledger.budget.alloc(store.tier, 3 * item * (self.numel - split), "the offloaded optimizer states")
@@ -139,10 +139,14 @@ class OffloadedAdamW:
         return [(cost, i, [self.store.write(self._key(key, i), bufs[key]) for key in KEYS])]
 
     # -------------------------------------------------------------------------------------------- step
-    def step(self, grad, *, lr=None, grad_scale=1.0, out_lowp=None) -> None:
+    def step(self, grad, *, lr=None, grad_scale=1.0, out_lowp=None, overlap=False) -> None:
         """One AdamW step of this rank's partition, on the host, sub-group by sub-group. grad: this rank's
         gradient partition (host; fp32, or fp16/bf16 upcast by the kernel). out_lowp receives the new
-        low-precision parameters: a device array, or a PartitionUpdate of the parameter offload tier."""
+        low-precision parameters: a device array, or a PartitionUpdate of the parameter offload tier.
+
+        ``overlap`` (a host store only): return once the update has started; the host sub-groups are updated on
+        a worker thread, and ``settle(hi)`` waits for the partition below ``hi`` (overlapped_update.py)."""
+        self.settle()
         self.step_count += 1
         lr = self.lr if lr is None else float(lr)
         kw = dict(lr=lr, beta1=self.betas[0], beta2=self.betas[1], eps=self.eps, weight_decay=self.weight_decay,
@@ -150,7 +154,16 @@ class OffloadedAdamW:
                   bias_correction=self.bias_correction)
         sink = None if out_lowp is None else _LowpSink.of(out_lowp, self.copies)
         device_outs = [self._update_on_device(i, grad, sink, kw) for i in self.on_device]   # queued on the device
+        if overlap and self.store.resident:
+            self._publish_device_groups(sink, device_outs)
+            self._start_overlapped(grad, sink, kw)
+            return
         self._pipelined_step(grad, sink, kw)                                                 # meanwhile, the host
+        self._publish_device_groups(sink, device_outs)
+        if sink is not None:
+            sink.finish()
+
+    def _publish_device_groups(self, sink, device_outs) -> None:
         for i, out in zip(self.on_device, device_outs):
             if out is not None:      # a device sub-group's new parameters, bound for the parameter tier
                 lo, hi = self.groups[i]
@@ -158,8 +171,31 @@ class OffloadedAdamW:
                 for a, b, buf in pieces:
                     buf[...] = self.backend.to_numpy(out[a - lo:b - lo])
                 sink.done(lo, hi, pieces)
-        if sink is not None:
-            sink.finish()
+
+    def _start_overlapped(self, grad, sink, kw) -> None:
+        """The host sub-groups on a worker thread; each one published (sink.done) when the main thread settles."""
+        host = range(self.device_groups, len(self.groups))
+        pieces = {}
+
+        def update(i):
+            pieces[i] = self._update_group(i, self._host_states(i)[0], grad, sink, kw, publish=False)
+
+        def publish(i):
+            if sink is not None:
+                sink.done(*self.groups[i], pieces.pop(i))
+        self._pending = OverlappedUpdate(host, [self.groups[i][0] for i in host], update, publish,
+                                         sink.finish if sink is not None else (lambda: None))
+
+    def settle(self, hi=None) -> None:
+        """Wait for an overlapped update in flight: for partition elements below ``hi``, or all of it."""
+        if self._pending is not None:
+            self._pending.settle(hi)
+            if self._pending.done:
+                self._pending = None
+
+    def updated(self, hi) -> bool:
+        """Are partition elements below ``hi`` final (no update in flight for them)? Never waits."""
+        return self._pending is None or self._pending.ready(hi)
 
     def _update_on_device(self, i, grad, sink, kw):
         """Twin-Flow: AdamW on device sub-group i, with the device's kernel, its gradient slice copied up. The new
@@ -173,9 +209,9 @@ class OffloadedAdamW:
             self.backend.adam_step(states["master"], g, states["exp_avg"], states["exp_avg_sq"], **kw, out_lowp=out)
         return None if direct else out
 
-    def _update_group(self, i, states, grad, sink, kw) -> None:
+    def _update_group(self, i, states, grad, sink, kw, publish=True):
         """Adam on sub-group i (its gradient is on the host already: the stage moved it there as it was reduced);
-        its new low-precision values go out through the sink."""
+        its new low-precision values go out through the sink (now, or by the caller: returns the pieces)."""
         lo, hi = self.groups[i]
         g = np.asarray(grad[lo:hi])
         pieces = [(lo, hi, None)] if sink is None else sink.pieces(lo, hi)   # where the new values go
@@ -184,8 +220,9 @@ class OffloadedAdamW:
                 at = slice(a - lo, b - lo)
                 self.host_adam_step(states["master"][at], g[at], states["exp_avg"][at], states["exp_avg_sq"][at],
                                     **kw, out_lowp=out)
-        if sink is not None:
+        if sink is not None and publish:
             sink.done(lo, hi, pieces)
+        return pieces
 
     def _read_group(self, i: int) -> tuple:
         """Start moving sub-group i's states into host memory: (arrays, host bytes, read handles)."""
@@ -217,6 +254,7 @@ class OffloadedAdamW:
 
     # -------------------------------------------------------------------------------------- checkpoints
     def partitions(self) -> dict:
+        self.settle()
         out = {key: np.empty(self.numel, self.dtype) for key in KEYS}
         for i, (lo, hi) in enumerate(self.groups):
             if i in self.on_device:
@@ -228,6 +266,7 @@ class OffloadedAdamW:
         return out
 
     def load_partitions(self, parts: dict) -> None:
+        self.settle()
         for key in KEYS:
             if parts[key].shape != (self.numel,):
                 raise ValueError(f"load_partitions: {key!r} has shape {parts[key].shape}, the partition has "

@@ -143,14 +143,14 @@ class ZeroStage(ABC):
         return tqdm(pieces, total=len(self.params), unit="param", desc=f"rank {self.rank}: fp32 master",
                     disable=self.rank != 0)
 
-    def _step(self, grad, lr, grad_scale, out_lowp) -> None:
+    def _step(self, grad, lr, grad_scale, out_lowp, overlap=False) -> None:
         """One AdamW step writing ``out_lowp``; on the device it is timed on the device's clock (the offloaded
-        optimizer records its own sub-groups)."""
+        optimizer records its own sub-groups, and may run them beside what comes next: ``overlap``)."""
         if self.cfg.offload_optimizer is None:
             with self.ledger.compute("optimizer step", on_device=True):
                 self.optimizer.step(grad, lr=lr, grad_scale=grad_scale, out_lowp=out_lowp)
         else:
-            self.optimizer.step(grad, lr=lr, grad_scale=grad_scale, out_lowp=out_lowp)
+            self.optimizer.step(grad, lr=lr, grad_scale=grad_scale, out_lowp=out_lowp, overlap=overlap)
 
     def close(self) -> None:
         """Stop the offload tiers' I/O threads and release their swap folders (the run is over)."""

@@ -18,11 +18,12 @@ from __future__ import annotations
 
 class GradientBuckets:
     def __init__(self, params: dict, layout, comm, grad_partition, *, bucket_size: int, dtype, master_dtype,
-                 tier):
+                 tier, settle=None):
         self.params, self.layout, self.comm = params, layout, comm
         self.grad_partition = grad_partition      # this rank's partition: device, or host (tier.on_host)
         self.bucket_size, self.dtype, self.master_dtype = bucket_size, dtype, master_dtype
         self.tier = tier                          # zero/grad_offload.py
+        self.settle = settle                      # waits for a host update still reading the partition
         self._bucket: list[str] = []
         self._bucket_numel = 0
         self._in_flight = []   # HostCopy: reduced rows on their way into the host partition
@@ -65,6 +66,8 @@ class GradientBuckets:
         """ZeRO-Offload: the same sum as _accumulate, on the device, into the pinned host partition."""
         be, copies = self.tier.backend, self.tier.copies
         label = f"reduced gradients of {len(slots)} parameters"
+        if self.settle is not None:
+            self.settle()                           # the last step's host update has read its gradients
         old = be.zeros(mine.shape, self.dtype)      # laid out like `mine`: the bucket's slots one after another
         if not self._fresh:                         # the partition's old values up from the host
             col = 0

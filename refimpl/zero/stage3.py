@@ -34,7 +34,7 @@ class ParameterPartitioning(ZeroStage):
         self.grad_partition = self.grads.zeros(S, self.dtype)   # device, or host with the optimizer offloaded
         self.buckets = GradientBuckets(self.params, self.layout, self.comm, self.grad_partition,
                                        bucket_size=self.cfg.reduce_bucket_size, dtype=self.dtype,
-                                       master_dtype=self.master_dtype, tier=self.grads)
+                                       master_dtype=self.master_dtype, tier=self.grads, settle=self._settle)
         self._empty = self.backend.zeros((0,), self.dtype)
         for name, p in self.params.items():
             slot = self.layout.by_name[name]
@@ -42,6 +42,7 @@ class ParameterPartitioning(ZeroStage):
             p.ds_slot = slot
             p.ds_tensor = None if self.swapper else self.layout.view(self.lowp_partition, slot)  # this rank's chunk
             p.ds_persist = slot.numel < self.cfg.param_persistence_threshold
+            p.ds_stale = False        # a persistent parameter whose chunk changed since it was gathered
             p.ds_handle = p.ds_chunk = None
         self.coordinator = PartitionedParameterCoordinator(
             self, prefetch_bucket_size=self.cfg.prefetch_bucket_size,
@@ -102,6 +103,7 @@ class ParameterPartitioning(ZeroStage):
     # ------------------------------------------------------------------------------- gather / release
     def _chunk(self, p):
         """This rank's chunk of p on the device (bandwidth-centric: only our own shard crosses the tiers)."""
+        self._settle(p.ds_slot)
         return p.ds_tensor if self.swapper is None else self.swapper.to_device(p.ds_slot)
 
     def swap_in_ahead(self, params) -> bool:
@@ -114,8 +116,11 @@ class ParameterPartitioning(ZeroStage):
         return True
 
     def chunk_ready(self, p) -> bool:
-        """Can p's all-gather start without waiting on the disk?"""
-        return self.swapper is None or self.swapper.ready(p.ds_slot)
+        """Can p's all-gather start without waiting on the disk or on the host update?"""
+        s = p.ds_slot
+        if self.cfg.offload_optimizer is not None and not self.optimizer.updated(s.offset + s.chunk):
+            return False
+        return self.swapper is None or self.swapper.ready(s)
 
     def gathered_bytes(self, p) -> int:
         return p.ds_slot.chunk * self.world_size * self.dtype.itemsize
@@ -170,12 +175,20 @@ class ParameterPartitioning(ZeroStage):
         for module in self.model.modules():
             if not module._parameters:
                 continue
+            persistent = [p for p in module._parameters.values() if p is not None and p.ds_persist]
+            if persistent:   # gathered again on first use after an overlapped update
+                module.register_forward_pre_hook(lambda m, args, ps=persistent: self._gather_persistent(ps))
             module.register_forward_pre_hook(lambda m, args: c.fetch_sub_module(m, forward=True))
             module.register_forward_hook(lambda m, args, out: c.release_sub_module(m, forward=True))
             module.register_full_backward_pre_hook(lambda m, g: c.fetch_sub_module(m, forward=False))
             module.register_full_backward_hook(lambda m, gi, go: c.release_sub_module(m, forward=False))
 
     # -------------------------------------------------------------------------------------- engine API
+    def close(self) -> None:
+        if self.optimizer is not None and self.cfg.offload_optimizer is not None:
+            self.optimizer.settle()
+        super().close()
+
     def after_backward(self) -> None:
         self.buckets.flush()   # the last, partly filled bucket, and every reduced bucket still on its way
         self.coordinator.end_of_pass()
@@ -187,39 +200,68 @@ class ParameterPartitioning(ZeroStage):
     def apply_update(self, grad, *, lr, grad_scale) -> None:
         """AdamW writes the new chunks: into the device partition (the ds_tensor views), or into the parameter
         tier, sub-group by sub-group when the optimizer is offloaded too (the write-back of one overlaps the step
-        of the next); then the persistent parameters are gathered whole again."""
+        of the next); then the persistent parameters are gathered whole again. With the optimizer and parameters
+        in host memory on a GPU, the host update runs beside the next forward (memory/overlapped_update.py): each
+        parameter's gather first settles its own sub-group, and persistent ones are gathered again on first use."""
+        overlap = self._overlap()
         if self.swapper is None:
-            self._step(grad, lr, grad_scale, out_lowp=self.lowp_partition)
+            self._step(grad, lr, grad_scale, out_lowp=self.lowp_partition, overlap=overlap)
         elif self.cfg.offload_optimizer is not None:   # the step waits for the last sub-group's writes itself
-            self._step(grad, lr, grad_scale, out_lowp=self.swapper.begin_update())
+            self._step(grad, lr, grad_scale, out_lowp=self.swapper.begin_update(), overlap=overlap)
         else:
             partition = self.swapper.partition_for_update()
             self._step(grad, lr, grad_scale, out_lowp=partition)
             self.swapper.commit(partition)
-        self._gather_persistent()
+        for p in self.params.values():
+            p.ds_stale = p.ds_persist
+        if not overlap:
+            self._gather_persistent()
 
-    def _gather_persistent(self) -> None:
-        persistent = [p for p in self.params.values() if p.ds_persist]
+    def _overlap(self) -> bool:
+        """Can the host update run beside the next forward? Host tiers (nothing to read or write back) and a copy
+        stream (the GPU's: on a CPU backend the forward and the update would share the same cores)."""
+        off = self.cfg.offload_optimizer
+        return (off is not None and self.optimizer.store.resident and self.copies.asynchronous
+                and (self.swapper is None or self.swapper.store.resident))
+
+    def _settle(self, slot=None) -> None:
+        """Wait for the host update of the sub-groups holding `slot`'s chunk (every one when None)."""
+        if self.cfg.offload_optimizer is not None:
+            self.optimizer.settle(None if slot is None else slot.offset + slot.chunk)
+
+    def _gather_persistent(self, params=None) -> None:
+        """Gather the persistent parameters (of `params`) whose chunks changed since they were last gathered."""
+        persistent = [p for p in (params if params is not None else self.params.values()) if p.ds_stale]
         chunks = [self._chunk(p) for p in persistent]
         handles = [self.comm.all_gather_async(c) for c in chunks]
         for p, h, c in zip(persistent, handles, chunks):
             p.data = h.wait()[:p.ds_numel].reshape(p.ds_shape)
+            p.ds_stale = False
             self._done_with_chunk(c)
+
+    def settle_all(self) -> None:
+        """Finish an overlapped update: every parameter current (checkpoints, evaluation's end, the next backward)."""
+        self._settle()
+        self._gather_persistent()
 
     def zero_grads(self) -> None:
         self.buckets.reset()
         self.model.zero_grad()
 
     def _load_lowp(self, lowp) -> None:
+        self.settle_all()
         if self.swapper is None:
             self.lowp_partition[...] = lowp
         else:
             partition = self.swapper.partition_for_update()
             partition[...] = self.backend.to_numpy(lowp)
             self.swapper.commit(partition)
+        for p in self.params.values():
+            p.ds_stale = p.ds_persist
         self._gather_persistent()
 
     def full_params(self) -> dict:
+        self.settle_all()
         mine = self.lowp_partition if self.swapper is None else self.backend.asarray(self.swapper.full_partition())
         gathered = self.comm.all_gather(mine)
         return self.layout.unpartition(gathered)

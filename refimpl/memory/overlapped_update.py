@@ -1,0 +1,77 @@
+"""The host optimizer step of step n, run beside the forward of step n+1 (ZeRO-Offload §4.2 and ZeRO-Infinity
+§6.2: hide the CPU's work under the GPU's).
+
+With the optimizer offloaded, AdamW runs on the host after backward, and the GPU would sit idle meanwhile. But the
+next forward needs the parameters in partition order, one module at a time, and the host updates the partition in
+that same order, sub-group by sub-group (refimpl/memory/optimizer_offload.py). So the engine's step returns as
+soon as the update has started; a worker thread updates the sub-groups in order while the main thread goes on,
+and stage 3 waits, before it gathers a parameter, for just the sub-group holding that parameter:
+
+    worker:  update sub-group 0 | update 1 | update 2 | ...
+    main:    (step returns) | forward: module 0 waits for 0, gathers | module 1 waits for 0..1 | ...
+
+Nothing is approximated: every parameter is read after its own update, as without overlap (unlike ZeRO-Offload's
+delayed parameter update, which changes the numbers). The new values reach the device through `publish`, called on
+the main thread, because host -> device copies must be queued by the thread that queues the kernels reading them.
+"""
+from __future__ import annotations
+
+import bisect
+import threading
+
+
+class OverlappedUpdate:
+    """``update(i)`` for the sub-groups ``indices`` (in order) on a worker thread; ``settle`` on the main thread.
+
+    ``starts``: the partition offset where each of those sub-groups begins. ``publish(i)``: make sub-group i's new
+    values visible (main thread, in order). ``finish()``: after the last one is published."""
+
+    def __init__(self, indices, starts, update, publish, finish):
+        self.indices, self.starts = list(indices), list(starts)
+        self._update, self._publish, self._finish = update, publish, finish
+        self._cond = threading.Condition()
+        self._computed = 0       # how many of `indices` the worker has updated
+        self._published = 0      # how many of them the main thread has published
+        self._error = None
+        self.done = not self.indices
+        self._thread = threading.Thread(target=self._run, name="refimpl host optimizer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            for i in self.indices:
+                self._update(i)
+                with self._cond:
+                    self._computed += 1
+                    self._cond.notify_all()
+        except BaseException as exc:   # handed to the main thread at its next settle
+            with self._cond:
+                self._error = exc
+                self._cond.notify_all()
+
+    def _needed(self, hi) -> int:
+        """How many sub-groups (in order) must be updated before partition elements below `hi` are final."""
+        return len(self.indices) if hi is None else bisect.bisect_left(self.starts, hi)
+
+    def ready(self, hi) -> bool:
+        """Are partition elements below `hi` updated (no waiting)?"""
+        with self._cond:
+            return self._error is None and self._computed >= self._needed(hi)
+
+    def settle(self, hi=None) -> None:
+        """Wait until partition elements below `hi` (all of them when None) are updated, and publish them."""
+        need = self._needed(hi)
+        if need > self._published:
+            with self._cond:
+                self._cond.wait_for(lambda: self._computed >= need or self._error is not None)
+                if self._error is not None:
+                    self._thread.join()
+                    self.done = True
+                    raise self._error
+            while self._published < need:
+                self._publish(self.indices[self._published])
+                self._published += 1
+        if self._published == len(self.indices) and not self.done:
+            self._thread.join()
+            self._finish()
+            self.done = True
