@@ -1,8 +1,8 @@
 """ZeRO-Infinity's offload path on one GPU: refimpl against DeepSpeed, against the CPU's memory and the disk.
 
     python3 benchmarks/gpu.py offload [--variants none opt params+opt twin nvme] [--batch 8] [--seq 1024]
-        [--layers 12] [--d-model 768] [--heads 12] [--tie] [--steps 6] [--warmup 2] [--path DIR]
-        [--no-peer] [--host-profile VARIANT] [--backend cupy] [--set KEY=VALUE ...] [--out FILE]
+        [--layers 12] [--d-model 768] [--heads 12] [--steps 6] [--warmup 2] [--path DIR]
+        [--no-peer] [--peer-variants ...] [--peer-timeout S] [--host-profile VARIANT] [--backend cupy] [--set KEY=VALUE ...] [--out FILE]
 
 Every variant is ZeRO stage 3 on one rank, bf16 mixed precision, the same model drawn from the same seed:
 
@@ -13,7 +13,9 @@ Every variant is ZeRO stage 3 on one rank, bf16 mixed precision, the same model 
                  sub-groups' states and update stay on the device)
     nvme         offload_param nvme + offload_optimizer nvme under --path (ZeRO-Infinity)
 
-refimpl's variants are Engines in this process, stepped interleaved (A B C, C B A, ...) on the same batches.
+refimpl's variants are Engines in this process, on the same batches, in blocks of consecutive steps interleaved
+(A B C, C B A): a step's time is its block's time over its steps, the block ending when its last host update has
+landed (an update may overlap the next step's forward, never another variant's).
 DeepSpeed 0.19.8 (benchmarks/_deepspeed_offload.py; install it on the GPU machine with
 benchmarks/install_deepspeed_peer.sh) runs the same variants in a process of its own, on the same step-0
 weights and batches, with the DeepSpeed config refimpl's config translates to (the cross-check's).
@@ -57,7 +59,7 @@ def base_sets(args) -> list:
             "memory.device_bytes=null", "memory.host_bytes=null", "bf16.enabled=true", "scheduler=null",
             "gradient_clipping=1.0", "model.vocab_size=50257", f"model.n_layers={args.layers}",
             f"model.d_model={args.d_model}", f"model.n_heads={args.heads}", f"model.max_seq_len={args.seq}",
-            f"data.seq_len={args.seq}", f"model.tie_embeddings={'true' if args.tie else 'false'}",
+            f"data.seq_len={args.seq}", "model.tie_embeddings=false",   # (stage 3 unties, on both sides)
             f"train_micro_batch_size_per_gpu={args.batch}", *args.set]
 
 
@@ -113,6 +115,19 @@ class Variant:
         with use_backend(self.be):
             self.engine = Engine(self.model, config, self.be)
         self.records = []
+        self.blocks = []      # seconds per step of each timed block
+
+    def block(self, batches, keep: bool):
+        """Steps one after another, then the last one settled: a host update overlapped with the next forward
+        (refimpl/memory/overlapped_update.py) is charged to the block that started it, never to another variant."""
+        t0 = time.perf_counter()
+        for batch in batches:
+            self.step(batch, keep)
+        with use_backend(self.be):
+            getattr(self.engine.zero, "settle_all", lambda: None)()
+            self.be.synchronize()
+        if keep:
+            self.blocks.append((time.perf_counter() - t0) / len(batches))
 
     def step(self, batch, keep: bool):
         be, engine = self.be, self.engine
@@ -170,13 +185,16 @@ def run(args):
     if not args.no_peer:
         weights = first.engine.zero.full_state()["master"]   # the step-0 fp32 weights (every variant drew these)
     order = list(variants)
+    half = max(1, args.steps // 2)
+    blocks = [(batches[:args.warmup], False)] + [(batches[args.warmup + k:args.warmup + k + half], True)
+                                                  for k in range(0, args.steps, half)]
     try:
-        for rnd, batch in enumerate(batches):
+        for rnd, (block, keep) in enumerate(blocks):    # A B C, C B A: blocks of consecutive steps per variant
             for name in (order if rnd % 2 == 0 else order[::-1]):
-                variants[name].step(batch, keep=rnd >= args.warmup)
+                variants[name].block(block, keep)
             if triad is not None:
                 triad_s.append(triad())
-            print(f"round {rnd + 1}/{len(batches)} done", file=sys.stderr, flush=True)
+            print(f"round {rnd + 1}/{len(blocks)} done", file=sys.stderr, flush=True)
         if args.timeline:     # every variant's last timed step, for reading what overlapped what
             import json
             with open(args.timeline, "w") as f:
@@ -188,16 +206,18 @@ def run(args):
             v.close()
     if dd is not None:
         dd.append(measure_dd(swap, 1024))
+    if weights is not None:    # refimpl's tables first: the peer may fail or run out of time
+        report(args, variants, {}, n_params, triad_s, dd, out=None)
     peer = run_peer(args, first.config, weights, swap) if weights is not None else {}
-    report(args, variants, peer, n_params, triad_s, dd)
+    report(args, variants, peer, n_params, triad_s, dd, out=args.out)
 
 
 def run_peer(args, config, weights, swap) -> dict:
     try:
         from _deepspeed_offload import run_deepspeed_offload
-        return run_deepspeed_offload(config, weights, list(args.variants), args.steps, args.warmup,
-                                     workdir=tempfile.mkdtemp(prefix="ds-offload-"),
-                                     nvme_path=os.path.join(swap, "deepspeed"))
+        return run_deepspeed_offload(config, weights, args.peer_variants or list(args.variants), args.steps,
+                                     args.warmup, workdir=tempfile.mkdtemp(prefix="ds-offload-"),
+                                     nvme_path=os.path.join(swap, "deepspeed"), timeout=args.peer_timeout)
     except ImportError as exc:
         print(f"DeepSpeed missing ({exc}): refimpl's rows only", file=sys.stderr)
         return {}
@@ -215,14 +235,14 @@ def host_profile(variant, batch, top=35):
         pstats.Stats(prof).strip_dirs().sort_stats(key).print_stats(top)
 
 
-def report(args, variants, peer, n_params, triad_s, dd):
-    ms = {name: float(np.median([r["step_s"] for r in v.records])) for name, v in variants.items()}
+def report(args, variants, peer, n_params, triad_s, dd, out):
+    ms = {name: float(np.median(v.blocks)) for name, v in variants.items()}
     base = ms.get("none")
     lines = ["| variant | refimpl step ms | fwd+bwd ms | optimizer ms | / refimpl none | DeepSpeed step ms "
              "| DeepSpeed fwd+bwd / optimizer ms | refimpl / DeepSpeed |", "|---|---|---|---|---|---|---|---|"]
     for name, v in variants.items():
         rec = v.records
-        row = [name, median_range([1e3 * r["step_s"] for r in rec]), f"{1e3 * np.median([r['fb_s'] for r in rec]):.0f}",
+        row = [name, median_range([1e3 * b for b in v.blocks]), f"{1e3 * np.median([r['fb_s'] for r in rec]):.0f}",
                f"{1e3 * np.median([r['opt_s'] for r in rec]):.0f}", f"{ms[name] / base:.2f}" if base else "-"]
         p = peer.get(name)
         if p and not p.get("error"):
@@ -234,11 +254,11 @@ def report(args, variants, peer, n_params, triad_s, dd):
         lines.append("| " + " | ".join(row) + " |")
     losses = {name: [round(r["loss"], 4) for r in v.records][:3] for name, v in variants.items()}
     details = (f"{n_params / 1e6:.1f}M parameters ({args.layers} x {args.d_model}, vocab 50257, "
-               f"{'tied' if args.tie else 'untied'} head), {args.batch} x {args.seq} tokens, bf16, ZeRO stage 3, "
+               f"untied head), {args.batch} x {args.seq} tokens, bf16, ZeRO stage 3, "
                f"1 GPU; {args.warmup} warm-up + {args.steps} timed steps, interleaved; first losses {losses}")
     if peer.get("versions"):
         details += f"; peer {peer['versions']}"
-    emit(lines, details, SCRIPT, args.out)
+    emit(lines, details, SCRIPT, out)
     offloaded = [n for n, v in variants.items() if v.engine.zero.cfg.offload_optimizer is not None]
     if offloaded and triad_s:
         tri = 12 * variants[offloaded[0]].engine.zero.layout.partition_numel / min(triad_s) / 1e9
@@ -271,11 +291,12 @@ def add_parser(sub):
     o.add_argument("--layers", type=int, default=12)
     o.add_argument("--d-model", type=int, default=768)
     o.add_argument("--heads", type=int, default=12)
-    o.add_argument("--tie", action="store_true", help="tie the output head to the embedding (GPT-2's)")
     o.add_argument("--steps", type=int, default=6)
     o.add_argument("--warmup", type=int, default=2)
     o.add_argument("--path", default=None, help="folder for the NVMe swap files (default: the temp folder)")
     o.add_argument("--no-peer", action="store_true", help="refimpl only")
+    o.add_argument("--peer-variants", nargs="+", default=None, help="DeepSpeed's variants (default: --variants)")
+    o.add_argument("--peer-timeout", type=float, default=1800, help="seconds per DeepSpeed variant")
     o.add_argument("--host-profile", default=None, help="then cProfile two steps of this variant")
     o.add_argument("--backend", default="cupy", help="numpy or numba: a dry run of the same path on the CPU")
     o.add_argument("--set", action="append", default=[], help="config override for every variant")
