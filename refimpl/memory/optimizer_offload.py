@@ -28,7 +28,7 @@ from ..backend import host_backend
 from .store import aligned_empty
 from .param_offload import PartitionUpdate
 from .overlapped_update import OverlappedUpdate
-from .transfer import CopyStream, DeviceSink
+from .transfer import CopyStream
 
 KEYS = ("master", "exp_avg", "exp_avg_sq")
 
@@ -152,10 +152,7 @@ class OffloadedAdamW:
         kw = dict(lr=lr, beta1=self.betas[0], beta2=self.betas[1], eps=self.eps, weight_decay=self.weight_decay,
                   step=self.step_count, grad_scale=grad_scale, adamw_mode=self.adamw_mode,
                   bias_correction=self.bias_correction)
-        if out_lowp is None or isinstance(out_lowp, PartitionUpdate):   # where the new parameters go
-            sink = out_lowp
-        else:
-            sink = DeviceSink(out_lowp, self.copies)
+        sink = None if out_lowp is None else _LowpSink.of(out_lowp, self.copies)
         device_outs = [self._update_on_device(i, grad, sink, kw) for i in self.on_device]   # queued on the device
         if overlap and self.store.resident:
             self._publish_device_groups(sink, device_outs)
@@ -176,21 +173,18 @@ class OffloadedAdamW:
                 sink.done(lo, hi, pieces)
 
     def _start_overlapped(self, grad, sink, kw) -> None:
-        """The host sub-groups on a worker thread, piece by piece; each piece published (sink.done) on the main
-        thread when it settles, so the next forward waits for no more than the pieces it needs."""
-        def work():
-            for i in range(self.device_groups, len(self.groups)):
-                lo, hi = self.groups[i]
-                states, g = self._host_states(i)[0], np.asarray(grad[lo:hi])
-                for a, b, out in [(lo, hi, None)] if sink is None else sink.pieces(lo, hi):
-                    self._adam(i, states, g, lo, a, b, out, kw)
-                    yield b, (a, b, out)
+        """The host sub-groups on a worker thread; each one published (sink.done) when the main thread settles."""
+        host = range(self.device_groups, len(self.groups))
+        pieces = {}
 
-        def publish(piece):
+        def update(i):
+            pieces[i] = self._update_group(i, self._host_states(i)[0], grad, sink, kw, publish=False)
+
+        def publish(i):
             if sink is not None:
-                sink.done(piece[0], piece[1], [piece])
-        start = self.groups[self.device_groups][0] if self.device_groups < len(self.groups) else self.numel
-        self._pending = OverlappedUpdate(work(), start, publish, sink.finish if sink is not None else lambda: None)
+                sink.done(*self.groups[i], pieces.pop(i))
+        self._pending = OverlappedUpdate(host, [self.groups[i][0] for i in host], update, publish,
+                                         sink.finish if sink is not None else (lambda: None))
 
     def settle(self, hi=None) -> None:
         """Wait for an overlapped update in flight: for partition elements below ``hi``, or all of it."""
@@ -209,30 +203,26 @@ class OffloadedAdamW:
         lo, hi = self.groups[i]
         states = self.on_device[i]
         g = self.backend.asarray(np.asarray(grad[lo:hi]))
-        direct = isinstance(sink, DeviceSink)
+        direct = isinstance(sink, _LowpSink)
         out = None if sink is None else (sink.out[lo:hi] if direct else self.backend.empty((hi - lo,), sink.dtype))
         with self.ledger.compute(f"adam sub-group {i} (device)", on_device=True):
             self.backend.adam_step(states["master"], g, states["exp_avg"], states["exp_avg_sq"], **kw, out_lowp=out)
         return None if direct else out
 
-    def _update_group(self, i, states, grad, sink, kw) -> None:
+    def _update_group(self, i, states, grad, sink, kw, publish=True):
         """Adam on sub-group i (its gradient is on the host already: the stage moved it there as it was reduced);
-        its new low-precision values go out through the sink."""
+        its new low-precision values go out through the sink (now, or by the caller: returns the pieces)."""
         lo, hi = self.groups[i]
         g = np.asarray(grad[lo:hi])
         pieces = [(lo, hi, None)] if sink is None else sink.pieces(lo, hi)   # where the new values go
-        for a, b, out in pieces:
-            self._adam(i, states, g, lo, a, b, out, kw)
-        if sink is not None:
-            sink.done(lo, hi, pieces)
-
-    def _adam(self, i, states, g, lo, a, b, out, kw) -> None:
-        """The host kernel on partition elements [a, b) of sub-group i (which starts at lo). Elementwise: any cut
-        of a sub-group gives the same bits."""
-        at = slice(a - lo, b - lo)
         with self.ledger.compute(f"adam sub-group {i}"):
-            self.host_adam_step(states["master"][at], g[at], states["exp_avg"][at], states["exp_avg_sq"][at], **kw,
-                                out_lowp=out)
+            for a, b, out in pieces:     # elementwise: any cut gives the same bits
+                at = slice(a - lo, b - lo)
+                self.host_adam_step(states["master"][at], g[at], states["exp_avg"][at], states["exp_avg_sq"][at],
+                                    **kw, out_lowp=out)
+        if sink is not None and publish:
+            sink.done(lo, hi, pieces)
+        return pieces
 
     def _read_group(self, i: int) -> tuple:
         """Start moving sub-group i's states into host memory: (arrays, host bytes, read handles)."""
@@ -288,3 +278,27 @@ class OffloadedAdamW:
                     self.on_device[i][key][...] = self.backend.asarray(part)
                 else:
                     self.store.write(self._key(key, i), part).wait()
+
+
+class _LowpSink:
+    """Where an offloaded step puts sub-group [lo, hi)'s new low-precision parameters: a device array (copied up
+    per sub-group from pinned memory on the copy stream, the next kernels wait for it), or the parameter offload
+    tier's PartitionUpdate (refimpl/memory/param_offload.py), which has the same pieces/done/finish methods."""
+
+    @staticmethod
+    def of(out, copies):
+        return out if isinstance(out, PartitionUpdate) else _LowpSink(out, copies)
+
+    def __init__(self, out, copies):
+        self.out, self.copies, self.dtype = out, copies, out.dtype
+
+    def pieces(self, lo, hi):
+        """[(start, stop, host array)] covering partition elements [lo, hi): one pinned buffer."""
+        return [(lo, hi, self.copies.host_empty((hi - lo) * self.dtype.itemsize).view(self.dtype))]
+
+    def done(self, lo, hi, pieces) -> None:
+        for a, b, buf in pieces:
+            self.copies.to_device(buf, f"parameters [{a}, {b})", out=self.out[a:b])   # keeps buf until copied
+
+    def finish(self) -> None:
+        pass

@@ -21,54 +21,57 @@ import threading
 
 
 class OverlappedUpdate:
-    """Runs ``work`` (an iterator yielding ``(end, item)`` as partition elements below ``end`` become final, in
-    increasing order; elements below ``start`` are final already) on a worker thread; ``settle`` on the main thread
-    publishes the finished items in order (``publish(item)``) and, once all are, calls ``finish()``."""
+    """``update(i)`` for the sub-groups ``indices`` (in order) on a worker thread; ``settle`` on the main thread.
 
-    def __init__(self, work, start, publish, finish):
-        self._publish, self._finish = publish, finish
+    ``starts``: the partition offset where each of those sub-groups begins. ``publish(i)``: make sub-group i's new
+    values visible (main thread, in order). ``finish()``: after the last one is published."""
+
+    def __init__(self, indices, starts, update, publish, finish):
+        self.indices, self.starts = list(indices), list(starts)
+        self._update, self._publish, self._finish = update, publish, finish
         self._cond = threading.Condition()
-        self._reached = start    # partition elements below this are updated
-        self._items = []         # finished, not yet published
-        self._all = False        # the worker is done (or failed)
+        self._computed = 0       # how many of `indices` the worker has updated
+        self._published = 0      # how many of them the main thread has published
         self._error = None
-        self.done = False
-        self._thread = threading.Thread(target=self._run, args=(work,), name="refimpl host optimizer", daemon=True)
+        self.done = not self.indices
+        self._thread = threading.Thread(target=self._run, name="refimpl host optimizer", daemon=True)
         self._thread.start()
 
-    def _run(self, work) -> None:
+    def _run(self) -> None:
         try:
-            for end, item in work:
+            for i in self.indices:
+                self._update(i)
                 with self._cond:
-                    self._items.append(item)
-                    self._reached = end
+                    self._computed += 1
                     self._cond.notify_all()
         except BaseException as exc:   # handed to the main thread at its next settle
-            self._error = exc
-        finally:
             with self._cond:
-                self._all = True
+                self._error = exc
                 self._cond.notify_all()
+
+    def _needed(self, hi) -> int:
+        """How many sub-groups (in order) must be updated before partition elements below `hi` are final."""
+        return len(self.indices) if hi is None else bisect.bisect_left(self.starts, hi)
 
     def ready(self, hi) -> bool:
         """Are partition elements below `hi` updated (no waiting)?"""
         with self._cond:
-            return self._error is None and (self._all or self._reached >= hi)
+            return self._error is None and self._computed >= self._needed(hi)
 
     def settle(self, hi=None) -> None:
         """Wait until partition elements below `hi` (all of them when None) are updated, and publish them."""
-        if self.done:
-            return
-        with self._cond:
-            self._cond.wait_for(lambda: self._all or (hi is not None and self._reached >= hi))
-            items, self._items, finished = self._items, [], self._all
-        if self._error is not None:
-            self._thread.join()
-            self.done = True
-            raise self._error
-        for item in items:
-            self._publish(item)
-        if finished:
+        need = self._needed(hi)
+        if need > self._published:
+            with self._cond:
+                self._cond.wait_for(lambda: self._computed >= need or self._error is not None)
+                if self._error is not None:
+                    self._thread.join()
+                    self.done = True
+                    raise self._error
+            while self._published < need:
+                self._publish(self.indices[self._published])
+                self._published += 1
+        if self._published == len(self.indices) and not self.done:
             self._thread.join()
             self._finish()
             self.done = True

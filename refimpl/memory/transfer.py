@@ -163,30 +163,6 @@ class CopyStream:
         self._keep = [(e, o) for e, o in self._keep if not e.done]
 
 
-class DeviceSink:
-    """Where an offloaded optimizer step puts the new low-precision parameters when they live on the device: host
-    pieces of at most PIECE elements, each copied up from pinned memory on the copy stream once written (the next
-    kernels wait for it). The parameter offload tier's PartitionUpdate (param_offload.py) has the same methods."""
-
-    PIECE = 1 << 22   # elements: an overlapped update is published, and waited for, piece by piece
-
-    def __init__(self, out, copies: CopyStream):
-        self.out, self.copies, self.dtype = out, copies, out.dtype
-
-    def pieces(self, lo, hi) -> list:
-        """[(start, stop, host array)] covering partition elements [lo, hi)."""
-        cut = list(range(lo, hi, self.PIECE)) + [hi]
-        return [(a, b, self.copies.host_empty((b - a) * self.dtype.itemsize).view(self.dtype))
-                for a, b in zip(cut, cut[1:])]
-
-    def done(self, lo, hi, pieces) -> None:
-        for a, b, buf in pieces:
-            self.copies.to_device(buf, f"parameters [{a}, {b})", out=self.out[a:b])   # keeps buf until copied
-
-    def finish(self) -> None:
-        pass
-
-
 class OffloadedCheckpoints:
     """Where ``activation_checkpointing.cpu_checkpointing`` keeps the checkpointed blocks' inputs (ZeRO-Infinity
     §5.1.2): copied device -> host on the copy stream into pinned buffers charged to the host budget, and back
