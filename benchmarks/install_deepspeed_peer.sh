@@ -8,6 +8,16 @@
 #   eval "$(bash benchmarks/install_deepspeed_peer.sh)"      # PYTHON=/path/to/python to pick the interpreter
 #
 # stdout is only the export lines; a second run reinstalls nothing. Exits non-zero, naming what is missing.
+#
+# .peer/ is not in git; fill it on a machine with network (the versions tested on the H200, 2026-12-03):
+#   pip download --no-deps --no-binary :all: deepspeed==0.19.8 -d .peer
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp --abi cp312 --abi abi3 \
+#     --abi none --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+#     --platform linux_x86_64 --platform any -d .peer/wheels hjson==3.1.0 pydantic==2.14.4 pydantic_core==2.50.5 \
+#     annotated-types==0.8.0 typing-inspection==0.4.5 typing_extensions==4.16.0 py-cpuinfo==9.0.0 msgpack==1.2.4 \
+#     ninja==1.13.2 einops==0.8.2 packaging==26.4 psutil==7.2.2 tqdm==4.70.1 nvidia-ml-py setuptools==84.2.1
+#   mkdir -p .peer/debs && (cd .peer/debs && apt-get download libaio1:amd64 libaio-dev:amd64)
+# and carry it to the device machine (the device tool's carry=[".peer"]).
 set -euo pipefail
 
 PY=${PYTHON:-python3}

@@ -36,16 +36,22 @@ def run(tmp_path, stage, world_size, device, *extra):
     return [r["loss"] for r in records if "overflow" in r], state, ledger
 
 
+def assert_bitwise_same(losses, state, ref_losses, ref_state, what) -> None:
+    """Losses, fp32 master weights and Adam moments bitwise those of the reference run (signed zeros included)."""
+    assert losses == ref_losses, what
+    for key in ref_state:
+        for name in ref_state[key]:
+            np.testing.assert_array_equal(state[key][name], ref_state[key][name], err_msg=f"{what} {key} {name}")
+            assert state[key][name].tobytes() == ref_state[key][name].tobytes(), f"{what} {key} {name}"
+
+
 @pytest.mark.parametrize("stage", [1, 2, 3])
 @pytest.mark.parametrize("world_size", [1, 2, 4])
 def test_optimizer_offload_changes_nothing(tmp_path, stage, world_size):
     ref_losses, ref_state, _ = run(tmp_path, stage, world_size, "none")
     for device in ("cpu", "nvme"):
         losses, state, ledger = run(tmp_path, stage, world_size, device)
-        assert losses == ref_losses, device                              # bitwise
-        for key in ref_state:
-            for name in ref_state[key]:
-                np.testing.assert_array_equal(state[key][name], ref_state[key][name], err_msg=f"{device} {key} {name}")
+        assert_bitwise_same(losses, state, ref_losses, ref_state, device)
         pairs = {(e["src"], e["dst"]) for e in ledger if e["kind"] == "transfer"}
         assert ("device", "host") in pairs and ("host", "device") in pairs
         if device == "nvme":
@@ -99,10 +105,7 @@ def test_parameter_offload_changes_nothing(tmp_path, world_size, combos):
     for param_device, optim_device in combos:
         losses, state, ledger = run3(tmp_path, world_size, param_device, optim_device)
         what = f"offload_param={param_device} offload_optimizer={optim_device}"
-        assert losses == ref_losses, what
-        for key in ref_state:
-            for name in ref_state[key]:
-                np.testing.assert_array_equal(state[key][name], ref_state[key][name], err_msg=f"{what} {key} {name}")
+        assert_bitwise_same(losses, state, ref_losses, ref_state, what)
         pairs = {(e["src"], e["dst"]) for e in ledger if e["kind"] == "transfer"}
         if param_device != "none":
             assert ("host", "device") in pairs, what      # every gather moves this rank's chunk up
@@ -117,10 +120,7 @@ def test_every_store_trains_bitwise_the_same(tmp_path):
     for device, engine in (("cpu", "aio"), ("nvme", "mmap"), ("nvme", "aio")):
         losses, state, ledger = run3(tmp_path / engine, 2, device, device, f"aio.engine={engine}")
         what = f"offload device={device} aio.engine={engine}"
-        assert losses == ref_losses, what
-        for key in ref_state:
-            for name in ref_state[key]:
-                np.testing.assert_array_equal(state[key][name], ref_state[key][name], err_msg=f"{what} {key} {name}")
+        assert_bitwise_same(losses, state, ref_losses, ref_state, what)
         pairs = {(e["src"], e["dst"]) for e in ledger if e["kind"] == "transfer"}
         assert (("nvme", "host") in pairs) == (device == "nvme"), what     # a host tier moves nothing to itself
         assert ("host", "host") not in pairs, what
@@ -135,10 +135,7 @@ def test_twin_flow_ratio_changes_nothing(tmp_path, param_device, optim_device):
         losses, state, ledger = run3(tmp_path / str(ratio), 2, param_device, optim_device,
                                      f"zero_optimization.offload_optimizer.ratio={ratio}")
         what = f"params {param_device}, optimizer {optim_device}, ratio {ratio}"
-        assert losses == ref_losses, what
-        for key in ref_state:
-            for name in ref_state[key]:
-                np.testing.assert_array_equal(state[key][name], ref_state[key][name], err_msg=f"{what} {key} {name}")
+        assert_bitwise_same(losses, state, ref_losses, ref_state, what)
         steps = [e for e in ledger if e["kind"] == "compute" and e["rank"] == 0 and e["step"] == 1
                  and e["label"].startswith("adam sub-group")]
         on_device = [e for e in steps if e["label"].endswith("(device)")]
