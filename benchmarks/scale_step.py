@@ -17,6 +17,9 @@ So host memory holds the bf16 gradient partition (2 bytes per parameter) plus bu
     python3 benchmarks/scale_step.py [--params 3.3e9] [--d-model 2560] [--path DIR] [--keep] [--out table.md]
         [--set backend=cupy zero_optimization.offload_optimizer.device=cpu ...]   (any config override)
 
+With ``--set zero_optimization.offload_optimizer.ratio=R memory.device_bytes=...`` (Twin-Flow) the first
+int((1 - R) * n) optimizer sub-groups stay on the device: device, host and disk hold the model states together.
+
 The table ends with the model as a fraction of what the tiers (GPU memory, RAM, the free space on the disk of
 --path) hold at 16 bytes per parameter. It needs about 14.2 bytes per parameter free on the filesystem of --path (2 with the optimizer in host memory;
 default: a folder in the current directory) and deletes the swap files afterwards unless --keep.
@@ -154,6 +157,10 @@ def main():
             "",
             "| tier pair | GB moved (whole run) |", "|---|---|",
             *[f"| {s} -> {d} | {b / 1e9:.1f} |" for (s, d), b in sorted(moved.items())],
+            "",
+            "| tier | GB held at most (the ledger's byte budget) | GB the tier has |", "|---|---|---|",
+            *[f"| {tier} | {ledger.budget.peak[tier] / 1e9:.1f} | {cap / 1e9:.1f} |"
+              for tier, cap in (("device", gpu), ("host", ram), ("nvme", free)) if tier in ledger.budget.peak],
         ]
         emit(lines, f"backend {be.name}; NVMe tier on {filesystem(swap)}; tiers: device {gpu / 1e9:.0f} GB, host "
                     f"{ram / GiB:.0f} GiB, disk {free / GiB:.0f} GiB free; bf16, ZeRO stage 3, "
