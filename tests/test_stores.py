@@ -216,6 +216,23 @@ def test_host_store_is_resident_and_reads_in_place():
     assert s.write("m", other).nbytes == 16 and list(s.view("m").view(np.float32)) == [0, 1, 2, 3]
 
 
+def test_host_store_keys_allocated_together_are_one_array():
+    """allocate_contiguous: the keys are consecutive views of the returned array (a parameter partition whose
+    chunks are keys, updated whole by one kernel call), zeroed; writes through a key land in the array."""
+    s = HostStore()
+    arena = s.allocate_contiguous([("a", 8), ("b", 4), ("c", 12)])
+    assert arena.nbytes == 24 and not arena.any()
+    s.write("b", np.array([7], np.float32))
+    assert arena[8:12].view(np.float32)[0] == 7
+    arena.view(np.float32)[3:] = [1, 2, 3]               # the whole array written: key "c" sees it
+    out = np.empty(3, np.float32)
+    s.write("c", s.view("c"))
+    s.read("c", out).wait()
+    assert list(out) == [1, 2, 3]
+    with pytest.raises(ValueError, match="nbytes"):
+        HostStore().allocate_contiguous([("x", 8), ("y", -1)])
+
+
 def test_disk_stores_are_not_resident(file_store):
     assert not file_store.resident and file_store.tier == "nvme"
     file_store.allocate("a", 10)

@@ -41,8 +41,13 @@ class ParamSwapper:
             raise BufferPoolError(f"offload_param.buffer_size={self.buffer_size} elements cannot hold the "
                                   f"largest parameter chunk ({largest} elements); raise buffer_size")
         ledger.budget.alloc(store.tier, layout.partition_numel * self.dtype.itemsize, "the parameter partition")
-        for s in layout.slots:
-            store.allocate(self._key(s), s.chunk * self.dtype.itemsize)
+        sizes = [(self._key(s), s.chunk * self.dtype.itemsize) for s in layout.slots]
+        if store.resident:   # one host array, each chunk a view of it: the optimizer updates a sub-group in place
+            self.host_partition = store.allocate_contiguous(sizes).view(self.dtype)
+        else:
+            self.host_partition = None
+            for key, nbytes in sizes:
+                store.allocate(key, nbytes)
         self._starts = [s.offset for s in layout.slots]     # for finding the slots of a sub-group
 
     def _key(self, slot) -> str:
@@ -172,8 +177,8 @@ class PartitionUpdate:
         update.done(lo, hi, pieces)     # start writing the sub-group's parameter chunks
         update.finish()                 # wait for every write
 
-    A host tier's pieces are its own arrays, one per parameter chunk, written in place (nothing to copy); a disk
-    tier's are one buffer for the sub-group, written to the swap files by done().
+    A host tier's piece is its own array (the chunks of a sub-group are consecutive views of one allocation),
+    written in place: nothing to copy. A disk tier's is one buffer, written to the swap files by done().
     """
 
     def __init__(self, swapper: ParamSwapper):
@@ -181,14 +186,14 @@ class PartitionUpdate:
 
     def pieces(self, lo: int, hi: int) -> list:
         sw = self.swapper
-        if sw.store.resident:
-            return [(s.offset, s.offset + s.chunk, sw.store.view(sw._key(s)).view(sw.dtype))
-                    for s in sw.slots_between(lo, hi)]
+        sw.slots_between(lo, hi)        # (whole chunks only)
+        if sw.host_partition is not None:
+            return [(lo, hi, sw.host_partition[lo:hi])]
         return [(lo, hi, aligned_empty((hi - lo) * sw.dtype.itemsize).view(sw.dtype))]
 
     def done(self, lo: int, hi: int, pieces) -> None:
         sw = self.swapper
-        if sw.store.resident:
+        if sw.host_partition is not None:
             return                      # written in place
         (_, _, buf), = pieces
         chunks = [(s, buf[s.offset - lo:s.offset - lo + s.chunk]) for s in sw.slots_between(lo, hi)]

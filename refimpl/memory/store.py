@@ -127,6 +127,19 @@ class HostStore(Store):
         array[...] = 0
         self._arrays[key] = array
 
+    def allocate_contiguous(self, sizes) -> np.ndarray:
+        """Allocate the keys of ``sizes`` ((key, nbytes) pairs) as consecutive views of one array, and return it
+        (uint8): a partition whose chunks are keys can then also be used whole (one kernel call, not one per key)."""
+        for key, nbytes in sizes:
+            check_allocation(key, nbytes)
+        arena = self._empty(sum(int(n) for _, n in sizes))
+        arena[...] = 0
+        pos = 0
+        for key, nbytes in sizes:
+            self._arrays[key] = arena[pos:pos + int(nbytes)]
+            pos += int(nbytes)
+        return arena
+
     def _array(self, key):
         if key not in self._arrays:
             raise ValueError(f"no host array for key {key!r} ({len(self._arrays)} keys allocated)")
