@@ -328,7 +328,10 @@ def _prefetch_rank(comm, overrides=(), passes=3, skip_last_block_on=(), n_layers
         coordinator = getattr(engine.zero, "coordinator", None)
 
         def peek(module, *_):
-            out["max_gathered"] = max(out["max_gathered"], engine.zero.gathered_numel())
+            live = engine.zero.gathered_numel()   # kept as a running count: the same as counting them now
+            assert live == sum(p.ds_numel for p in engine.zero.params.values()
+                               if not p.ds_persist and p.ds_status is not ZeroParamStatus.NOT_AVAILABLE)
+            out["max_gathered"] = max(out["max_gathered"], live)
 
         if coordinator is not None:
             for module in model.modules():
@@ -364,6 +367,42 @@ def test_second_pass_prefetches_along_the_recorded_trace():
     assert second["waited_on_demand"] < first["waited_on_demand"]
     assert third == second                                               # the replay is the same every pass
     assert all(s["trace_invalidations"] == 0 for s in (first, second, third))
+
+
+def _reused_soon_by_scanning(coordinator, i):
+    """The reuse rule by its definition: walk the trace ahead of position i, adding up the elements passed."""
+    mine = {id(p) for p in coordinator._params(coordinator.trace[i])}
+    keep, distance = set(), 0
+    for later in coordinator.trace[i + 1:]:
+        if distance >= coordinator.max_reuse_distance or not mine:
+            break
+        for p in coordinator._params(later):
+            if id(p) in mine:
+                keep.add(id(p))
+                mine.discard(id(p))
+        distance += sum(p.ds_numel for p in coordinator._params(later))
+    return keep
+
+
+@pytest.mark.parametrize("distance", [0, 1, 500, 5000, 10**9])
+def test_reuse_table_keeps_what_scanning_ahead_keeps(distance):
+    """_reused_soon answers from a table built once per trace; at every position of a recorded trace (forward and
+    backward of 3 layers: the last block is reused across the turn) it keeps exactly what the scan keeps."""
+    cfg = config(3, 1, 1, "model.n_layers=3", "zero_optimization.stage3_param_persistence_threshold=0",
+                 f"zero_optimization.stage3_max_reuse_distance={distance}")
+    be, dataset, model = build(cfg)
+    with use_backend(be):
+        engine = Engine(model, cfg, be)
+        loss, _ = model.loss(dataset.get_batch("train", 0, B, T))
+        engine.backward(loss)                       # records the trace, then replays from here on
+    c = engine.zero.coordinator
+    kept = 0
+    for i, module in enumerate(c.trace):
+        c.step_id = i + 1
+        want = _reused_soon_by_scanning(c, i)
+        assert c._reused_soon(module) == want, (i, distance)
+        kept += len(want)
+    assert (kept > 0) == (distance > 0)             # the rule is exercised: something is kept unless distance 0
 
 
 def test_max_live_parameters_bounds_what_is_gathered():

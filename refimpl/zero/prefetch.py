@@ -39,10 +39,16 @@ class PartitionedParameterCoordinator:
         self.step_id = 0               # position in the trace during replay
         self.warned = False
         self.stats = {"fetches": 0, "prefetched": 0, "waited_on_demand": 0, "trace_invalidations": 0}
+        self._module_params: dict[int, list] = {}   # id(module) -> its partitioned parameters (they never change)
+        self._reuse = None     # the trace's next-use table, built once per trace (_reuse_table)
 
-    @staticmethod
-    def _params(module):
-        return [p for p in module._parameters.values() if p is not None and not p.ds_persist]
+    def _params(self, module):
+        """The module's own partitioned parameters (persistent ones are always whole: nothing to gather)."""
+        params = self._module_params.get(id(module))
+        if params is None:
+            params = [p for p in module._parameters.values() if p is not None and not p.ds_persist]
+            self._module_params[id(module)] = params
+        return params
 
     # --------------------------------------------------------------------------------------- fetch
     def fetch_sub_module(self, module, forward: bool) -> None:
@@ -72,9 +78,10 @@ class PartitionedParameterCoordinator:
         as the swap buffers allow; and behind them, all-gathers of chunks already in host memory, within
         stage3_prefetch_bucket_size, stage3_max_live_parameters and the device budget. An all-gather never
         waits for a read here: that would put the disk on the compute thread."""
-        for module in self.trace[i + 1:]:
-            if not self.zero.swap_in_ahead(self._params(module)):
-                break
+        if self.zero.reads_ahead:      # only a disk tier has reads to start (a host tier's chunks are there)
+            for module in self.trace[i + 1:]:
+                if not self.zero.swap_in_ahead(self._params(module)):
+                    break
         budget, live = self.prefetch_bucket_size, self.zero.gathered_numel()
         for module in self.trace[i + 1:]:
             for p in self._params(module):
@@ -122,19 +129,30 @@ class PartitionedParameterCoordinator:
             self.zero.release(p)
 
     def _reused_soon(self, module) -> set:
-        """ids of `module`'s parameters that the trace fetches again within max_reuse_distance elements."""
+        """ids of `module`'s parameters that the trace fetches again within max_reuse_distance elements: those
+        whose next fetch, at position j, comes after fewer than max_reuse_distance elements of the modules
+        fetched in between."""
         i = self.step_id - 1   # the position fetch_sub_module consumed for this module
-        mine = {id(p): p for p in self._params(module)}
-        keep, distance = set(), 0
-        for later in self.trace[i + 1:]:
-            if distance >= self.max_reuse_distance or not mine:
-                break
-            for p in self._params(later):
-                if id(p) in mine:
-                    keep.add(id(p))
-                    del mine[id(p)]
-            distance += sum(p.ds_numel for p in self._params(later))
-        return keep
+        next_use, before = self._reuse_table()
+        return {pid for pid, j in next_use[i].items() if before[j] - before[i + 1] < self.max_reuse_distance}
+
+    def _reuse_table(self):
+        """For each trace position i: {id(p): the next position fetching p} over module i's parameters; and
+        before[j]: the elements of the modules at positions < j. One backward sweep, once per trace (the
+        per-release scan ahead it replaces grew with the square of the model's depth)."""
+        if self._reuse is None or self._reuse[0] != (id(self.trace), len(self.trace)):
+            n = len(self.trace)
+            before = [0] * (n + 1)
+            for j, m in enumerate(self.trace):
+                before[j + 1] = before[j] + sum(p.ds_numel for p in self._params(m))
+            next_use, seen = [None] * n, {}
+            for j in range(n - 1, -1, -1):
+                params = self._params(self.trace[j])
+                next_use[j] = {id(p): seen[id(p)] for p in params if id(p) in seen}
+                for p in params:
+                    seen[id(p)] = j
+            self._reuse = ((id(self.trace), len(self.trace)), next_use, before)
+        return self._reuse[1], self._reuse[2]
 
     def end_of_pass(self) -> None:
         """After backward: release everything, and switch to replaying the trace just recorded."""

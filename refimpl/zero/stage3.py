@@ -36,6 +36,7 @@ class ParameterPartitioning(ZeroStage):
                                        bucket_size=self.cfg.reduce_bucket_size, dtype=self.dtype,
                                        master_dtype=self.master_dtype, tier=self.grads, settle=self._settle)
         self._empty = self.backend.zeros((0,), self.dtype)
+        self._live_numel = 0      # elements of gathered (non-persistent) parameters: see gathered_numel
         for name, p in self.params.items():
             slot = self.layout.by_name[name]
             p.ds_name, p.ds_shape, p.ds_numel = name, slot.shape, slot.numel
@@ -115,6 +116,11 @@ class ParameterPartitioning(ZeroStage):
                     return False
         return True
 
+    @property
+    def reads_ahead(self) -> bool:
+        """Does gathering need reads from a disk tier first (that the prefetcher starts ahead)?"""
+        return self.swapper is not None and not self.swapper.store.resident
+
     def chunk_ready(self, p) -> bool:
         """Can p's all-gather start without waiting on the disk or on the host update?"""
         s = p.ds_slot
@@ -134,6 +140,7 @@ class ParameterPartitioning(ZeroStage):
         p.ds_chunk = self._chunk(p)
         p.ds_handle = self.comm.all_gather_async(p.ds_chunk)
         p.ds_status = ZeroParamStatus.INFLIGHT
+        self._live_numel += p.ds_numel
 
     def wait_for(self, p) -> None:
         gathered = p.ds_handle.wait()                                # (N * chunk,)
@@ -162,6 +169,7 @@ class ParameterPartitioning(ZeroStage):
             return
         p.data = self._empty
         p.ds_status = ZeroParamStatus.NOT_AVAILABLE
+        self._live_numel -= p.ds_numel
         self.ledger.budget.free("device", self.gathered_bytes(p))
 
     def release_all(self) -> None:
@@ -277,6 +285,6 @@ class ParameterPartitioning(ZeroStage):
         return self.grads.on_host
 
     def gathered_numel(self) -> int:
-        """Elements of whole (non-persistent) parameters currently held: what max_live_parameters bounds."""
-        return sum(p.ds_numel for p in self.params.values()
-                   if not p.ds_persist and p.ds_status is not ZeroParamStatus.NOT_AVAILABLE)
+        """Elements of whole (non-persistent) parameters currently held: what max_live_parameters bounds (counted
+        as gathers start and releases end them)."""
+        return self._live_numel
