@@ -33,7 +33,7 @@ class OverlappedUpdate:
         self._computed = 0       # how many of `indices` the worker has updated
         self._published = 0      # how many of them the main thread has published
         self._error = None
-        self.done = not self.indices
+        self.done = False        # every sub-group published and finish() called
         self._thread = threading.Thread(target=self._run, name="refimpl host optimizer", daemon=True)
         self._thread.start()
 

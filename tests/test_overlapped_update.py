@@ -1,0 +1,57 @@
+"""memory/overlapped_update.py: the host update on a worker thread, settled piece by piece on the main thread."""
+import threading
+
+import pytest
+
+from refimpl.memory.overlapped_update import OverlappedUpdate
+
+
+def gated(n):
+    """An update whose sub-group i finishes only once gates[i] is set; records what it updated."""
+    gates, updated = [threading.Event() for _ in range(n)], []
+
+    def update(i):
+        assert gates[i].wait(timeout=10)
+        updated.append(i)
+    return gates, updated, update
+
+
+def test_settle_publishes_in_order_exactly_what_is_needed():
+    gates, updated, update = gated(3)
+    published, finished = [], []
+    u = OverlappedUpdate([0, 1, 2], [0, 10, 20], update, published.append, lambda: finished.append(True))
+    assert not u.ready(5)                      # sub-group 0 is not updated yet
+    gates[0].set()
+    u.settle(5)                                # elements below 5 need sub-group 0 only
+    assert published == [0] and not finished and u.ready(10) and not u.ready(11)
+    gates[1].set()
+    u.settle(10)                               # still only sub-group 0: sub-group 1 starts at 10
+    assert published == [0]
+    u.settle(11)
+    assert published == [0, 1] and updated == [0, 1]
+    gates[2].set()
+    u.settle()                                 # everything, then finish() once
+    assert published == [0, 1, 2] and finished == [True] and u.done
+    u.settle()
+    assert finished == [True]
+
+
+def test_an_empty_update_still_finishes():
+    finished = []
+    u = OverlappedUpdate([], [], lambda i: None, lambda i: None, lambda: finished.append(True))
+    assert not u.done
+    u.settle()
+    assert finished == [True] and u.done
+
+
+def test_a_failed_update_raises_its_error_at_every_settle():
+    def update(i):
+        if i == 1:
+            raise MemoryError("host tier full")
+    published = []
+    u = OverlappedUpdate([0, 1], [0, 10], update, published.append, lambda: None)
+    for _ in range(2):
+        with pytest.raises(MemoryError, match="host tier full"):
+            u.settle()
+    assert not u.ready(5)
+    assert 1 not in published                  # a sub-group that failed is never published
