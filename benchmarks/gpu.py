@@ -5,6 +5,7 @@
     python3 benchmarks/gpu.py step [--batch 8] [--seq 1024] [--steps 10] [--profile] [--trace] [--host-profile]
                                    [--out FILE]
     python3 benchmarks/gpu.py nvme [--gib 4] [--chunk-mib 64] [--path DIR] [--out FILE]
+    python3 benchmarks/gpu.py offload [--variants none opt params+opt twin nvme] ...   (see gpu_offload.py)
 
 attention: forward and forward+backward of causal attention in bf16, refimpl's FlashAttention-2 RawKernels
 (`backend.attention(..., block_size=64)` and `attention_backward`) against
@@ -27,6 +28,9 @@ nvme: NVMe -> GPU parameter streaming, the path stage 3 with offload_param=nvme 
 reads `buffer_count` chunks ahead into aligned host buffers, to_device waits for the read, verifies its crc32 and
 copies it to the GPU), over --gib of bf16 chunks of --chunk-mib each, against `dd iflag=direct bs=1M` reading a
 file of the same size on the same filesystem. The page cache is dropped before each read where the machine allows.
+
+offload: ZeRO-3 with the optimizer, parameters and optimizer, or both on NVMe offloaded, against DeepSpeed 0.19.8
+on the same model and weights, the CPU's triad and the disk (benchmarks/gpu_offload.py, issue 15).
 
 Timing: CUDA events around each call, median of the timed repetitions after warm-up; variants interleaved.
 """
