@@ -2,7 +2,8 @@
 
     python3 benchmarks/gpu.py offload [--variants none opt params+opt twin nvme] [--batch 8] [--seq 1024]
         [--layers 12] [--d-model 768] [--heads 12] [--steps 6] [--warmup 2] [--path DIR]
-        [--no-peer] [--peer-variants ...] [--peer-timeout S] [--host-profile VARIANT] [--backend cupy] [--set KEY=VALUE ...] [--out FILE]
+        [--no-peer] [--peer-variants ...] [--peer-timeout S] [--host-profile VARIANT] [--timeline FILE]
+        [--backend cupy] [--set KEY=VALUE ...] [--out FILE]
 
 Every variant is ZeRO stage 3 on one rank, bf16 mixed precision, the same model drawn from the same seed:
 
