@@ -160,8 +160,8 @@ class Variant:
 
 
 def adam_bytes(engine) -> int:
-    """Bytes one host AdamW step moves (Twin-Flow's device sub-groups aside): fp32 param, exp_avg, exp_avg_sq read and written, the gradient read,
-    the low-precision copy written."""
+    """Bytes one host AdamW step moves (Twin-Flow's device sub-groups aside): fp32 param, exp_avg, exp_avg_sq read
+    and written, the gradient read, the low-precision copy written."""
     opt = engine.optimizer
     numel = opt.numel - (opt.groups[opt.device_groups - 1][1] if opt.device_groups else 0)   # the host's share
     item = np.dtype(engine.dtype).itemsize
@@ -249,7 +249,8 @@ def report(args, variants, peer, n_params, triad_s, dd, out):
         if p and not p.get("error"):
             d = 1e3 * float(np.median(p["step_s"]))
             row += [median_range([1e3 * s for s in p["step_s"]]),
-                    f"{1e3 * np.median(p['fb_s']):.0f} / {1e3 * np.median(p['opt_s']):.0f}", f"**{1e3 * ms[name] / d:.2f}**"]
+                    f"{1e3 * np.median(p['fb_s']):.0f} / {1e3 * np.median(p['opt_s']):.0f}",
+                    f"**{1e3 * ms[name] / d:.2f}**"]
         else:
             row += [f"failed: {p['error'][:120]}" if p else "-", "-", "-"]
         lines.append("| " + " | ".join(row) + " |")
