@@ -8,7 +8,8 @@
 3. The tier manager's stream-ordered copies (refimpl/memory/transfer.py) on one GPU, 2 ranks as threads
    (LocalComm): stage 2 with the optimizer on the host (reduced gradients copied to pinned memory during
    backward), stage 3 with parameters on the host and on NVMe (chunks copied up beside compute; both NVMe stores),
-   and stage 3 with activation checkpoints offloaded to the host, in fp32; each against the same run on numpy.
+   and stage 3 with activation checkpoints offloaded to the host, in fp32; stage 3 with gradient accumulation and
+   Twin-Flow (offload_optimizer.ratio); each against the same run on numpy.
 
 Prints one line per check and exits non-zero when one fails. Needs cupy and refimpl installed.
 """
@@ -83,6 +84,12 @@ def main():
             ("stage 2, optimizer on the host", ["zero_optimization.stage=2", "zero_optimization.offload_param=null",
                                                 *cpu]),
             ("stage 3, params and optimizer on the host", [*cpu, 'zero_optimization.offload_param={"device": "cpu"}']),
+            # the host partition's old values go up, are added to on the device and come back (zero/buckets.py);
+            # Twin-Flow keeps the first half of the sub-groups on the device; the host update overlaps forward
+            ("stage 3, params and optimizer on the host, 2 micro-batches per step, ratio 0.5",
+             [*cpu, 'zero_optimization.offload_param={"device": "cpu"}', "gradient_accumulation_steps=2",
+              "train_micro_batch_size_per_gpu=2", "zero_optimization.offload_optimizer.ratio=0.5",
+              "zero_optimization.sub_group_size=20000"]),
             ("stage 3, params on NVMe, optimizer on the host", [*cpu, swap[0]]),
             ("stage 3, params and optimizer on NVMe through numpy.memmap (MmapStore)", [*swap, "aio.engine=mmap"]),
             ("stage 3, params on the host, block inputs offloaded (cpu_checkpointing)",
