@@ -14,7 +14,7 @@ What makes it possible (each is the code path every stage-3 run takes, not a spe
   parameters back per sub-group (refimpl/memory/optimizer_offload.py): no fp32 copy of the whole partition.
 So host memory holds the bf16 gradient partition (2 bytes per parameter) plus buffers.
 
-    python3 benchmarks/scale_step.py [--params 3.3e9] [--d-model 2560] [--path DIR] [--keep] [--out table.md]
+    python3 benchmarks/scale_step.py [--params 3.3e9 | --fill 0.6] [--d-model 2560] [--path DIR] [--keep] [--out table.md]
         [--set backend=cupy zero_optimization.offload_optimizer.device=cpu ...]   (any config override)
 
 With ``--set zero_optimization.offload_optimizer.ratio=R memory.device_bytes=...`` (Twin-Flow) the first
@@ -74,6 +74,9 @@ def layers_for(params: float, d: int, vocab: int, seq: int) -> int:
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--params", type=float, default=3.3e9, help="target parameter count (layers are derived)")
+    ap.add_argument("--fill", type=float, default=None,
+                    help="instead of --params: this fraction of what device + host + the disk of --path hold at 16 "
+                         "bytes per parameter (ZeRO-Infinity's capacity claim; e.g. 0.6)")
     ap.add_argument("--d-model", type=int, default=2560)
     ap.add_argument("--heads", type=int, default=20)
     ap.add_argument("--seq", type=int, default=32, help="tokens per sequence")
@@ -88,10 +91,16 @@ def main():
     args = ap.parse_args()
 
     vocab = 256                                         # the byte-level LM's vocabulary
-    n_layers = layers_for(args.params, args.d_model, vocab, args.seq)
     if args.path:
         os.makedirs(args.path, exist_ok=True)
     swap = tempfile.mkdtemp(prefix="scale-swap-", dir=args.path or os.getcwd())
+    if args.fill is not None:                           # the tiers as one pool: size the model to fill a share
+        from refimpl.backend import get_backend
+        name = next((o.split("=", 1)[1] for o in args.set if o.startswith("backend=")), None)
+        ram = int(args.ram_gib * GiB) if args.ram_gib else mem_total()
+        pool = gpu_bytes(get_backend(name)) + ram + shutil.disk_usage(swap).free
+        args.params = args.fill * pool / 16
+    n_layers = layers_for(args.params, args.d_model, vocab, args.seq)
     try:
         overrides = [
             f"model.d_model={args.d_model}", f"model.n_heads={args.heads}", f"model.n_layers={n_layers}",
