@@ -212,8 +212,10 @@ def test_host_adam_behind_a_gpu_is_the_fastest_cpu_backend_installed(lazy):
     assert host_backend(cpu) is cpu                               # a CPU backend runs its own host work
     want = "numba" if available_backends().get("numba", "absent") is None else "numpy"
     assert host_backend(GPUish()) is get_backend(want)
-    opt = OffloadedAdamW(iter([np.ones(4, np.float32)]), numel=4, groups=[(0, 4)], backend=GPUish(),
-                         store=HostStore(), ledger=Ledger(), lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, adamw_mode=True)
+    gpu, ledger = GPUish(), Ledger()
+    opt = OffloadedAdamW(iter([np.ones(4, np.float32)]), numel=4, groups=[(0, 4)], backend=gpu, store=HostStore(),
+                         ledger=ledger, copies=CopyStream(gpu, ledger), lr=1e-3, betas=(0.9, 0.999), eps=1e-8,
+                         weight_decay=0.0, adamw_mode=True)
     assert opt.host_adam_step == get_backend(want).adam_step
 
 

@@ -28,7 +28,6 @@ from ..backend import host_backend
 from .store import aligned_empty
 from .param_offload import PartitionUpdate
 from .overlapped_update import OverlappedUpdate
-from .transfer import CopyStream
 
 KEYS = ("master", "exp_avg", "exp_avg_sq")
 
@@ -57,11 +56,11 @@ class OffloadedAdamW:
     holding each sub-group's master, exp_avg and exp_avg_sq under its own key. `device_groups`: how many of the
     first sub-groups stay on the device (Twin-Flow; 0: all offloaded). `copies`: the rank's copy stream."""
 
-    def __init__(self, master_pieces, *, numel: int, groups, backend, store, ledger, buffer_count: int = 4, lr=1e-3,
-                 betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01, adamw_mode=True, bias_correction=True,
-                 name: str = "optim", dtype=np.float32, device_groups: int = 0, copies=None):
+    def __init__(self, master_pieces, *, numel: int, groups, backend, store, ledger, copies, buffer_count: int = 4,
+                 lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01, adamw_mode=True, bias_correction=True,
+                 name: str = "optim", dtype=np.float32, device_groups: int = 0):
         self.backend, self.store, self.ledger, self.name = backend, store, ledger, name
-        self.copies = copies if copies is not None else CopyStream(backend, ledger)   # host -> device
+        self.copies = copies   # the rank's copy stream (memory/transfer.py): new parameters go up on it
         self.lr, self.betas, self.eps = float(lr), (float(betas[0]), float(betas[1])), float(eps)
         self.weight_decay, self.adamw_mode = float(weight_decay), bool(adamw_mode)
         self.bias_correction = bool(bias_correction)
