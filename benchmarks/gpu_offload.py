@@ -64,9 +64,20 @@ def base_sets(args) -> list:
             f"train_micro_batch_size_per_gpu={args.batch}", *args.set]
 
 
+def parse_variant(spec):
+    """"opt" or "opt/threads=12/KEY=VALUE...": a named variant, the overlapped host update's kernel threads
+    (OffloadedAdamW.host_threads), and config overrides of its own. Returns (base name, threads, overrides)."""
+    base, *extra = spec.split("/")
+    if base not in VARIANTS:
+        raise SystemExit(f"unknown variant {base!r} in {spec!r}; choose from {list(VARIANTS)}")
+    threads = [int(e.split("=", 1)[1]) for e in extra if e.startswith("threads=")]
+    return base, (threads[-1] if threads else None), [e for e in extra if not e.startswith("threads=")]
+
+
 def variant_config(args, name, swap):
     from refimpl.config import load_config
-    return load_config(None, base_sets(args) + [s.replace("{path}", swap) for s in VARIANTS[name]])
+    base, _, sets = parse_variant(name)
+    return load_config(None, base_sets(args) + [s.replace("{path}", swap) for s in VARIANTS[base]] + sets)
 
 
 def nvme_stores(engine):
@@ -115,6 +126,9 @@ class Variant:
         self.be, self.dataset, self.model = build(config)
         with use_backend(self.be):
             self.engine = Engine(self.model, config, self.be)
+        threads = parse_variant(name)[1]
+        if threads is not None:
+            self.engine.optimizer.host_threads = threads
         self.records = []
         self.blocks = []      # seconds per step of each timed block
 
@@ -170,7 +184,8 @@ def adam_bytes(engine) -> int:
 
 def run(args):
     swap = args.path or tempfile.mkdtemp(prefix="refimpl-offload-")
-    variants = {name: Variant(name, variant_config(args, name, os.path.join(swap, name))) for name in args.variants}
+    variants = {name: Variant(name, variant_config(args, name, os.path.join(swap, name.replace("/", "_"))))
+                for name in args.variants}
     first = next(iter(variants.values()))
     n_params = sum(s.numel for s in first.engine.zero.layout.slots)   # (stage 3's model holds only chunks)
     batches = [first.dataset.get_batch("train", s, args.batch, args.seq) for s in range(args.warmup + args.steps)]
@@ -216,7 +231,8 @@ def run(args):
 def run_peer(args, config, weights, swap) -> dict:
     try:
         from _deepspeed_offload import run_deepspeed_offload
-        return run_deepspeed_offload(config, weights, args.peer_variants or list(args.variants), args.steps,
+        names = args.peer_variants or list(dict.fromkeys(parse_variant(v)[0] for v in args.variants))
+        return run_deepspeed_offload(config, weights, names, args.steps,
                                      args.warmup, workdir=tempfile.mkdtemp(prefix="ds-offload-"),
                                      nvme_path=os.path.join(swap, "deepspeed"), timeout=args.peer_timeout)
     except ImportError as exc:
@@ -245,7 +261,8 @@ def report(args, variants, peer, n_params, triad_s, dd, out):
         rec = v.records
         row = [name, median_range([1e3 * b for b in v.blocks]), f"{1e3 * np.median([r['fb_s'] for r in rec]):.0f}",
                f"{1e3 * np.median([r['opt_s'] for r in rec]):.0f}", f"{ms[name] / base:.2f}" if base else "-"]
-        p = peer.get(name)
+        base, _, sets = parse_variant(name)
+        p = peer.get(name if sets else base)     # (the host threads are refimpl's own: DeepSpeed's base variant)
         if p and not p.get("error"):
             d = 1e3 * float(np.median(p["step_s"]))
             row += [median_range([1e3 * s for s in p["step_s"]]),
@@ -287,7 +304,9 @@ def report(args, variants, peer, n_params, triad_s, dd, out):
 
 def add_parser(sub):
     o = sub.add_parser("offload", help="ZeRO-3 with offload against DeepSpeed, the CPU's memory and the disk")
-    o.add_argument("--variants", nargs="+", default=["none", "opt", "params+opt"], choices=list(VARIANTS))
+    o.add_argument("--variants", nargs="+", default=["none", "opt", "params+opt"],
+                   help=f"of {list(VARIANTS)}, each optionally /threads=N (the overlapped host update's kernel "
+                        "threads) and /KEY=VALUE (config overrides of its own)")
     o.add_argument("--batch", type=int, default=8)
     o.add_argument("--seq", type=int, default=1024)
     o.add_argument("--layers", type=int, default=12)
