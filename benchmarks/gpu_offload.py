@@ -261,8 +261,8 @@ def report(args, variants, peer, n_params, triad_s, dd, out):
         rec = v.records
         row = [name, median_range([1e3 * b for b in v.blocks]), f"{1e3 * np.median([r['fb_s'] for r in rec]):.0f}",
                f"{1e3 * np.median([r['opt_s'] for r in rec]):.0f}", f"{ms[name] / base:.2f}" if base else "-"]
-        base, _, sets = parse_variant(name)
-        p = peer.get(name if sets else base)     # (the host threads are refimpl's own: DeepSpeed's base variant)
+        kind, _, sets = parse_variant(name)
+        p = peer.get(name if sets else kind)     # (the host threads are refimpl's own: DeepSpeed's base variant)
         if p and not p.get("error"):
             d = 1e3 * float(np.median(p["step_s"]))
             row += [median_range([1e3 * s for s in p["step_s"]]),
