@@ -3,20 +3,16 @@
 
 With the optimizer offloaded, AdamW runs on the host after backward, and the GPU would sit idle meanwhile. But the
 next forward needs the parameters in partition order, one module at a time, and the host updates the partition in
-that same order (refimpl/memory/optimizer_offload.py cuts it into pieces of a few million elements; AdamW is
-elementwise, so any cut gives the same bits). So the engine's step returns as soon as the update has started; a
-worker thread updates the pieces in order while the main thread goes on, and stage 3 waits, before it gathers a
-parameter, for just the pieces holding that parameter:
+that same order, sub-group by sub-group (refimpl/memory/optimizer_offload.py). So the engine's step returns as
+soon as the update has started; a worker thread updates the sub-groups in order while the main thread goes on,
+and stage 3 waits, before it gathers a parameter, for just the sub-group holding that parameter:
 
-    worker:  update piece 0 | update 1 | update 2 | ...
+    worker:  update sub-group 0 | update 1 | update 2 | ...
     main:    (step returns) | forward: module 0 waits for 0, gathers | module 1 waits for 0..1 | ...
 
 Nothing is approximated: every parameter is read after its own update, as without overlap (unlike ZeRO-Offload's
 delayed parameter update, which changes the numbers). The new values reach the device through `publish`, called on
 the main thread, because host -> device copies must be queued by the thread that queues the kernels reading them.
-The worker's kernels leave one core to the main thread (Backend.limit_threads): a parallel kernel with a thread
-on every core runs at the pace of the thread that shares its core with the main thread, and the forward's kernel
-launches wait behind it.
 """
 from __future__ import annotations
 
@@ -25,9 +21,9 @@ import threading
 
 
 class OverlappedUpdate:
-    """``update(i)`` for the pieces ``indices`` (in order) on a worker thread; ``settle`` on the main thread.
+    """``update(i)`` for the sub-groups ``indices`` (in order) on a worker thread; ``settle`` on the main thread.
 
-    ``starts``: the partition offset where each of those pieces begins. ``publish(i)``: make piece i's new
+    ``starts``: the partition offset where each of those sub-groups begins. ``publish(i)``: make sub-group i's new
     values visible (main thread, in order). ``finish()``: after the last one is published."""
 
     def __init__(self, indices, starts, update, publish, finish):
@@ -37,7 +33,7 @@ class OverlappedUpdate:
         self._computed = 0       # how many of `indices` the worker has updated
         self._published = 0      # how many of them the main thread has published
         self._error = None
-        self.done = False        # every piece published and finish() called
+        self.done = False        # every sub-group published and finish() called
         self._thread = threading.Thread(target=self._run, name="refimpl host optimizer", daemon=True)
         self._thread.start()
 
@@ -54,7 +50,7 @@ class OverlappedUpdate:
                 self._cond.notify_all()
 
     def _needed(self, hi) -> int:
-        """How many pieces (in order) must be updated before partition elements below `hi` are final."""
+        """How many sub-groups (in order) must be updated before partition elements below `hi` are final."""
         return len(self.indices) if hi is None else bisect.bisect_left(self.starts, hi)
 
     def ready(self, hi) -> bool:
