@@ -65,18 +65,16 @@ def base_sets(args) -> list:
 
 
 def parse_variant(spec):
-    """"opt" or "opt/threads=12/KEY=VALUE...": a named variant, the overlapped host update's kernel threads
-    (OffloadedAdamW.host_threads), and config overrides of its own. Returns (base name, threads, overrides)."""
-    base, *extra = spec.split("/")
+    """"opt" or "opt/KEY=VALUE/...": a named variant with config overrides of its own. Returns (name, overrides)."""
+    base, *sets = spec.split("/")
     if base not in VARIANTS:
         raise SystemExit(f"unknown variant {base!r} in {spec!r}; choose from {list(VARIANTS)}")
-    threads = [int(e.split("=", 1)[1]) for e in extra if e.startswith("threads=")]
-    return base, (threads[-1] if threads else None), [e for e in extra if not e.startswith("threads=")]
+    return base, sets
 
 
 def variant_config(args, name, swap):
     from refimpl.config import load_config
-    base, _, sets = parse_variant(name)
+    base, sets = parse_variant(name)
     return load_config(None, base_sets(args) + [s.replace("{path}", swap) for s in VARIANTS[base]] + sets)
 
 
@@ -126,9 +124,6 @@ class Variant:
         self.be, self.dataset, self.model = build(config)
         with use_backend(self.be):
             self.engine = Engine(self.model, config, self.be)
-        threads = parse_variant(name)[1]
-        if threads is not None:
-            self.engine.optimizer.host_threads = threads
         self.records = []
         self.blocks = []      # seconds per step of each timed block
 
@@ -231,7 +226,7 @@ def run(args):
 def run_peer(args, config, weights, swap) -> dict:
     try:
         from _deepspeed_offload import run_deepspeed_offload
-        names = args.peer_variants or list(dict.fromkeys(parse_variant(v)[0] for v in args.variants))
+        names = args.peer_variants or [v for v in args.variants if not parse_variant(v)[1]]
         return run_deepspeed_offload(config, weights, names, args.steps,
                                      args.warmup, workdir=tempfile.mkdtemp(prefix="ds-offload-"),
                                      nvme_path=os.path.join(swap, "deepspeed"), timeout=args.peer_timeout)
@@ -261,8 +256,7 @@ def report(args, variants, peer, n_params, triad_s, dd, out):
         rec = v.records
         row = [name, median_range([1e3 * b for b in v.blocks]), f"{1e3 * np.median([r['fb_s'] for r in rec]):.0f}",
                f"{1e3 * np.median([r['opt_s'] for r in rec]):.0f}", f"{ms[name] / base:.2f}" if base else "-"]
-        kind, _, sets = parse_variant(name)
-        p = peer.get(name if sets else kind)     # (the host threads are refimpl's own: DeepSpeed's base variant)
+        p = peer.get(name)
         if p and not p.get("error"):
             d = 1e3 * float(np.median(p["step_s"]))
             row += [median_range([1e3 * s for s in p["step_s"]]),
@@ -305,8 +299,8 @@ def report(args, variants, peer, n_params, triad_s, dd, out):
 def add_parser(sub):
     o = sub.add_parser("offload", help="ZeRO-3 with offload against DeepSpeed, the CPU's memory and the disk")
     o.add_argument("--variants", nargs="+", default=["none", "opt", "params+opt"],
-                   help=f"of {list(VARIANTS)}, each optionally /threads=N (the overlapped host update's kernel "
-                        "threads) and /KEY=VALUE (config overrides of its own)")
+                   help=f"of {list(VARIANTS)}, each optionally followed by /KEY=VALUE... (config overrides of its "
+                        "own; refimpl only)")
     o.add_argument("--batch", type=int, default=8)
     o.add_argument("--seq", type=int, default=1024)
     o.add_argument("--layers", type=int, default=12)

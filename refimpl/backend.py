@@ -99,14 +99,6 @@ class Backend:
     def synchronize(self) -> None:
         """Wait for all queued work (nothing is ever queued on CPU backends)."""
 
-    def threads(self) -> int:
-        """How many threads this backend's kernels use by default (the reference: one)."""
-        return 1
-
-    def limit_threads(self, n: int) -> None:
-        """Let the kernels this thread calls use at most ``n`` threads (a host update beside the thread that
-        drives the GPU leaves it a core). The reference is single-threaded: nothing to limit."""
-
     # ------------------------------------------------------------------------------------ kernels
     matmul = staticmethod(_dense.matmul)
     add = staticmethod(_dense.add)

@@ -55,22 +55,3 @@ def test_a_failed_update_raises_its_error_at_every_settle():
             u.settle()
     assert not u.ready(5)
     assert 1 not in published                  # a sub-group that failed is never published
-
-
-def test_numba_limit_threads_is_per_thread():
-    """The overlapped update leaves the main thread a core (Backend.limit_threads on the worker): the limit holds
-    for the thread that set it, and the main thread keeps all of numba's threads."""
-    numba = pytest.importorskip("numba")
-    from refimpl.backend import get_backend
-    be = get_backend("numba")
-    if be.threads() < 2:
-        pytest.skip("numba has a single thread here: nothing to limit")
-    seen = []
-
-    def worker():
-        be.limit_threads(be.threads() - 1)
-        seen.append(numba.get_num_threads())
-    t = threading.Thread(target=worker)
-    t.start()
-    t.join()
-    assert seen == [be.threads() - 1] and numba.get_num_threads() == be.threads()

@@ -81,14 +81,6 @@ class NumbaBackend(Backend):
     has_inf_or_nan = _Kernel("optim")
     cast = _Kernel("optim")
 
-    def threads(self) -> int:
-        import numba
-        return numba.config.NUMBA_NUM_THREADS
-
-    def limit_threads(self, n: int) -> None:
-        import numba
-        numba.set_num_threads(max(1, min(int(n), numba.config.NUMBA_NUM_THREADS)))   # (per calling thread)
-
     def warmup(self) -> None:
         """Compile (or load from the disk cache) every kernel once, on tiny float32 and float64 inputs:
         the signatures the wrappers produce (C-contiguous, fixed ndim), so later calls never compile."""
