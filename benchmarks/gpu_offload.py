@@ -65,16 +65,18 @@ def base_sets(args) -> list:
 
 
 def parse_variant(spec):
-    """"opt" or "opt/KEY=VALUE/...": a named variant with config overrides of its own. Returns (name, overrides)."""
+    """"opt" or "opt/KEY=VALUE/...": a named variant with config overrides of its own; "piece=N" sets the overlapped
+    host update's piece (OffloadedAdamW.overlap_piece; 0: whole sub-groups). Returns (name, overrides, piece)."""
     base, *sets = spec.split("/")
     if base not in VARIANTS:
         raise SystemExit(f"unknown variant {base!r} in {spec!r}; choose from {list(VARIANTS)}")
-    return base, sets
+    piece = [int(float(e.split("=", 1)[1])) for e in sets if e.startswith("piece=")]
+    return base, [e for e in sets if not e.startswith("piece=")], (piece[-1] if piece else None)
 
 
 def variant_config(args, name, swap):
     from refimpl.config import load_config
-    base, sets = parse_variant(name)
+    base, sets, _ = parse_variant(name)
     return load_config(None, base_sets(args) + [s.replace("{path}", swap) for s in VARIANTS[base]] + sets)
 
 
@@ -124,6 +126,9 @@ class Variant:
         self.be, self.dataset, self.model = build(config)
         with use_backend(self.be):
             self.engine = Engine(self.model, config, self.be)
+        piece = parse_variant(name)[2]
+        if piece is not None:
+            self.engine.optimizer.overlap_piece = piece
         self.records = []
         self.blocks = []      # seconds per step of each timed block
 
@@ -226,7 +231,8 @@ def run(args):
 def run_peer(args, config, weights, swap) -> dict:
     try:
         from _deepspeed_offload import run_deepspeed_offload
-        names = args.peer_variants or [v for v in args.variants if not parse_variant(v)[1]]
+        names = args.peer_variants or list(dict.fromkeys(v.split("/")[0] for v in args.variants
+                                                        if not parse_variant(v)[1]))
         return run_deepspeed_offload(config, weights, names, args.steps,
                                      args.warmup, workdir=tempfile.mkdtemp(prefix="ds-offload-"),
                                      nvme_path=os.path.join(swap, "deepspeed"), timeout=args.peer_timeout)
@@ -256,7 +262,8 @@ def report(args, variants, peer, n_params, triad_s, dd, out):
         rec = v.records
         row = [name, median_range([1e3 * b for b in v.blocks]), f"{1e3 * np.median([r['fb_s'] for r in rec]):.0f}",
                f"{1e3 * np.median([r['opt_s'] for r in rec]):.0f}", f"{ms[name] / base:.2f}" if base else "-"]
-        p = peer.get(name)
+        kind, sets, _ = parse_variant(name)
+        p = peer.get(name) or (None if sets else peer.get(kind))   # a piece alone: DeepSpeed's same config
         if p and not p.get("error"):
             d = 1e3 * float(np.median(p["step_s"]))
             row += [median_range([1e3 * s for s in p["step_s"]]),
@@ -300,7 +307,7 @@ def add_parser(sub):
     o = sub.add_parser("offload", help="ZeRO-3 with offload against DeepSpeed, the CPU's memory and the disk")
     o.add_argument("--variants", nargs="+", default=["none", "opt", "params+opt"],
                    help=f"of {list(VARIANTS)}, each optionally followed by /KEY=VALUE... (config overrides of its "
-                        "own; refimpl only)")
+                        "own; refimpl only) or /piece=N (the overlapped host update's piece; 0: whole sub-groups)")
     o.add_argument("--batch", type=int, default=8)
     o.add_argument("--seq", type=int, default=1024)
     o.add_argument("--layers", type=int, default=12)

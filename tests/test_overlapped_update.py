@@ -55,3 +55,27 @@ def test_a_failed_update_raises_its_error_at_every_settle():
             u.settle()
     assert not u.ready(5)
     assert 1 not in published                  # a sub-group that failed is never published
+
+
+
+def test_the_gil_switch_interval_is_short_while_updates_are_in_flight_then_restored():
+    """Two updates in flight at once (two ranks of one process): the short interval holds until the last settles,
+    then the interval found before the first is back, also after an update that failed."""
+    import sys
+    from refimpl.memory import overlapped_update as ou
+    before = sys.getswitchinterval()
+    gates, _, update = gated(1)
+
+    def fails(i):
+        raise RuntimeError("disk full")
+    a = OverlappedUpdate([0], [0], update, lambda i: None, lambda: None)
+    b = OverlappedUpdate([0], [0], fails, lambda i: None, lambda: None)
+    assert sys.getswitchinterval() == pytest.approx(ou.SWITCH_INTERVAL) != before
+    with pytest.raises(RuntimeError, match="disk full"):
+        b.settle()
+    with pytest.raises(RuntimeError, match="disk full"):
+        b.settle()                             # (counted once)
+    assert sys.getswitchinterval() == pytest.approx(ou.SWITCH_INTERVAL)   # a is still in flight
+    gates[0].set()
+    a.settle()
+    assert sys.getswitchinterval() == pytest.approx(before)

@@ -141,13 +141,16 @@ def test_stream_ordered_copies_change_nothing(tmp_path, lazy, extra):
     assert {e["step"] for e in copies} >= {0, 1, 2}             # recorded under the step they belong to
 
 
-@pytest.mark.parametrize("params", ["none", "cpu"])
-def test_host_update_beside_the_next_forward_changes_nothing(tmp_path, lazy, monkeypatch, params):
+@pytest.mark.parametrize("params,piece", [("none", None), ("cpu", None), ("none", 777), ("cpu", 777)])
+def test_host_update_beside_the_next_forward_changes_nothing(tmp_path, lazy, monkeypatch, params, piece):
     """memory/overlapped_update.py: with host tiers behind a copy stream, the host AdamW of step n runs on a worker
-    thread while step n+1's forward gathers each parameter after its own sub-group; persistent parameters (the
-    small ones, threshold 500) are gathered again on first use; a checkpoint (run.checkpoint_interval) settles it all.
-    The run is bitwise the NumPy run without overlap."""
-    from refimpl.memory import overlapped_update
+    thread, in pieces, while step n+1's forward gathers each parameter after the pieces holding it; persistent
+    parameters (the small ones, threshold 500) are gathered again on first use; a checkpoint
+    (run.checkpoint_interval) settles it all. With pieces of 777 elements, sub-groups and parameters are cut
+    anywhere. The run is bitwise the NumPy run without overlap."""
+    from refimpl.memory import optimizer_offload, overlapped_update
+    if piece is not None:
+        monkeypatch.setattr(optimizer_offload.OffloadedAdamW, "OVERLAP_PIECE", piece)
     started = []
     real = overlapped_update.OverlappedUpdate.__init__
 
@@ -166,7 +169,9 @@ def test_host_update_beside_the_next_forward_changes_nothing(tmp_path, lazy, mon
     assert not started                                   # a CPU backend has no copy stream: no overlap
     got, _ = _run(tmp_path, "lazy", *extra)
     assert got == ref                                    # bitwise
-    assert len(started) == 3 and min(started) > 1       # every step overlapped, several sub-groups each
+    assert len(started) == 3 and min(started) > 1       # every step overlapped, several pieces each
+    if piece is not None:                                # the partition in pieces of 777: more than its sub-groups
+        assert min(started) > 20
 
 
 def test_host_copy_lands_only_when_waited_on(lazy):

@@ -56,6 +56,8 @@ class OffloadedAdamW:
     holding each sub-group's master, exp_avg and exp_avg_sq under its own key. `device_groups`: how many of the
     first sub-groups stay on the device (Twin-Flow; 0: all offloaded). `copies`: the rank's copy stream."""
 
+    OVERLAP_PIECE = 1 << 22   # elements: an overlapped update is published, and waited for, piece by piece
+
     def __init__(self, master_pieces, *, numel: int, groups, backend, store, ledger, copies, buffer_count: int = 4,
                  lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01, adamw_mode=True, bias_correction=True,
                  name: str = "optim", dtype=np.float32, device_groups: int = 0):
@@ -78,6 +80,7 @@ class OffloadedAdamW:
             raise ValueError(f"device_groups must be in [0, {len(self.groups)}] (the sub-groups), got {device_groups}")
         self.device_groups = int(device_groups)
         self._pending = None     # an OverlappedUpdate in flight (step(overlap=True))
+        self.overlap_piece = self.OVERLAP_PIECE   # (0: whole sub-groups, for measuring what pieces buy)
         split = self.groups[self.device_groups - 1][1] if self.device_groups else 0   # [0, split) on the device
         ledger.budget.alloc("device", 3 * item * split, "the optimizer states kept on the device (ratio)")
         ledger.budget.alloc(store.tier, 3 * item * (self.numel - split), "the offloaded optimizer states")
@@ -172,17 +175,24 @@ class OffloadedAdamW:
                 sink.done(lo, hi, pieces)
 
     def _start_overlapped(self, grad, sink, kw) -> None:
-        """The host sub-groups on a worker thread; each one published (sink.done) when the main thread settles."""
-        host = range(self.device_groups, len(self.groups))
+        """The host sub-groups on a worker thread, in pieces of at most overlap_piece elements (elementwise: any cut
+        gives the same bits), each published (sink.done) when the main thread settles it: the next forward waits
+        for the pieces it needs, whatever sub_group_size."""
+        n = self.overlap_piece or self.numel or 1
+        units = [(i, a, min(a + n, hi)) for i in range(self.device_groups, len(self.groups))
+                 for lo, hi in [self.groups[i]] for a in range(lo, hi, n)]
         pieces = {}
 
-        def update(i):
-            pieces[i] = self._update_group(i, self._host_states(i)[0], grad, sink, kw, publish=False)
+        def update(k):
+            i, a, b = units[k]
+            lo = self.groups[i][0]
+            states = {key: arr[a - lo:b - lo] for key, arr in self._host_states(i)[0].items()}
+            pieces[k] = self._update_group(i, states, grad, sink, kw, publish=False, span=(a, b))
 
-        def publish(i):
+        def publish(k):
             if sink is not None:
-                sink.done(*self.groups[i], pieces.pop(i))
-        self._pending = OverlappedUpdate(host, [self.groups[i][0] for i in host], update, publish,
+                sink.done(*units[k][1:], pieces.pop(k))
+        self._pending = OverlappedUpdate(range(len(units)), [a for _, a, _ in units], update, publish,
                                          sink.finish if sink is not None else (lambda: None))
 
     def settle(self, hi=None) -> None:
@@ -208,10 +218,11 @@ class OffloadedAdamW:
             self.backend.adam_step(states["master"], g, states["exp_avg"], states["exp_avg_sq"], **kw, out_lowp=out)
         return None if direct else out
 
-    def _update_group(self, i, states, grad, sink, kw, publish=True):
-        """Adam on sub-group i (its gradient is on the host already: the stage moved it there as it was reduced);
-        its new low-precision values go out through the sink (now, or by the caller: returns the pieces)."""
-        lo, hi = self.groups[i]
+    def _update_group(self, i, states, grad, sink, kw, publish=True, span=None):
+        """Adam on sub-group i, or on its elements [lo, hi) = ``span`` (``states`` then that span's); the gradient
+        is on the host already (the stage moved it there as it was reduced). The new low-precision values go out
+        through the sink (now, or by the caller: returns the pieces)."""
+        lo, hi = self.groups[i] if span is None else span
         g = np.asarray(grad[lo:hi])
         pieces = [(lo, hi, None)] if sink is None else sink.pieces(lo, hi)   # where the new values go
         with self.ledger.compute(f"adam sub-group {i}"):

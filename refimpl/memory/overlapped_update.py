@@ -3,27 +3,49 @@
 
 With the optimizer offloaded, AdamW runs on the host after backward, and the GPU would sit idle meanwhile. But the
 next forward needs the parameters in partition order, one module at a time, and the host updates the partition in
-that same order, sub-group by sub-group (refimpl/memory/optimizer_offload.py). So the engine's step returns as
-soon as the update has started; a worker thread updates the sub-groups in order while the main thread goes on,
-and stage 3 waits, before it gathers a parameter, for just the sub-group holding that parameter:
+that same order (refimpl/memory/optimizer_offload.py cuts it into pieces of a few million elements; AdamW is
+elementwise, so any cut gives the same bits). So the engine's step returns as soon as the update has started; a
+worker thread updates the pieces in order while the main thread goes on, and stage 3 waits, before it gathers a
+parameter, for just the pieces holding that parameter:
 
-    worker:  update sub-group 0 | update 1 | update 2 | ...
+    worker:  update piece 0 | update 1 | update 2 | ...
     main:    (step returns) | forward: module 0 waits for 0, gathers | module 1 waits for 0..1 | ...
 
 Nothing is approximated: every parameter is read after its own update, as without overlap (unlike ZeRO-Offload's
 delayed parameter update, which changes the numbers). The new values reach the device through `publish`, called on
 the main thread, because host -> device copies must be queued by the thread that queues the kernels reading them.
+
+The GIL: the kernels release it, but the worker needs it for a moment between two pieces, while the main thread
+holds it to run the forward's Python. Python hands it over only every switch interval (5 ms by default), so each
+piece would wait up to 5 ms (measured: 10 pieces of 4M elements beside a busy main thread took 2.3x their time
+alone). While an update is in flight the interval is 0.1 ms (`sys.setswitchinterval`), then restored.
 """
 from __future__ import annotations
 
 import bisect
+import sys
 import threading
+
+SWITCH_INTERVAL = 1e-4     # seconds: the GIL's switch interval while an update is in flight
+_switch = {"lock": threading.Lock(), "updates": 0, "saved": None}
+
+
+def _updates_in_flight(delta: int) -> None:
+    """Count the updates in flight (several ranks may share a process); the first sets the short interval, the
+    last restores the one it found."""
+    with _switch["lock"]:
+        _switch["updates"] += delta
+        if delta > 0 and _switch["updates"] == 1:
+            _switch["saved"] = sys.getswitchinterval()
+            sys.setswitchinterval(SWITCH_INTERVAL)
+        elif delta < 0 and _switch["updates"] == 0:
+            sys.setswitchinterval(_switch["saved"])
 
 
 class OverlappedUpdate:
-    """``update(i)`` for the sub-groups ``indices`` (in order) on a worker thread; ``settle`` on the main thread.
+    """``update(i)`` for the pieces ``indices`` (in order) on a worker thread; ``settle`` on the main thread.
 
-    ``starts``: the partition offset where each of those sub-groups begins. ``publish(i)``: make sub-group i's new
+    ``starts``: the partition offset where each of those pieces begins. ``publish(i)``: make piece i's new
     values visible (main thread, in order). ``finish()``: after the last one is published."""
 
     def __init__(self, indices, starts, update, publish, finish):
@@ -33,7 +55,8 @@ class OverlappedUpdate:
         self._computed = 0       # how many of `indices` the worker has updated
         self._published = 0      # how many of them the main thread has published
         self._error = None
-        self.done = False        # every sub-group published and finish() called
+        self.done = False        # every piece published and finish() called
+        _updates_in_flight(+1)
         self._thread = threading.Thread(target=self._run, name="refimpl host optimizer", daemon=True)
         self._thread.start()
 
@@ -50,7 +73,7 @@ class OverlappedUpdate:
                 self._cond.notify_all()
 
     def _needed(self, hi) -> int:
-        """How many sub-groups (in order) must be updated before partition elements below `hi` are final."""
+        """How many pieces (in order) must be updated before partition elements below `hi` are final."""
         return len(self.indices) if hi is None else bisect.bisect_left(self.starts, hi)
 
     def ready(self, hi) -> bool:
@@ -66,12 +89,17 @@ class OverlappedUpdate:
                 self._cond.wait_for(lambda: self._computed >= need or self._error is not None)
                 if self._error is not None:
                     self._thread.join()
-                    self.done = True
+                    self._end()
                     raise self._error
             while self._published < need:
                 self._publish(self.indices[self._published])
                 self._published += 1
         if self._published == len(self.indices) and not self.done:
             self._thread.join()
+            self._end()
             self._finish()
+
+    def _end(self) -> None:
+        if not self.done:
             self.done = True
+            _updates_in_flight(-1)

@@ -186,9 +186,9 @@ class PartitionUpdate:
 
     def pieces(self, lo: int, hi: int) -> list:
         sw = self.swapper
-        sw.slots_between(lo, hi)        # (whole chunks only)
         if sw.host_partition is not None:
-            return [(lo, hi, sw.host_partition[lo:hi])]
+            return [(lo, hi, sw.host_partition[lo:hi])]   # written in place: any range will do
+        sw.slots_between(lo, hi)        # (whole chunks only: done() writes them to their swap files)
         return [(lo, hi, aligned_empty((hi - lo) * sw.dtype.itemsize).view(sw.dtype))]
 
     def done(self, lo: int, hi: int, pieces) -> None:
