@@ -25,6 +25,7 @@ The table ends with the model as a fraction of what the tiers (GPU memory, RAM, 
 default: a folder in the current directory) and deletes the swap files afterwards unless --keep.
 """
 import argparse
+import math
 import os
 import resource
 import shutil
@@ -65,10 +66,12 @@ def gpu_bytes(be) -> int:
     return int(cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)["totalGlobalMem"])
 
 
-def layers_for(params: float, d: int, vocab: int, seq: int) -> int:
+def layers_for(params: float, d: int, vocab: int, seq: int, at_least: bool = False) -> int:
+    """The layers that come nearest to `params` (``at_least``: the fewest that reach it)."""
     per_layer = 12 * d * d + 13 * d                    # q, k, v, out (4 d^2 + 4d), MLP (8 d^2 + 5d), 2 LayerNorms
     embeddings = (vocab + seq) * d + vocab * d + 2 * d  # tok_emb, pos_emb, lm_head, ln_f
-    return max(1, round((params - embeddings) / per_layer))
+    layers = (params - embeddings) / per_layer
+    return max(1, math.ceil(layers) if at_least else round(layers))
 
 
 def main():
@@ -100,7 +103,7 @@ def main():
         ram = int(args.ram_gib * GiB) if args.ram_gib else mem_total()
         pool = gpu_bytes(get_backend(name)) + ram + shutil.disk_usage(swap).free
         args.params = args.fill * pool / 16
-    n_layers = layers_for(args.params, args.d_model, vocab, args.seq)
+    n_layers = layers_for(args.params, args.d_model, vocab, args.seq, at_least=args.fill is not None)
     try:
         overrides = [
             f"model.d_model={args.d_model}", f"model.n_heads={args.heads}", f"model.n_layers={n_layers}",

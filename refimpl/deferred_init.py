@@ -12,6 +12,7 @@ late is equal to the same parameter drawn eagerly: deferral changes when bytes e
 from __future__ import annotations
 
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -59,11 +60,16 @@ class DeferredInit:
         self.size = int(np.prod(self.shape, dtype=np.int64))
         self.ndim = len(self.shape)
 
-    def materialize(self):
+    def materialize(self, host=None):
+        """The parameter on the current backend; ``host``: its float32 values, drawn already (host_values)."""
         from .backend import get_backend
-        host = np.full(self.shape, self.fill, np.float32) if self.fill is not None else draw(self.shape, self.std,
-                                                                                            self.seed)
-        return get_backend().asarray(host).astype(self.dtype)
+        return get_backend().asarray(self.host_values() if host is None else host).astype(self.dtype)
+
+    def host_values(self):
+        """The float32 values on the host (thread-safe: the parameter's own stream, no backend)."""
+        if self.fill is not None:
+            return np.full(self.shape, self.fill, np.float32)
+        return draw(self.shape, self.std, self.seed)
 
     def __repr__(self):
         how = f"fill={self.fill}" if self.fill is not None else f"std={self.std}"
@@ -80,6 +86,24 @@ def draw(shape, std: float, seed):
 def materialize(data):
     """The array behind a parameter's data: drawn now if it was deferred."""
     return data.materialize() if isinstance(data, DeferredInit) else data
+
+
+def materialize_in_order(datas, ahead: int = 3):
+    """materialize(d) for each of ``datas``, in order, while worker threads draw the next ``ahead`` deferred ones
+    (NumPy's generators and casts release the GIL). Each parameter draws from its own stream, so the values do
+    not depend on which thread drew them; at most ``ahead`` + 1 whole parameters are in memory."""
+    datas = list(datas)
+    with ThreadPoolExecutor(max_workers=ahead) as pool:
+        drawn = {}
+
+        def draw_ahead(k):
+            if k < len(datas) and isinstance(datas[k], DeferredInit):
+                drawn[k] = pool.submit(datas[k].host_values)
+        for k in range(ahead):
+            draw_ahead(k)
+        for k, data in enumerate(datas):
+            draw_ahead(k + ahead)
+            yield data.materialize(drawn.pop(k).result()) if k in drawn else data
 
 
 def materialize_all(model) -> None:

@@ -16,7 +16,7 @@ from refimpl.engine import Engine
 from refimpl.memory.optimizer_offload import sub_groups
 from refimpl.model import ModelConfig, Transformer
 from refimpl.train import build
-from refimpl.deferred_init import DeferredInit, materialize
+from refimpl.deferred_init import DeferredInit, materialize, materialize_in_order
 from refimpl.zero.init import Init
 
 from conftest import TINY_OVERRIDES
@@ -38,6 +38,25 @@ def test_deferred_parameters_equal_eager_ones(mlp_tiles, dtype):
         got = materialize(deferred[name].data)
         assert got.dtype == eager[name].dtype, name
         np.testing.assert_array_equal(got, eager[name].data, err_msg=name)
+
+
+@pytest.mark.parametrize("ahead", [1, 3])
+def test_drawing_ahead_on_threads_gives_the_same_parameters_in_order(ahead):
+    """stage 3's zero.Init draws the next parameters on worker threads (materialize_in_order): the same values,
+    in the same order, eager arrays passed through; a consumer that stops early leaves no thread behind."""
+    cfg = ModelConfig(vocab_size=50, n_layers=3, d_model=16, n_heads=2, max_seq_len=8, mlp_tiles=2)
+    with Init():
+        datas = [p.data for p in Transformer(cfg, seed=5).parameters()]
+    assert any(isinstance(d, DeferredInit) for d in datas) and not all(isinstance(d, DeferredInit) for d in datas)
+    got = list(materialize_in_order(datas, ahead=ahead))
+    assert len(got) == len(datas)
+    for d, g in zip(datas, got):
+        want = materialize(d)
+        assert g.dtype == want.dtype and g.shape == want.shape
+        np.testing.assert_array_equal(g, want)
+    drawn = materialize_in_order(datas, ahead=ahead)
+    next(drawn)
+    drawn.close()                              # waits for the draws in flight, then the pool is gone
 
 
 def test_state_dict_of_a_deferred_model_draws_it():

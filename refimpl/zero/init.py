@@ -4,7 +4,8 @@ A model whose parameters do not fit in memory cannot be built first and partitio
 ``with zero.Init():`` the layers defer their weights (refimpl/deferred_init.py: the model core knows nothing of
 ZeRO), and ZeRO stage 3, when it takes the model, draws the parameters one at a time, keeps this rank's chunk (on
 the device, or straight into the host/NVMe tier) and drops the rest: DeepSpeed's post-init partitioning
-(refimpl/zero/stage3.py, ``_partition_as_drawn``). The peak is one whole parameter.
+(refimpl/zero/stage3.py, ``_partition_as_drawn``). The peak is a few whole parameters: the one being
+partitioned and the next three, drawn meanwhile on worker threads.
 """
 from __future__ import annotations
 

@@ -14,7 +14,7 @@ they save in memory). Which parameters to gather ahead of time is the job of the
 from __future__ import annotations
 
 from ..backend import host_backend
-from ..deferred_init import materialize
+from ..deferred_init import materialize_in_order
 from .base import ZeroStage
 from .buckets import GradientBuckets
 from .partition import ZeroParamStatus
@@ -54,15 +54,16 @@ class ParameterPartitioning(ZeroStage):
     def _partition_as_drawn(self):
         """zero.Init's second half, DeepSpeed's post-init partitioning: one parameter at a time, draw it (or take
         its eager value), keep this rank's low-precision chunk in the parameter tier and drop the rest. At no
-        point is more than one whole parameter in memory (refimpl/zero/init.py)."""
-        params = self.params.values()
+        point are more than four whole parameters in memory: this one and the next three, drawn meanwhile
+        (refimpl/zero/init.py)."""
+        params = list(self.params.values())
+        drawn = materialize_in_order(p.data for p in params)   # the next few drawn on worker threads meanwhile
         if self.progress:
             from tqdm import tqdm
             params = tqdm(params, total=len(self.params), unit="param", desc=f"rank {self.rank}: partitioning",
                           disable=self.rank != 0)
-        for p in params:
+        for p, full in zip(params, drawn):
             slot = p.ds_slot
-            full = materialize(p.data)
             chunk = self.layout.chunk_of(slot, full, self.rank, dtype=self.dtype)
             if self.swapper is not None:
                 self.swapper.write_chunk(slot, chunk)
