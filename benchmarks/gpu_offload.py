@@ -14,6 +14,9 @@ Every variant is ZeRO stage 3 on one rank, bf16 mixed precision, the same model 
                  sub-groups' states and update stay on the device)
     nvme         offload_param nvme + offload_optimizer nvme under --path (ZeRO-Infinity)
 
+A variant may carry its own config overrides and the overlapped host update's piece: "opt/piece=0" (whole
+sub-groups), "twin/zero_optimization.sub_group_size=5e7". DeepSpeed runs each base variant once.
+
 refimpl's variants are Engines in this process, on the same batches, in blocks of consecutive steps interleaved
 (A B C, C B A): a step's time is its block's time over its steps, the block ending when its last host update has
 landed (an update may overlap the next step's forward, never another variant's).
