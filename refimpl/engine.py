@@ -101,13 +101,17 @@ class Engine:
             for hook in self.gradient_hooks:
                 hook(grad, scale)
             be = self.zero.grad_kernels   # the kernels of the gradient's tier: the device's, or the host's
-            overflow = self._all_ranks(float(be.has_inf_or_nan(grad)), "max") > 0 or force_skip  # any rank: all
+            # One pass for both: squares of 16/32-bit floats summed in float64 cannot overflow, so the sum is
+            # finite exactly when every element is (float64 gradients, the fp64 run, are checked on their own).
+            sq = be.sum_squares(grad) if np.dtype(grad.dtype).itemsize <= 4 else None
+            bad = be.has_inf_or_nan(grad) if sq is None else not math.isfinite(sq)
+            overflow = self._all_ranks(float(bad), "max") > 0 or force_skip  # any rank: all
         self.global_steps += 1
         if overflow:
             self.skipped_steps += 1
             self.last = {"overflow": True, "grad_norm": math.inf, "lr": lr, "loss_scale": scale}
         else:
-            sq = be.sum_squares(grad)
+            sq = be.sum_squares(grad) if sq is None else sq
             if self.zero.partitioned:
                 sq = self._all_ranks(sq, "sum")
             grad_norm = math.sqrt(sq) / scale

@@ -193,6 +193,18 @@ def test_sum_squares_propagates_non_finite(backend, bad):
     assert math.isnan(total) if math.isnan(bad) else total == math.inf  # (-inf)**2 = +inf
 
 
+@pytest.mark.kernel("sum_squares")
+@pytest.mark.parametrize("dtype", [np.float16, bfloat16, np.float32], ids=dtype_id)
+@pytest.mark.parametrize("bad", [None, np.inf, -np.inf, np.nan], ids=["finite", "inf", "-inf", "nan"])
+def test_sum_squares_is_finite_exactly_when_every_value_is(backend, dtype, bad):
+    """The engine's overflow test for 16/32-bit gradients (refimpl/engine.py): the float64 sum of squares of the
+    largest finite values cannot overflow, and one non-finite value makes it non-finite."""
+    x = np.full(4097, ml_dtypes.finfo(dtype).max, dtype=dtype)
+    if bad is not None:
+        x[1234] = bad
+    assert math.isfinite(run_kernel(backend, "sum_squares", x)) == (bad is None)
+
+
 # ---------------------------------------------------------------------------------------- has_inf_or_nan
 @pytest.mark.kernel("has_inf_or_nan")
 @given(dtype=float_dtypes(), shape=shapes(max_dims=3, max_size=33), seed=seeds, large=st.booleans(),
