@@ -116,34 +116,6 @@ def test_adam_step_float64_states(backend, n, hp, n_steps, seed):
 
 
 @pytest.mark.kernel("adam_step")
-@pytest.mark.parametrize("out_dtype", [None, np.float16, bfloat16, np.float32], ids=dtype_id)
-@pytest.mark.parametrize("n", [0, 1, 7, 8, 50, 301])
-def test_adam_step_reporting_progress_gives_the_same_bits(backend, monkeypatch, n, out_dtype):
-    """``progress``: the update in pieces (7 elements here), each piece's end stored in progress[0] as it is
-    final; the same bits as one pass, and progress[0] == n at the end."""
-    from refimpl.kernels import optim as ref
-    monkeypatch.setattr(ref, "PROGRESS_PIECE", 7)
-    rng = np.random.default_rng(n)
-    states = [rng.standard_normal(n).astype(np.float32) for _ in range(2)] + [rng.random(n).astype(np.float32)]
-    grad = rng.standard_normal(n).astype(bfloat16)
-    kw = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01, step=3, grad_scale=2.0)
-    got = {}
-    for mode in ("one pass", "progress"):
-        p, m, v = (backend.asarray(a.copy()) for a in states)
-        out = None if out_dtype is None else backend.asarray(np.zeros(n, out_dtype))
-        progress = np.full(1, -1, np.int64) if mode == "progress" else None
-        backend.adam_step(p, backend.asarray(grad), m, v, out_lowp=out, progress=progress, **kw)
-        got[mode] = [backend.to_numpy(a).view(np.uint8).copy() for a in (p, m, v) + ((out,) if out is not None else ())]
-        if progress is not None:
-            assert progress[0] == n
-    for a, b in zip(got["one pass"], got["progress"]):
-        np.testing.assert_array_equal(a, b)
-    with pytest.raises(ValueError, match="progress"):
-        backend.adam_step(*(backend.asarray(np.zeros((2, 2), np.float32)) for _ in range(4)), **kw,
-                          progress=np.zeros(1, np.int64))        # pieces need flat arrays
-
-
-@pytest.mark.kernel("adam_step")
 def test_adam_step_rejects_bad_input(backend):
     def args(dtype=np.float32, n=4):
         return [backend.asarray(np.zeros(n, dtype=dtype)) for _ in range(4)]

@@ -14,17 +14,15 @@ from ._runtime import cupy, raw, scalar
 
 
 def adam_step(param, grad, exp_avg, exp_avg_sq, *, lr, beta1, beta2, eps, weight_decay, step,
-              grad_scale=1.0, adamw_mode=True, bias_correction=True, out_lowp=None, progress=None):
+              grad_scale=1.0, adamw_mode=True, bias_correction=True, out_lowp=None):
     """One fused AdamW step, in place on float32 param/exp_avg/exp_avg_sq (see the reference for the
     update); grad float32/float16/bfloat16/float64 is divided by grad_scale; out_lowp receives param
-    rounded to its dtype. Returns None. float64 states (the fp64 reference run) take the reference.
-    ``progress``: one kernel for the whole array; progress[0] is set once the stream has run it."""
-    ref.check_adam_args(param, grad, exp_avg, exp_avg_sq, step=step, grad_scale=grad_scale, out_lowp=out_lowp,
-                        progress=progress)
+    rounded to its dtype. Returns None. float64 states (the fp64 reference run) take the reference."""
+    ref.check_adam_args(param, grad, exp_avg, exp_avg_sq, step=step, grad_scale=grad_scale, out_lowp=out_lowp)
     if param.dtype != np.float32:
         return ref.adam_step(param, grad, exp_avg, exp_avg_sq, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
                              weight_decay=weight_decay, step=step, grad_scale=grad_scale, adamw_mode=adamw_mode,
-                             bias_correction=bias_correction, out_lowp=out_lowp, progress=progress)
+                             bias_correction=bias_correction, out_lowp=out_lowp)
     lr, beta1, beta2, eps, weight_decay = map(float, (lr, beta1, beta2, eps, weight_decay))
     step = int(step)
     bias_correction1 = 1.0 - beta1 ** step if bias_correction else 1.0
@@ -49,9 +47,6 @@ def adam_step(param, grad, exp_avg, exp_avg_sq, *, lr, beta1, beta2, eps, weight
     for dst, src in zip(state, work):
         if dst is not src:
             raw(dst)[...] = raw(src)
-    if progress is not None:
-        cupy().cuda.get_current_stream().synchronize()
-        progress[0] = param.size
 
 
 def sum_squares(x) -> float:

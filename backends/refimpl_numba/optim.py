@@ -68,27 +68,6 @@ def _adam_bf16_kernel(p, g, g_kind, m, v, out, grad_scale, decay, l2, beta1, one
         out[i] = f32_to_bf16(pi)
 
 
-@njit(cache=True, nogil=True)
-def _adam_in_pieces(out_kind, p, g, g_kind, m, v, out, piece, progress, grad_scale, decay, l2, beta1,
-                    one_minus_beta1, beta2, one_minus_beta2, step_size, bias_correction2_sqrt, eps):
-    """adam_step's ``progress``: the kernel over pieces of `piece` elements in order, progress[0] set after each,
-    all in one GIL-free call (the worker of an overlapped update never needs the GIL while the main thread runs
-    the forward: refimpl/memory/overlapped_update.py)."""
-    progress[0] = 0
-    for lo in range(0, p.size, piece):
-        hi = min(lo + piece, p.size)
-        if out_kind == F16:
-            _adam_f16_kernel(p[lo:hi], g[lo:hi], g_kind, m[lo:hi], v[lo:hi], out[lo:hi], grad_scale, decay, l2,
-                             beta1, one_minus_beta1, beta2, one_minus_beta2, step_size, bias_correction2_sqrt, eps)
-        elif out_kind == BF16:
-            _adam_bf16_kernel(p[lo:hi], g[lo:hi], g_kind, m[lo:hi], v[lo:hi], out[lo:hi], grad_scale, decay, l2,
-                              beta1, one_minus_beta1, beta2, one_minus_beta2, step_size, bias_correction2_sqrt, eps)
-        else:
-            _adam_kernel(p[lo:hi], g[lo:hi], g_kind, m[lo:hi], v[lo:hi], grad_scale, decay, l2, beta1,
-                         one_minus_beta1, beta2, one_minus_beta2, step_size, bias_correction2_sqrt, eps)
-        progress[0] = hi
-
-
 def _flat_inplace(a):
     """A flat view that writes through to `a`, or None when `a` cannot give one (not C-contiguous)."""
     a = np.asarray(a)
@@ -96,19 +75,17 @@ def _flat_inplace(a):
 
 
 def adam_step(param, grad, exp_avg, exp_avg_sq, *, lr, beta1, beta2, eps, weight_decay, step,
-              grad_scale=1.0, adamw_mode=True, bias_correction=True, out_lowp=None, progress=None):
+              grad_scale=1.0, adamw_mode=True, bias_correction=True, out_lowp=None):
     """Mirrors refimpl.kernels.optim.adam_step: one fused AdamW step in place, optional fp16/bf16 copy
-    (float64 states, the fp64 reference run, take the reference); ``progress`` as there, in one GIL-free call."""
-    ref.check_adam_args(param, grad, exp_avg, exp_avg_sq, step=step, grad_scale=grad_scale, out_lowp=out_lowp,
-                        progress=progress)
+    (float64 states, the fp64 reference run, take the reference)."""
+    ref.check_adam_args(param, grad, exp_avg, exp_avg_sq, step=step, grad_scale=grad_scale, out_lowp=out_lowp)
 
     states = [_flat_inplace(a) for a in (param, exp_avg, exp_avg_sq)]
     if (any(s is None for s in states) or param.dtype != np.float32
             or np.dtype(grad.dtype).name not in ("float32", "float16", "bfloat16")):
         return ref.adam_step(param, grad, exp_avg, exp_avg_sq, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
                              weight_decay=weight_decay, step=step, grad_scale=grad_scale,
-                             adamw_mode=adamw_mode, bias_correction=bias_correction, out_lowp=out_lowp,
-                             progress=progress)
+                             adamw_mode=adamw_mode, bias_correction=bias_correction, out_lowp=out_lowp)
     out, out_kind = None, NATIVE                        # NATIVE: no fused copy
     if out_lowp is not None and out_lowp.dtype.name in ("float16", "bfloat16"):
         flat_out = _flat_inplace(out_lowp)
@@ -126,15 +103,7 @@ def adam_step(param, grad, exp_avg, exp_avg_sq, *, lr, beta1, beta2, eps, weight
     bias_correction2 = 1.0 - beta2 ** step if bias_correction else 1.0
     scalars = (f32(grad_scale), f32(decay), l2, f32(beta1), f32(1.0 - beta1), f32(beta2), f32(1.0 - beta2),
                f32(lr / bias_correction1), f32(bias_correction2 ** 0.5), f32(eps))
-    if progress is not None and (out_lowp is None or out_kind != NATIVE):
-        dummy = out if out is not None else np.empty(0, np.uint16)
-        _adam_in_pieces(out_kind, states[0], g, g_kind, states[1], states[2], dummy, ref.PROGRESS_PIECE, progress,
-                        *scalars)
-    elif progress is not None:          # a copy the kernel cannot fuse: the reference's pieces
-        return ref.adam_step(param, grad, exp_avg, exp_avg_sq, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
-                             weight_decay=weight_decay, step=step, grad_scale=grad_scale, adamw_mode=adamw_mode,
-                             bias_correction=bias_correction, out_lowp=out_lowp, progress=progress)
-    elif out_kind == F16:
+    if out_kind == F16:
         _adam_f16_kernel(states[0], g, g_kind, states[1], states[2], out, *scalars)
     elif out_kind == BF16:
         _adam_bf16_kernel(states[0], g, g_kind, states[1], states[2], out, *scalars)

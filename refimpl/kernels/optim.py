@@ -30,17 +30,8 @@ def _check_same_shape(name, arr, shape):
         raise ValueError(f"adam_step: {name} has shape {arr.shape}, expected param's shape {shape}")
 
 
-#: elements per piece when adam_step reports its progress (``progress=``)
-PROGRESS_PIECE = 1 << 22
-
-
-def check_adam_args(param, grad, exp_avg, exp_avg_sq, *, step, grad_scale, out_lowp=None, progress=None) -> None:
+def check_adam_args(param, grad, exp_avg, exp_avg_sq, *, step, grad_scale, out_lowp=None) -> None:
     """The argument checks of adam_step, shared by every backend's adam_step (the same errors everywhere)."""
-    if progress is not None:
-        if not (isinstance(progress, np.ndarray) and progress.dtype == np.int64 and progress.shape == (1,)):
-            raise ValueError(f"adam_step: progress must be a host int64 array of shape (1,), got {progress!r}")
-        if param.ndim != 1:
-            raise ValueError(f"adam_step: progress needs flat (1-D) arrays, param has shape {param.shape}")
     if param.dtype not in (np.float32, np.float64):
         raise ValueError(f"adam_step: param must be float32 (or float64, the fp64 reference), got {param.dtype}")
     for name, arr in (("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
@@ -56,7 +47,7 @@ def check_adam_args(param, grad, exp_avg, exp_avg_sq, *, step, grad_scale, out_l
 
 
 def adam_step(param, grad, exp_avg, exp_avg_sq, *, lr, beta1, beta2, eps, weight_decay, step,
-              grad_scale=1.0, adamw_mode=True, bias_correction=True, out_lowp=None, progress=None):
+              grad_scale=1.0, adamw_mode=True, bias_correction=True, out_lowp=None):
     """One fused AdamW step, in place on flat float32 arrays param/exp_avg/exp_avg_sq (same shape; float64
     throughout for the fp64 reference run).
 
@@ -74,25 +65,10 @@ def adam_step(param, grad, exp_avg, exp_avg_sq, *, lr, beta1, beta2, eps, weight
     Scalars (bias corrections, step size) are computed in Python float64 and enter the fp32
     array arithmetic once each, as in torch. ``out_lowp``: optional array of param's shape
     (float16/bfloat16/float32) that receives param cast to its dtype after the update (the
-    low-precision model copy). ``progress``: optional host int64 array of shape (1,), for flat arrays: the update
-    then runs in pieces of PROGRESS_PIECE elements, in order, and after each piece progress[0] holds how many
-    leading elements are final, for another thread to read while the kernel runs (the host update beside the
-    next forward, refimpl/memory/overlapped_update.py). Elementwise, so the bits are those of one pass.
-    Returns None.
+    low-precision model copy). Returns None.
     """
     xp = _xp(param)
-    check_adam_args(param, grad, exp_avg, exp_avg_sq, step=step, grad_scale=grad_scale, out_lowp=out_lowp,
-                    progress=progress)
-    if progress is not None:
-        hyper = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, step=step,
-                     grad_scale=grad_scale, adamw_mode=adamw_mode, bias_correction=bias_correction)
-        progress[0] = 0
-        for a in range(0, param.size, PROGRESS_PIECE):
-            at = slice(a, min(a + PROGRESS_PIECE, param.size))
-            adam_step(param[at], grad[at], exp_avg[at], exp_avg_sq[at], **hyper,
-                      out_lowp=None if out_lowp is None else out_lowp[at])
-            progress[0] = at.stop
-        return None
+    check_adam_args(param, grad, exp_avg, exp_avg_sq, step=step, grad_scale=grad_scale, out_lowp=out_lowp)
 
     # Python floats, so numpy/cupy treat them as weak scalars and compute in float32 (as torch
     # does with Python-number hyperparameters) rather than promoting to float64.
