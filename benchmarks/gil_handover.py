@@ -7,6 +7,10 @@ This script measures what that costs: the same AdamW over --numel float32 elemen
 worker thread (1) alone and (2) beside a main thread that runs Python the whole time, at the default switch
 interval and at refimpl's (overlapped_update.SWITCH_INTERVAL).
 
+A second table asks whether the pieces could run in one GIL-free call instead: a parallel triad (a = a + s*c) per
+piece, launched from Python or from one `nogil` numba function, alone and beside the same main thread. (Measured
+with numba 0.68: each parallel region launched waits for the GIL even from nogil code, so one call does not help.)
+
     python3 benchmarks/gil_handover.py [--numel 4e7] [--pieces 1 10 100] [--threads N] [--reps 3]
 
 The worker's kernels get --threads numba threads (default: all but one, so the main thread has a core of its own
@@ -54,6 +58,58 @@ def beside_python(be, states, pieces, threads):
     return out[0], n / (time.perf_counter() - t)
 
 
+def triad_tables(n, pieces_list, reps, threads):
+    """Rows: pieces, triad per piece from Python alone / beside Python, from one nogil call alone / beside."""
+    import numba
+
+    @numba.njit(parallel=True, cache=False)
+    def triad(a, c, s):
+        for i in numba.prange(a.size):
+            a[i] = a[i] + s * c[i]
+
+    @numba.njit(nogil=True, cache=False)
+    def all_pieces(a, c, s, piece):      # one GIL-free call that launches a parallel region per piece
+        for lo in range(0, a.size, piece):
+            triad(a[lo:lo + piece], c[lo:lo + piece], s)
+
+    a, c, s = np.ones(4 * n, np.float32), np.ones(4 * n, np.float32), np.float32(1e-3)   # (as long as AdamW)
+    n = a.size
+    triad(a, c, s)
+    all_pieces(a, c, s, n)
+
+    def from_python(piece, out):
+        numba.set_num_threads(threads)
+        t = time.perf_counter()
+        for lo in range(0, n, piece):
+            triad(a[lo:lo + piece], c[lo:lo + piece], s)
+        out.append(time.perf_counter() - t)
+
+    def one_call(piece, out):
+        numba.set_num_threads(threads)
+        t = time.perf_counter()
+        all_pieces(a, c, s, piece)
+        out.append(time.perf_counter() - t)
+
+    rows = []
+    for pieces in pieces_list:
+        piece = -(-n // pieces)
+        cells = []
+        for fn in (from_python, one_call):
+            alone = []
+            for _ in range(reps):
+                fn(piece, alone)
+            beside = []
+            for _ in range(reps):
+                worker = threading.Thread(target=fn, args=(piece, beside))
+                worker.start()
+                while worker.is_alive():
+                    d = {"i": 0}
+                    d["j"] = [x for x in range(20)]
+            cells += [f"{min(alone):.3f}", f"{min(beside):.3f} (**{min(beside) / min(alone):.2f}**)"]
+        rows.append(f"| {pieces} | " + " | ".join(cells) + " |")
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--numel", type=float, default=4e7)
@@ -85,7 +141,9 @@ def main():
         a, (s5, k5), (s1, k1) = min(alone), row[default], row[SWITCH_INTERVAL]
         lines.append(f"| {pieces} | {a:.3f} | {s5:.3f} | **{s5 / a:.2f}** | {s1:.3f} | **{s1 / a:.2f}** | "
                      f"{k5 / 1e3:.0f} / {k1 / 1e3:.0f} |")
-    emit(lines, f"AdamW over {n / 1e6:.0f}M float32 (numba, {threads} threads on the worker), best of {args.reps}; "
+    lines += ["", "| pieces | triad per piece from Python: alone s | beside Python s | one nogil call: alone s | "
+              "beside Python s |", "|---|---|---|---|---|", *triad_tables(n, args.pieces, args.reps, threads)]
+    emit(lines, f"numba {numba.__version__}, {numba.threading_layer()} threading layer; AdamW over {n / 1e6:.0f}M float32 (numba, {threads} threads on the worker), best of {args.reps}; "
                 f"default switch interval {default * 1e3:g} ms", __file__, args.out)
 
 
