@@ -18,7 +18,7 @@ the main thread, because host -> device copies must be queued by the thread that
 The GIL: the kernels release it, but the worker needs it for a moment between two pieces, while the main thread
 holds it to run the forward's Python. Python hands it over only every switch interval (5 ms by default), so each
 piece would wait up to 5 ms (benchmarks/gil_handover.py: 10 pieces of 4M elements beside a main thread running
-Python took 2.1x their time alone; at 0.1 ms, 1.1x). While an update is in flight the interval is 0.1 ms
+Python took 2.1x their time alone; at 0.1 ms, 1.05x). While an update is in flight the interval is 0.1 ms
 (`sys.setswitchinterval`), then restored. (Running all pieces inside one nogil numba call does not avoid it:
 numba takes the GIL to launch each parallel region, measured there too.)
 """
