@@ -149,6 +149,7 @@ class Variant:
 
     def step(self, batch, keep: bool):
         be, engine = self.be, self.engine
+        t_in = time.perf_counter()
         io0 = io_totals(engine)
         with use_backend(be):
             be.synchronize()
@@ -162,13 +163,18 @@ class Variant:
             t2 = time.perf_counter()
             loss = float(loss.item())
         led = engine.ledger
+        t3 = time.perf_counter()
         led.flush()
+        t4 = time.perf_counter()
         if keep:
             events = [e for e in led.events if e["step"] == led.step]
+            # outside t0..t2, still in the block: before t0 (the sync), after t2 (loss.item, the ledger's flush)
             self.records.append({"step_s": t2 - t0, "fb_s": t1 - t0, "opt_s": t2 - t1, "loss": loss,
-                                 "adam_s": adam_seconds(events), "io": io_totals(engine) - io0})
-            # the last kept step on the ledger's clock: (step start, end of backward, end of step), its events
-            self.timeline = {"marks": [t - led.t0 for t in (t0, t1, t2)], "events": events}
+                                 "adam_s": adam_seconds(events), "io": io_totals(engine) - io0,
+                                 "pre_s": t0 - t_in, "item_s": t3 - t2, "flush_s": t4 - t3})
+            # the last kept step on the ledger's clock: (entry, step start, end of backward, end of step, after
+            # loss.item, after the ledger's flush), its events
+            self.timeline = {"marks": [t - led.t0 for t in (t_in, t0, t1, t2, t3, t4)], "events": events}
         led.next_step()
         led.events.clear()
 
@@ -259,12 +265,15 @@ def host_profile(variant, batch, top=35):
 def report(args, variants, peer, n_params, triad_s, dd, out):
     ms = {name: float(np.median(v.blocks)) for name, v in variants.items()}
     base = ms.get("none")
-    lines = ["| variant | refimpl step ms | fwd+bwd ms | optimizer ms | / refimpl none | DeepSpeed step ms "
-             "| DeepSpeed fwd+bwd / optimizer ms | refimpl / DeepSpeed |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| variant | refimpl step ms | fwd+bwd ms | optimizer ms | sync / item / ledger flush ms "
+             "| / refimpl none | DeepSpeed step ms | DeepSpeed fwd+bwd / optimizer ms | refimpl / DeepSpeed |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for name, v in variants.items():
         rec = v.records
         row = [name, median_range([1e3 * b for b in v.blocks]), f"{1e3 * np.median([r['fb_s'] for r in rec]):.0f}",
-               f"{1e3 * np.median([r['opt_s'] for r in rec]):.0f}", f"{ms[name] / base:.2f}" if base else "-"]
+               f"{1e3 * np.median([r['opt_s'] for r in rec]):.0f}",
+               " / ".join(f"{1e3 * np.median([r[k] for r in rec]):.0f}" for k in ("pre_s", "item_s", "flush_s")),
+               f"{ms[name] / base:.2f}" if base else "-"]
         kind, sets, _ = parse_variant(name)
         p = peer.get(name) or (None if sets else peer.get(kind))   # a piece alone: DeepSpeed's same config
         if p and not p.get("error"):
