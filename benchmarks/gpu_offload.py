@@ -1,7 +1,7 @@
 """ZeRO-Infinity's offload path on one GPU: refimpl against DeepSpeed, against the CPU's memory and the disk.
 
     python3 benchmarks/gpu.py offload [--variants none opt params+opt twin nvme] [--batch 8] [--seq 1024]
-        [--layers 12] [--d-model 768] [--heads 12] [--steps 6] [--warmup 2] [--path DIR]
+        [--layers 12] [--d-model 768] [--heads 12] [--steps 6] [--block N] [--warmup 2] [--path DIR]
         [--no-peer] [--peer-variants ...] [--peer-timeout S] [--host-profile VARIANT] [--timeline FILE]
         [--backend cupy] [--set KEY=VALUE ...] [--out FILE]
 
@@ -19,7 +19,10 @@ sub-groups), "twin/zero_optimization.sub_group_size=5e7". DeepSpeed runs each ba
 
 refimpl's variants are Engines in this process, on the same batches, in blocks of consecutive steps interleaved
 (A B C, C B A): a step's time is its block's time over its steps, the block ending when its last host update has
-landed (an update may overlap the next step's forward, never another variant's).
+landed (an update may overlap the next step's forward, never another variant's). That charges each block one
+update that nothing hid, so it overstates an overlapped variant's step by up to an update over --block. The
+steady step is what a long run sees: the time from one step's start to the next one's, from a block's second
+step on (the first starts with no update in flight), so --block 3 or more.
 DeepSpeed 0.19.8 (benchmarks/_deepspeed_offload.py; install it on the GPU machine with
 benchmarks/install_deepspeed_peer.sh) runs the same variants in a process of its own, on the same step-0
 weights and batches, with the DeepSpeed config refimpl's config translates to (the cross-check's).
@@ -134,13 +137,15 @@ class Variant:
             self.engine.optimizer.overlap_piece = piece
         self.records = []
         self.blocks = []      # seconds per step of each timed block
+        self.steady = []      # seconds from a step's start to the next's, a block's first step left out
 
     def block(self, batches, keep: bool):
         """Steps one after another, then the last one settled: a host update overlapped with the next forward
         (refimpl/memory/overlapped_update.py) is charged to the block that started it, never to another variant."""
         t0 = time.perf_counter()
-        for batch in batches:
-            self.step(batch, keep)
+        starts = [self.step(batch, keep) for batch in batches]
+        if keep:     # step k's start to step k+1's, k >= 2: the wait for step k-1's update and all between
+            self.steady.extend(np.diff(starts[1:]).tolist())
         with use_backend(self.be):
             getattr(self.engine.zero, "settle_all", lambda: None)()
             self.be.synchronize()
@@ -177,6 +182,7 @@ class Variant:
             self.timeline = {"marks": [t - led.t0 for t in (t_in, t0, t1, t2, t3, t4)], "events": events}
         led.next_step()
         led.events.clear()
+        return t0
 
     def close(self):
         self.engine.close()
@@ -210,7 +216,7 @@ def run(args):
     if not args.no_peer:
         weights = first.engine.zero.full_state()["master"]   # the step-0 fp32 weights (every variant drew these)
     order = list(variants)
-    half = max(1, args.steps // 2)
+    half = args.block or max(1, args.steps // 2)
     blocks = [(batches[:args.warmup], False)] + [(batches[args.warmup + k:args.warmup + k + half], True)
                                                   for k in range(0, args.steps, half)]
     try:
@@ -265,12 +271,15 @@ def host_profile(variant, batch, top=35):
 def report(args, variants, peer, n_params, triad_s, dd, out):
     ms = {name: float(np.median(v.blocks)) for name, v in variants.items()}
     base = ms.get("none")
-    lines = ["| variant | refimpl step ms | fwd+bwd ms | optimizer ms | sync / item / ledger flush ms "
-             "| / refimpl none | DeepSpeed step ms | DeepSpeed fwd+bwd / optimizer ms | refimpl / DeepSpeed |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    steady = {name: float(np.median(v.steady)) if v.steady else None for name, v in variants.items()}
+    lines = ["| variant | refimpl step ms (blocks) | steady step ms | fwd+bwd ms | optimizer ms "
+             "| sync / item / ledger flush ms | / refimpl none | DeepSpeed step ms | DeepSpeed fwd+bwd / optimizer ms "
+             "| refimpl / DeepSpeed (blocks, steady) |", "|---|---|---|---|---|---|---|---|---|---|"]
     for name, v in variants.items():
         rec = v.records
-        row = [name, median_range([1e3 * b for b in v.blocks]), f"{1e3 * np.median([r['fb_s'] for r in rec]):.0f}",
+        row = [name, median_range([1e3 * b for b in v.blocks]),
+               median_range([1e3 * b for b in v.steady]) if v.steady else "-",
+               f"{1e3 * np.median([r['fb_s'] for r in rec]):.0f}",
                f"{1e3 * np.median([r['opt_s'] for r in rec]):.0f}",
                " / ".join(f"{1e3 * np.median([r[k] for r in rec]):.0f}" for k in ("pre_s", "item_s", "flush_s")),
                f"{ms[name] / base:.2f}" if base else "-"]
@@ -280,14 +289,15 @@ def report(args, variants, peer, n_params, triad_s, dd, out):
             d = 1e3 * float(np.median(p["step_s"]))
             row += [median_range([1e3 * s for s in p["step_s"]]),
                     f"{1e3 * np.median(p['fb_s']):.0f} / {1e3 * np.median(p['opt_s']):.0f}",
-                    f"**{1e3 * ms[name] / d:.2f}**"]
+                    f"**{1e3 * ms[name] / d:.2f}**" + (f", **{1e3 * steady[name] / d:.2f}**" if steady[name] else "")]
         else:
             row += [f"failed: {p['error'][:120]}" if p else "-", "-", "-"]
         lines.append("| " + " | ".join(row) + " |")
     losses = {name: [round(r["loss"], 4) for r in v.records][:3] for name, v in variants.items()}
     details = (f"{n_params / 1e6:.1f}M parameters ({args.layers} x {args.d_model}, vocab 50257, "
                f"untied head), {args.batch} x {args.seq} tokens, bf16, ZeRO stage 3, "
-               f"1 GPU; {args.warmup} warm-up + {args.steps} timed steps, interleaved; first losses {losses}")
+               f"1 GPU; {args.warmup} warm-up + {args.steps} timed steps in blocks of {args.block or max(1, args.steps // 2)}, "
+               f"interleaved; first losses {losses}")
     if peer.get("versions"):
         details += f"; peer {peer['versions']}"
     emit(lines, details, SCRIPT, out)
@@ -326,6 +336,7 @@ def add_parser(sub):
     o.add_argument("--d-model", type=int, default=768)
     o.add_argument("--heads", type=int, default=12)
     o.add_argument("--steps", type=int, default=6)
+    o.add_argument("--block", type=int, default=0, help="consecutive steps per variant (default: half of --steps)")
     o.add_argument("--warmup", type=int, default=2)
     o.add_argument("--path", default=None, help="folder for the NVMe swap files (default: the temp folder)")
     o.add_argument("--no-peer", action="store_true", help="refimpl only")
