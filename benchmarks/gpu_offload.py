@@ -15,7 +15,8 @@ Every variant is ZeRO stage 3 on one rank, bf16 mixed precision, the same model 
     nvme         offload_param nvme + offload_optimizer nvme under --path (ZeRO-Infinity)
 
 A variant may carry its own config overrides and the overlapped host update's piece: "opt/piece=0" (whole
-sub-groups), "twin/zero_optimization.sub_group_size=5e7". DeepSpeed runs each base variant once.
+sub-groups), "opt/pieces=0" (pieces of OVERLAP_PIECE however many), "twin/zero_optimization.sub_group_size=5e7".
+DeepSpeed runs each base variant once.
 
 refimpl's variants are Engines in this process, on the same batches, in blocks of consecutive steps interleaved
 (A B C, C B A): a step's time is its block's time over its steps, the block ending when its last host update has
@@ -70,14 +71,18 @@ def base_sets(args) -> list:
             f"train_micro_batch_size_per_gpu={args.batch}", *args.set]
 
 
+PIECE_KEYS = {"piece": "overlap_piece", "pieces": "overlap_pieces"}   # variant option -> OffloadedAdamW attribute
+
+
 def parse_variant(spec):
     """"opt" or "opt/KEY=VALUE/...": a named variant with config overrides of its own; "piece=N" sets the overlapped
-    host update's piece (OffloadedAdamW.overlap_piece; 0: whole sub-groups). Returns (name, overrides, piece)."""
+    host update's piece (OffloadedAdamW.overlap_piece; 0: whole sub-groups), "pieces=N" the most pieces
+    (overlap_pieces; 0: no bound). Returns (name, overrides, {attribute: value})."""
     base, *sets = spec.split("/")
     if base not in VARIANTS:
         raise SystemExit(f"unknown variant {base!r} in {spec!r}; choose from {list(VARIANTS)}")
-    piece = [int(float(e.split("=", 1)[1])) for e in sets if e.startswith("piece=")]
-    return base, [e for e in sets if not e.startswith("piece=")], (piece[-1] if piece else None)
+    attrs = {PIECE_KEYS[k]: int(float(v)) for k, v in (e.split("=", 1) for e in sets) if k in PIECE_KEYS}
+    return base, [e for e in sets if e.split("=", 1)[0] not in PIECE_KEYS], attrs
 
 
 def variant_config(args, name, swap):
@@ -132,9 +137,8 @@ class Variant:
         self.be, self.dataset, self.model = build(config)
         with use_backend(self.be):
             self.engine = Engine(self.model, config, self.be)
-        piece = parse_variant(name)[2]
-        if piece is not None:
-            self.engine.optimizer.overlap_piece = piece
+        for attr, value in parse_variant(name)[2].items():
+            setattr(self.engine.optimizer, attr, value)
         self.records = []
         self.blocks = []      # seconds per step of each timed block
         self.steady = []      # seconds from a step's start to the next's, a block's first step left out
@@ -329,7 +333,8 @@ def add_parser(sub):
     o = sub.add_parser("offload", help="ZeRO-3 with offload against DeepSpeed, the CPU's memory and the disk")
     o.add_argument("--variants", nargs="+", default=["none", "opt", "params+opt"],
                    help=f"of {list(VARIANTS)}, each optionally followed by /KEY=VALUE... (config overrides of its "
-                        "own; refimpl only) or /piece=N (the overlapped host update's piece; 0: whole sub-groups)")
+                        "own; refimpl only), /piece=N (the overlapped host update's piece; 0: whole sub-groups) or "
+                        "/pieces=N (its most pieces; 0: no bound)")
     o.add_argument("--batch", type=int, default=8)
     o.add_argument("--seq", type=int, default=1024)
     o.add_argument("--layers", type=int, default=12)

@@ -141,16 +141,19 @@ def test_stream_ordered_copies_change_nothing(tmp_path, lazy, extra):
     assert {e["step"] for e in copies} >= {0, 1, 2}             # recorded under the step they belong to
 
 
-@pytest.mark.parametrize("params,piece", [("none", None), ("cpu", None), ("none", 777), ("cpu", 777)])
-def test_host_update_beside_the_next_forward_changes_nothing(tmp_path, lazy, monkeypatch, params, piece):
+@pytest.mark.parametrize("params,piece,most", [("none", None, None), ("cpu", None, None), ("none", 777, 0),
+                                               ("cpu", 777, 0), ("cpu", 777, 5)])
+def test_host_update_beside_the_next_forward_changes_nothing(tmp_path, lazy, monkeypatch, params, piece, most):
     """memory/overlapped_update.py: with host tiers behind a copy stream, the host AdamW of step n runs on a worker
     thread, in pieces, while step n+1's forward gathers each parameter after the pieces holding it; persistent
     parameters (the small ones, threshold 500) are gathered again on first use; a checkpoint
     (run.checkpoint_interval) settles it all. With pieces of 777 elements, sub-groups and parameters are cut
-    anywhere. The run is bitwise the NumPy run without overlap."""
+    anywhere; with at most 5 pieces (OVERLAP_PIECES), into 5 larger ones. The run is bitwise the NumPy run without
+    overlap."""
     from refimpl.memory import optimizer_offload, overlapped_update
     if piece is not None:
         monkeypatch.setattr(optimizer_offload.OffloadedAdamW, "OVERLAP_PIECE", piece)
+        monkeypatch.setattr(optimizer_offload.OffloadedAdamW, "OVERLAP_PIECES", most)
     started = []
     real = overlapped_update.OverlappedUpdate.__init__
 
@@ -165,13 +168,17 @@ def test_host_update_beside_the_next_forward_changes_nothing(tmp_path, lazy, mon
     extra = ["zero_optimization.stage=3", "zero_optimization.stage3_param_persistence_threshold=500",
              "run.checkpoint_interval=2", 'zero_optimization.offload_optimizer={"device": "cpu"}',
              f'zero_optimization.offload_param={{"device": "{params}"}}', "scheduler=null"]
+    if most:
+        extra.append("zero_optimization.sub_group_size=1e9")       # one sub-group: pieces never span two
     ref, _ = _run(tmp_path, "numpy", *extra)
     assert not started                                   # a CPU backend has no copy stream: no overlap
     got, _ = _run(tmp_path, "lazy", *extra)
     assert got == ref                                    # bitwise
     assert len(started) == 3 and min(started) > 1       # every step overlapped, several pieces each
-    if piece is not None:                                # the partition in pieces of 777: more than its sub-groups
+    if most == 0:                                        # the partition in pieces of 777: more than its sub-groups
         assert min(started) > 20
+    elif most:                                           # the one sub-group in 5 pieces
+        assert started == [5, 5, 5]
 
 
 def test_host_copy_lands_only_when_waited_on(lazy):

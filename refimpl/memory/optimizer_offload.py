@@ -57,6 +57,7 @@ class OffloadedAdamW:
     first sub-groups stay on the device (Twin-Flow; 0: all offloaded). `copies`: the rank's copy stream."""
 
     OVERLAP_PIECE = 1 << 22   # elements: an overlapped update is published, and waited for, piece by piece
+    OVERLAP_PIECES = 32       # but in about this many at most: each costs the worker ~0.3 ms beside the forward
 
     def __init__(self, master_pieces, *, numel: int, groups, backend, store, ledger, copies, buffer_count: int = 4,
                  lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01, adamw_mode=True, bias_correction=True,
@@ -81,6 +82,7 @@ class OffloadedAdamW:
         self.device_groups = int(device_groups)
         self._pending = None     # an OverlappedUpdate in flight (step(overlap=True))
         self.overlap_piece = self.OVERLAP_PIECE   # (0: whole sub-groups, for measuring what pieces buy)
+        self.overlap_pieces = self.OVERLAP_PIECES  # (0: no bound)
         split = self.groups[self.device_groups - 1][1] if self.device_groups else 0   # [0, split) on the device
         ledger.budget.alloc("device", 3 * item * split, "the optimizer states kept on the device (ratio)")
         ledger.budget.alloc(store.tier, 3 * item * (self.numel - split), "the offloaded optimizer states")
@@ -177,8 +179,12 @@ class OffloadedAdamW:
     def _start_overlapped(self, grad, sink, kw) -> None:
         """The host sub-groups on a worker thread, in pieces of at most overlap_piece elements (elementwise: any cut
         gives the same bits), each published (sink.done) when the main thread settles it: the next forward waits
-        for the pieces it needs, whatever sub_group_size."""
+        for the pieces it needs, whatever sub_group_size. Between two pieces the worker runs Python against the
+        forward's for the GIL (overlapped_update.py), so a large partition gets larger pieces, not more."""
+        host = self.numel - (self.groups[self.device_groups - 1][1] if self.device_groups else 0)
         n = self.overlap_piece or self.numel or 1
+        if self.overlap_piece and self.overlap_pieces:
+            n = max(n, -(-host // self.overlap_pieces))
         units = [(i, a, min(a + n, hi)) for i in range(self.device_groups, len(self.groups))
                  for lo, hi in [self.groups[i]] for a in range(lo, hi, n)]
         pieces = {}
