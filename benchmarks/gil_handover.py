@@ -12,6 +12,7 @@ piece, launched from Python or from one `nogil` numba function, alone and beside
 with numba 0.68: each parallel region launched waits for the GIL even from nogil code, so one call does not help.)
 
     python3 benchmarks/gil_handover.py [--numel 4e7] [--pieces 1 10 100] [--threads N] [--reps 3]
+        [--switch 5e-3 1e-4 ...] [--no-triad]
 
 The worker's kernels get --threads numba threads (default: all but one, so the main thread has a core of its own
 and the slowdown measured is the GIL's, not a shared core's). Peer: the same pieces alone, in the same run.
@@ -116,6 +117,9 @@ def main():
     ap.add_argument("--pieces", type=int, nargs="+", default=[1, 10, 100])
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--switch", type=float, nargs="+", default=None,
+                    help="switch intervals in seconds (default: Python's default and refimpl's)")
+    ap.add_argument("--no-triad", action="store_true", help="the AdamW table only")
     ap.add_argument("--out")
     args = ap.parse_args()
     import numba
@@ -125,22 +129,28 @@ def main():
     states = (np.ones(n, np.float32), np.full(n, 1e-3, np.float32), np.zeros(n, np.float32), np.zeros(n, np.float32))
     run_pieces(be, states, 1, threads, [])    # compile, touch every page
     default = sys.getswitchinterval()
-    lines = ["| pieces | alone s | beside Python, 5 ms switch: s | / alone | beside Python, "
-             f"{SWITCH_INTERVAL * 1e3:g} ms switch: s | / alone | main thread kiter/s (5 ms / short) |",
-             "|---|---|---|---|---|---|---|"]
+    intervals = args.switch or [default, SWITCH_INTERVAL]
+    lines = ["| pieces | alone s | " + " | ".join(f"beside Python, {i * 1e3:g} ms switch: s (/ alone)" for i in intervals)
+             + " | main thread kiter/s (" + " / ".join(f"{i * 1e3:g} ms" for i in intervals) + ") |",
+             "|---|---|" + "---|" * len(intervals) + "---|"]
     for pieces in args.pieces:
         alone = []
         for _ in range(args.reps):
             run_pieces(be, states, pieces, threads, alone)
-        row = {}
-        for interval in (default, SWITCH_INTERVAL):
+        a, cells, kiter = min(alone), [], []
+        for interval in intervals:
             sys.setswitchinterval(interval)
             runs = [beside_python(be, states, pieces, threads) for _ in range(args.reps)]
-            row[interval] = (min(r[0] for r in runs), float(np.median([r[1] for r in runs])))
-        sys.setswitchinterval(default)
-        a, (s5, k5), (s1, k1) = min(alone), row[default], row[SWITCH_INTERVAL]
-        lines.append(f"| {pieces} | {a:.3f} | {s5:.3f} | **{s5 / a:.2f}** | {s1:.3f} | **{s1 / a:.2f}** | "
-                     f"{k5 / 1e3:.0f} / {k1 / 1e3:.0f} |")
+            sys.setswitchinterval(default)
+            best = min(r[0] for r in runs)
+            cells.append(f"{best:.3f} (**{best / a:.2f}**)")
+            kiter.append(f"{np.median([r[1] for r in runs]) / 1e3:.0f}")
+        lines.append(f"| {pieces} | {a:.3f} | " + " | ".join(cells) + " | " + " / ".join(kiter) + " |")
+    if args.no_triad:
+        emit(lines, f"numba {numba.__version__}, {numba.threading_layer()} threading layer; AdamW over "
+                    f"{n / 1e6:.0f}M float32 (numba, {threads} threads on the worker), best of {args.reps}", __file__,
+             args.out)
+        return
     lines += ["", "| pieces | triad per piece from Python: alone s | beside Python s | one nogil call: alone s | "
               "beside Python s |", "|---|---|---|---|---|", *triad_tables(n, args.pieces, args.reps, threads)]
     emit(lines, f"numba {numba.__version__}, {numba.threading_layer()} threading layer; AdamW over {n / 1e6:.0f}M float32 (numba, {threads} threads on the worker), best of {args.reps}; "
