@@ -72,23 +72,42 @@ def base_sets(args) -> list:
 
 
 PIECE_KEYS = {"piece": "overlap_piece", "pieces": "overlap_pieces"}   # variant option -> OffloadedAdamW attribute
+HOST_KEYS = ("threads", "chunk")    # the host AdamW's numba threads and parallel chunk size (0: static split)
 
 
 def parse_variant(spec):
     """"opt" or "opt/KEY=VALUE/...": a named variant with config overrides of its own; "piece=N" sets the overlapped
     host update's piece (OffloadedAdamW.overlap_piece; 0: whole sub-groups), "pieces=N" the most pieces
-    (overlap_pieces; 0: no bound). Returns (name, overrides, {attribute: value})."""
+    (overlap_pieces; 0: no bound), "threads=N" and "chunk=N" the numba threads and `set_parallel_chunksize` of the
+    host AdamW's calls (thread-local: set on the thread that runs it). Returns (name, overrides, {key: value})."""
     base, *sets = spec.split("/")
     if base not in VARIANTS:
         raise SystemExit(f"unknown variant {base!r} in {spec!r}; choose from {list(VARIANTS)}")
-    attrs = {PIECE_KEYS[k]: int(float(v)) for k, v in (e.split("=", 1) for e in sets) if k in PIECE_KEYS}
-    return base, [e for e in sets if e.split("=", 1)[0] not in PIECE_KEYS], attrs
+    ours = (*PIECE_KEYS, *HOST_KEYS)
+    attrs = {PIECE_KEYS.get(k, k): int(float(v)) for k, v in (e.split("=", 1) for e in sets) if k in ours}
+    return base, [e for e in sets if e.split("=", 1)[0] not in ours], attrs
 
 
 def variant_config(args, name, swap):
     from refimpl.config import load_config
     base, sets, _ = parse_variant(name)
     return load_config(None, base_sets(args) + [s.replace("{path}", swap) for s in VARIANTS[base]] + sets)
+
+
+def numba_settings(adam_step, threads=None, chunk=None):
+    """adam_step run with these numba settings (thread-local: set on the calling thread, then restored)."""
+    import numba
+
+    def run(*a, **kw):
+        saved = numba.get_num_threads()
+        numba.set_num_threads(threads or saved)
+        saved_chunk = numba.set_parallel_chunksize(chunk if chunk is not None else numba.get_parallel_chunksize())
+        try:
+            return adam_step(*a, **kw)
+        finally:
+            numba.set_num_threads(saved)
+            numba.set_parallel_chunksize(saved_chunk)
+    return run
 
 
 def nvme_stores(engine):
@@ -137,8 +156,12 @@ class Variant:
         self.be, self.dataset, self.model = build(config)
         with use_backend(self.be):
             self.engine = Engine(self.model, config, self.be)
-        for attr, value in parse_variant(name)[2].items():
+        attrs = parse_variant(name)[2]
+        host = {k: attrs.pop(k) for k in HOST_KEYS if k in attrs}
+        for attr, value in attrs.items():
             setattr(self.engine.optimizer, attr, value)
+        if host:
+            self.engine.optimizer.host_adam_step = numba_settings(self.engine.optimizer.host_adam_step, **host)
         self.records = []
         self.blocks = []      # seconds per step of each timed block
         self.steady = []      # seconds from a step's start to the next's, a block's first step left out
@@ -334,7 +357,8 @@ def add_parser(sub):
     o.add_argument("--variants", nargs="+", default=["none", "opt", "params+opt"],
                    help=f"of {list(VARIANTS)}, each optionally followed by /KEY=VALUE... (config overrides of its "
                         "own; refimpl only), /piece=N (the overlapped host update's piece; 0: whole sub-groups) or "
-                        "/pieces=N (its most pieces; 0: no bound)")
+                        "/pieces=N (its most pieces; 0: no bound), /threads=N, /chunk=N (the host AdamW's numba "
+                        "threads and parallel chunk size)")
     o.add_argument("--batch", type=int, default=8)
     o.add_argument("--seq", type=int, default=1024)
     o.add_argument("--layers", type=int, default=12)
