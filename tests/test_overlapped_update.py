@@ -57,7 +57,6 @@ def test_a_failed_update_raises_its_error_at_every_settle():
     assert 1 not in published                  # a sub-group that failed is never published
 
 
-
 def test_the_gil_switch_interval_is_short_while_updates_are_in_flight_then_restored():
     """Two updates in flight at once (two ranks of one process): the short interval holds until the last settles,
     then the interval found before the first is back, also after an update that failed."""

@@ -1,10 +1,12 @@
 """zero.Init (refimpl/zero/init.py) and the streaming paths that let a model bigger than memory train.
 
 - A model built inside zero.Init holds no parameter values; drawn later, they equal the eager model's bitwise.
-- Stage 3 draws and partitions one parameter at a time: building the engine never holds the whole model.
+- Stage 3 partitions one parameter at a time, drawing the next few ahead: building the engine never holds the
+  whole model.
 - Offloaded sub-groups are runs of whole parameters (DeepSpeed's `_create_fp16_sub_groups`), and each one's new
   low-precision parameters are written back to NVMe before the next sub-group's Adam runs.
 """
+import threading
 import tracemalloc
 
 import numpy as np
@@ -54,9 +56,12 @@ def test_drawing_ahead_on_threads_gives_the_same_parameters_in_order(ahead):
         want = materialize(d)
         assert g.dtype == want.dtype and g.shape == want.shape
         np.testing.assert_array_equal(g, want)
+    before = threading.active_count()
     drawn = materialize_in_order(datas, ahead=ahead)
     next(drawn)
+    assert threading.active_count() > before   # drawing ahead on its own threads
     drawn.close()                              # waits for the draws in flight, then the pool is gone
+    assert threading.active_count() == before
 
 
 def test_state_dict_of_a_deferred_model_draws_it():
