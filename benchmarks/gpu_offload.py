@@ -15,7 +15,8 @@ Every variant is ZeRO stage 3 on one rank, bf16 mixed precision, the same model 
     nvme         offload_param nvme + offload_optimizer nvme under --path (ZeRO-Infinity)
 
 A variant may carry its own config overrides and the overlapped host update's piece: "opt/piece=0" (whole
-sub-groups), "opt/pieces=0" (pieces of OVERLAP_PIECE however many), "twin/zero_optimization.sub_group_size=5e7".
+sub-groups), "opt/pieces=0" (pieces of OVERLAP_PIECE however many), "opt/lanes=0" (one worker thread instead of
+numba's lanes), "twin/zero_optimization.sub_group_size=5e7".
 DeepSpeed runs each base variant once.
 
 refimpl's variants are Engines in this process, on the same batches, in blocks of consecutive steps interleaved
@@ -71,15 +72,17 @@ def base_sets(args) -> list:
             f"train_micro_batch_size_per_gpu={args.batch}", *args.set]
 
 
-PIECE_KEYS = {"piece": "overlap_piece", "pieces": "overlap_pieces"}   # variant option -> OffloadedAdamW attribute
+PIECE_KEYS = {"piece": "overlap_piece", "pieces": "overlap_pieces",   # variant option -> OffloadedAdamW attribute
+              "lanes": "overlap_lanes"}
 HOST_KEYS = ("threads", "chunk")    # the host AdamW's numba threads and parallel chunk size (0: static split)
 
 
 def parse_variant(spec):
     """"opt" or "opt/KEY=VALUE/...": a named variant with config overrides of its own; "piece=N" sets the overlapped
     host update's piece (OffloadedAdamW.overlap_piece; 0: whole sub-groups), "pieces=N" the most pieces
-    (overlap_pieces; 0: no bound), "threads=N" and "chunk=N" the numba threads and `set_parallel_chunksize` of the
-    host AdamW's calls (thread-local: set on the thread that runs it). Returns (name, overrides, {key: value})."""
+    (overlap_pieces; 0: no bound), "lanes=N" its lanes (overlap_lanes; 0: one worker thread calling the parallel
+    kernel), "threads=N" and "chunk=N" the numba threads and `set_parallel_chunksize` of that worker's calls
+    (thread-local: set on the thread that runs it). Returns (name, overrides, {key: value})."""
     base, *sets = spec.split("/")
     if base not in VARIANTS:
         raise SystemExit(f"unknown variant {base!r} in {spec!r}; choose from {list(VARIANTS)}")
@@ -321,10 +324,12 @@ def report(args, variants, peer, n_params, triad_s, dd, out):
             row += [f"failed: {p['error'][:120]}" if p else "-", "-", "-"]
         lines.append("| " + " | ".join(row) + " |")
     losses = {name: [round(r["loss"], 4) for r in v.records][:3] for name, v in variants.items()}
+    exact = {name: [r["loss"] for r in v.records] for name, v in variants.items()}   # (offload changes no bits)
+    same = {name: got == next(iter(exact.values())) for name, got in list(exact.items())[1:]}
     details = (f"{n_params / 1e6:.1f}M parameters ({args.layers} x {args.d_model}, vocab 50257, "
                f"untied head), {args.batch} x {args.seq} tokens, bf16, ZeRO stage 3, "
                f"1 GPU; {args.warmup} warm-up + {args.steps} timed steps in blocks of {args.block or max(1, args.steps // 2)}, "
-               f"interleaved; first losses {losses}")
+               f"interleaved; first losses {losses}; every loss bitwise the first variant's: {same}")
     if peer.get("versions"):
         details += f"; peer {peer['versions']}"
     emit(lines, details, SCRIPT, out)
@@ -357,8 +362,8 @@ def add_parser(sub):
     o.add_argument("--variants", nargs="+", default=["none", "opt", "params+opt"],
                    help=f"of {list(VARIANTS)}, each optionally followed by /KEY=VALUE... (config overrides of its "
                         "own; refimpl only), /piece=N (the overlapped host update's piece; 0: whole sub-groups) or "
-                        "/pieces=N (its most pieces; 0: no bound), /threads=N, /chunk=N (the host AdamW's numba "
-                        "threads and parallel chunk size)")
+                        "/pieces=N (its most pieces; 0: no bound), /lanes=N (its lanes; 0: one worker thread), "
+                        "/threads=N, /chunk=N (that worker's numba threads and parallel chunk size)")
     o.add_argument("--batch", type=int, default=8)
     o.add_argument("--seq", type=int, default=1024)
     o.add_argument("--layers", type=int, default=12)

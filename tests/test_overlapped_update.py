@@ -78,3 +78,58 @@ def test_the_gil_switch_interval_is_short_while_updates_are_in_flight_then_resto
     gates[0].set()
     a.settle()
     assert sys.getswitchinterval() == pytest.approx(before)
+
+
+def laned(gates, progress, sizes):
+    """Runs for LanedUpdate: sub-group j has sizes[j] pieces; lane l's share of piece k waits for gates[k][l]."""
+    firsts = [sum(sizes[:j]) for j in range(len(sizes))]
+
+    def run_of(first, n):
+        def run(lane, lanes):
+            for k in range(first, first + n):
+                assert gates[k][lane].wait(timeout=10)
+                progress[lane] = k + 1
+        return run
+    return [(j, run_of(f, n)) for j, (f, n) in enumerate(zip(firsts, sizes))]
+
+
+def test_lanes_publish_a_piece_once_every_lane_has_done_it_then_log_each_sub_group():
+    import numpy as np
+    from refimpl.memory.ledger import Ledger
+    from refimpl.memory.overlapped_update import LanedUpdate
+    lanes, starts = 2, [0, 10, 20]                       # sub-group 0: pieces 0 and 1; sub-group 1: piece 2
+    gates = [[threading.Event() for _ in range(lanes)] for _ in starts]
+    progress, published, finished, ledger = np.zeros(lanes, np.int64), [], [], Ledger()
+    u = LanedUpdate(laned(gates, progress, [2, 1]), lanes, starts, progress, lambda p: int(p.min()),
+                    published.append, lambda: finished.append(True), ledger)
+    gates[0][0].set()
+    assert not u.ready(5)                                # lane 1 has not done its share of piece 0
+    gates[0][1].set()
+    u.settle(5)
+    assert published == [0] and not u.ready(11)
+    for gate in gates[1] + gates[2]:
+        gate.set()
+    u.settle()
+    assert published == [0, 1, 2] and finished == [True] and u.done
+    adam = [e for e in ledger.events if e["kind"] == "compute"]
+    assert [e["label"] for e in adam] == ["adam sub-group 0", "adam sub-group 1"]
+    assert adam[0]["start"] <= adam[0]["end"] == adam[1]["start"] <= adam[1]["end"]
+
+
+def test_a_failed_lane_raises_its_error_at_every_settle_and_publishes_nothing_after():
+    import numpy as np
+    from refimpl.memory.ledger import Ledger
+    from refimpl.memory.overlapped_update import LanedUpdate
+    progress, published = np.zeros(2, np.int64), []
+
+    def run(lane, lanes):
+        progress[lane] = 1
+        if lane == 1:
+            raise MemoryError("lane 1 failed")
+        progress[lane] = 2
+    u = LanedUpdate([(0, run)], 2, [0, 10], progress, lambda p: int(p.min()), published.append, lambda: None,
+                    Ledger())
+    for _ in range(2):
+        with pytest.raises(MemoryError, match="lane 1 failed"):
+            u.settle()
+    assert published == [0]                              # piece 0 was done by both lanes; piece 1 never

@@ -141,30 +141,46 @@ def test_stream_ordered_copies_change_nothing(tmp_path, lazy, extra):
     assert {e["step"] for e in copies} >= {0, 1, 2}             # recorded under the step they belong to
 
 
-@pytest.mark.parametrize("params,piece,most", [("none", None, None), ("cpu", None, None), ("none", 777, 0),
-                                               ("cpu", 777, 0), ("cpu", 777, 5)])
-def test_host_update_beside_the_next_forward_changes_nothing(tmp_path, lazy, monkeypatch, params, piece, most):
+@pytest.mark.parametrize("params,piece,most,lanes", [
+    ("none", None, None, 0), ("cpu", None, None, 0), ("none", 777, 0, 0), ("cpu", 777, 0, 0), ("cpu", 777, 5, 0),
+    ("none", 777, 0, 3), ("cpu", 777, 0, 2), ("cpu", None, None, 3)])
+def test_host_update_beside_the_next_forward_changes_nothing(tmp_path, lazy, monkeypatch, params, piece, most, lanes):
     """memory/overlapped_update.py: with host tiers behind a copy stream, the host AdamW of step n runs on a worker
     thread, in pieces, while step n+1's forward gathers each parameter after the pieces holding it; persistent
     parameters (the small ones, threshold 500) are gathered again on first use; a checkpoint
     (run.checkpoint_interval) settles it all. With pieces of 777 elements, sub-groups and parameters are cut
-    anywhere; with at most 5 pieces (OVERLAP_PIECES), into 5 larger ones. The run is bitwise the NumPy run without
-    overlap."""
+    anywhere; with at most 5 pieces (OVERLAP_PIECES), into 5 larger ones. `lanes`: numba's AdamW on the host, in
+    that many lanes (LanedUpdate) instead of one worker. The run is bitwise the NumPy run without overlap."""
     from refimpl.memory import optimizer_offload, overlapped_update
     if piece is not None:
         monkeypatch.setattr(optimizer_offload.OffloadedAdamW, "OVERLAP_PIECE", piece)
         monkeypatch.setattr(optimizer_offload.OffloadedAdamW, "OVERLAP_PIECES", most)
     started = []
-    real = overlapped_update.OverlappedUpdate.__init__
+    if lanes:                                            # numba behind the stand-in GPU, as behind cupy
+        numba = backend_mod.get_backend("numba")
+        monkeypatch.setattr(optimizer_offload, "host_backend", lambda be: numba if be is lazy else be)
+        monkeypatch.setattr(numba, "lane_count", lambda: lanes)
+        real = overlapped_update.LanedUpdate.__init__
 
-    def spy(self, indices, starts, update, *rest):
-        started.append(len(list(indices)))
+        def spy(self, runs, n, starts, *rest):
+            started.append(len(starts))
+            assert n == lanes
 
-        def slow(i):                                     # the forward gets ahead of the worker: waits must hold
-            time.sleep(0.01)
-            update(i)
-        real(self, indices, starts, slow, *rest)
-    monkeypatch.setattr(overlapped_update.OverlappedUpdate, "__init__", spy)
+            def slow(run):                               # the forward gets ahead of the lanes: waits must hold
+                return lambda lane, count: (time.sleep(0.01), run(lane, count))
+            real(self, [(i, slow(run)) for i, run in runs], n, starts, *rest)
+        monkeypatch.setattr(overlapped_update.LanedUpdate, "__init__", spy)
+    else:
+        real = overlapped_update.OverlappedUpdate.__init__
+
+        def spy(self, indices, starts, update, *rest):
+            started.append(len(list(indices)))
+
+            def slow(i):                                 # the forward gets ahead of the worker: waits must hold
+                time.sleep(0.01)
+                update(i)
+            real(self, indices, starts, slow, *rest)
+        monkeypatch.setattr(overlapped_update.OverlappedUpdate, "__init__", spy)
     extra = ["zero_optimization.stage=3", "zero_optimization.stage3_param_persistence_threshold=500",
              "run.checkpoint_interval=2", 'zero_optimization.offload_optimizer={"device": "cpu"}',
              f'zero_optimization.offload_param={{"device": "{params}"}}', "scheduler=null"]
@@ -172,13 +188,15 @@ def test_host_update_beside_the_next_forward_changes_nothing(tmp_path, lazy, mon
         extra.append("zero_optimization.sub_group_size=1e9")       # one sub-group: pieces never span two
     ref, _ = _run(tmp_path, "numpy", *extra)
     assert not started                                   # a CPU backend has no copy stream: no overlap
-    got, _ = _run(tmp_path, "lazy", *extra)
+    got, ledger = _run(tmp_path, "lazy", *extra)
     assert got == ref                                    # bitwise
     assert len(started) == 3 and min(started) > 1       # every step overlapped, several pieces each
     if most == 0:                                        # the partition in pieces of 777: more than its sub-groups
         assert min(started) > 20
     elif most:                                           # the one sub-group in 5 pieces
         assert started == [5, 5, 5]
+    adam = [e for e in ledger if e["kind"] == "compute" and e["label"].startswith("adam sub-group")]
+    assert adam and all(e["end"] >= e["start"] for e in adam)   # the host update is in the ledger either way
 
 
 def test_host_copy_lands_only_when_waited_on(lazy):

@@ -80,6 +80,11 @@ class NumbaBackend(Backend):
     sum_squares = _Kernel("optim")
     has_inf_or_nan = _Kernel("optim")
     cast = _Kernel("optim")
+    # not in the kernel interface: the host AdamW in lanes, for an update beside the GPU's forward
+    # (refimpl/memory/overlapped_update.py uses them when the host backend has them)
+    adam_lanes = _Kernel("adam_lanes")
+    lanes_done = _Kernel("adam_lanes")
+    lane_count = _Kernel("adam_lanes")
 
     def warmup(self) -> None:
         """Compile (or load from the disk cache) every kernel once, on tiny float32 and float64 inputs:

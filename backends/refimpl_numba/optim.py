@@ -74,6 +74,20 @@ def _flat_inplace(a):
     return a.reshape(-1) if a.flags.c_contiguous else None
 
 
+def adam_scalars(*, lr, beta1, beta2, eps, weight_decay, step, grad_scale, adamw_mode, bias_correction):
+    """The kernels' scalar arguments after the arrays, as torch computes them: Python float64, entering the fp32
+    arithmetic once each."""
+    lr, beta1, beta2, eps, weight_decay, step = (float(lr), float(beta1), float(beta2), float(eps),
+                                                 float(weight_decay), int(step))
+    f32 = np.float32
+    decay = 1.0 - lr * weight_decay if (weight_decay != 0 and adamw_mode) else 1.0
+    l2 = None if adamw_mode else f32(weight_decay)
+    bias_correction1 = 1.0 - beta1 ** step if bias_correction else 1.0
+    bias_correction2 = 1.0 - beta2 ** step if bias_correction else 1.0
+    return (f32(grad_scale), f32(decay), l2, f32(beta1), f32(1.0 - beta1), f32(beta2), f32(1.0 - beta2),
+            f32(lr / bias_correction1), f32(bias_correction2 ** 0.5), f32(eps))
+
+
 def adam_step(param, grad, exp_avg, exp_avg_sq, *, lr, beta1, beta2, eps, weight_decay, step,
               grad_scale=1.0, adamw_mode=True, bias_correction=True, out_lowp=None):
     """Mirrors refimpl.kernels.optim.adam_step: one fused AdamW step in place, optional fp16/bf16 copy
@@ -93,16 +107,8 @@ def adam_step(param, grad, exp_avg, exp_avg_sq, *, lr, beta1, beta2, eps, weight
             out, out_kind = bits_and_kind(flat_out)
     g, g_kind = bits_and_kind(np.ascontiguousarray(grad).reshape(-1))
 
-    # Scalars as torch computes them: Python float64, entering the fp32 arithmetic once each.
-    lr, beta1, beta2, eps, weight_decay, step = (float(lr), float(beta1), float(beta2), float(eps),
-                                                 float(weight_decay), int(step))
-    f32 = np.float32
-    decay = 1.0 - lr * weight_decay if (weight_decay != 0 and adamw_mode) else 1.0
-    l2 = None if adamw_mode else f32(weight_decay)
-    bias_correction1 = 1.0 - beta1 ** step if bias_correction else 1.0
-    bias_correction2 = 1.0 - beta2 ** step if bias_correction else 1.0
-    scalars = (f32(grad_scale), f32(decay), l2, f32(beta1), f32(1.0 - beta1), f32(beta2), f32(1.0 - beta2),
-               f32(lr / bias_correction1), f32(bias_correction2 ** 0.5), f32(eps))
+    scalars = adam_scalars(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, step=step,
+                           grad_scale=grad_scale, adamw_mode=adamw_mode, bias_correction=bias_correction)
     if out_kind == F16:
         _adam_f16_kernel(states[0], g, g_kind, states[1], states[2], out, *scalars)
     elif out_kind == BF16:

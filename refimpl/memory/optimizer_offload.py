@@ -27,7 +27,7 @@ import numpy as np
 from ..backend import host_backend
 from .store import aligned_empty
 from .param_offload import PartitionUpdate
-from .overlapped_update import OverlappedUpdate
+from .overlapped_update import LanedUpdate, OverlappedUpdate
 
 KEYS = ("master", "exp_avg", "exp_avg_sq")
 
@@ -71,7 +71,9 @@ class OffloadedAdamW:
         item = self.dtype.itemsize
         self.step_count = 0
         # the host kernel: a CPU backend's own adam_step; behind a GPU backend numba's, else the NumPy reference
-        self.host_adam_step = host_backend(backend).adam_step
+        host = host_backend(backend)
+        self.host_adam_step = host.adam_step
+        self.host_lanes = getattr(host, "adam_lanes", None) and host   # numba's, for an overlapped update
         self.numel, self.groups = int(numel), [(int(lo), int(hi)) for lo, hi in groups]
         if self.groups[0][0] != 0 or self.groups[-1][1] != self.numel or any(
                 a[1] != b[0] for a, b in zip(self.groups, self.groups[1:])):
@@ -83,6 +85,7 @@ class OffloadedAdamW:
         self._pending = None     # an OverlappedUpdate in flight (step(overlap=True))
         self.overlap_piece = self.OVERLAP_PIECE   # (0: whole sub-groups, for measuring what pieces buy)
         self.overlap_pieces = self.OVERLAP_PIECES  # (0: no bound)
+        self.overlap_lanes = None                  # lanes of an overlapped update: None = numba's threads, 0 = none
         split = self.groups[self.device_groups - 1][1] if self.device_groups else 0   # [0, split) on the device
         ledger.budget.alloc("device", 3 * item * split, "the optimizer states kept on the device (ratio)")
         ledger.budget.alloc(store.tier, 3 * item * (self.numel - split), "the offloaded optimizer states")
@@ -177,16 +180,21 @@ class OffloadedAdamW:
                 sink.done(lo, hi, pieces)
 
     def _start_overlapped(self, grad, sink, kw) -> None:
-        """The host sub-groups on a worker thread, in pieces of at most overlap_piece elements (elementwise: any cut
-        gives the same bits), each published (sink.done) when the main thread settles it: the next forward waits
-        for the pieces it needs, whatever sub_group_size. Between two pieces the worker runs Python against the
-        forward's for the GIL (overlapped_update.py), so a large partition gets larger pieces, not more."""
+        """The host sub-groups in lanes (numba) or on a worker thread, in pieces of at most overlap_piece elements
+        (elementwise: any cut gives the same bits), each published (sink.done) when the main thread settles it: the
+        next forward waits for the pieces it needs, whatever sub_group_size. Between two pieces a worker runs Python
+        against the forward's for the GIL (overlapped_update.py), so a large partition gets larger pieces, not
+        more."""
         host = self.numel - (self.groups[self.device_groups - 1][1] if self.device_groups else 0)
         n = self.overlap_piece or self.numel or 1
         if self.overlap_piece and self.overlap_pieces:
             n = max(n, -(-host // self.overlap_pieces))
         units = [(i, a, min(a + n, hi)) for i in range(self.device_groups, len(self.groups))
                  for lo, hi in [self.groups[i]] for a in range(lo, hi, n)]
+        finish = sink.finish if sink is not None else (lambda: None)
+        self._pending = self._start_lanes(units, grad, sink, kw, finish)
+        if self._pending is not None:
+            return
         pieces = {}
 
         def update(k):
@@ -198,8 +206,40 @@ class OffloadedAdamW:
         def publish(k):
             if sink is not None:
                 sink.done(*units[k][1:], pieces.pop(k))
-        self._pending = OverlappedUpdate(range(len(units)), [a for _, a, _ in units], update, publish,
-                                         sink.finish if sink is not None else (lambda: None))
+        self._pending = OverlappedUpdate(range(len(units)), [a for _, a, _ in units], update, publish, finish)
+
+    def _start_lanes(self, units, grad, sink, kw, finish):
+        """The same update in lanes (overlapped_update.LanedUpdate), when the host backend has them and the arrays
+        suit them; else None. Each sub-group's new values go to one sink buffer, published by piece as views."""
+        host = self.host_lanes
+        lanes = (host.lane_count() if self.overlap_lanes is None else self.overlap_lanes) if host else 0
+        if not lanes:
+            return None
+        progress = np.zeros(lanes, np.int64)
+        runs, outs = [], {}
+        for i in range(self.device_groups, len(self.groups)):
+            lo, hi = self.groups[i]
+            mine = [(k, a) for k, (j, a, _) in enumerate(units) if j == i]
+            if sink is not None:
+                pieces = sink.pieces(lo, hi)
+                if len(pieces) != 1:
+                    return None
+                outs[i] = pieces[0][2]
+            states = self._host_states(i)[0]
+            run = host.adam_lanes(states["master"], np.asarray(grad[lo:hi]), states["exp_avg"], states["exp_avg_sq"],
+                                  bounds=[a - lo for _, a in mine] + [hi - lo], first=mine[0][0], progress=progress,
+                                  out_lowp=outs.get(i), **kw)
+            if run is None:
+                return None
+            runs.append((i, run))
+
+        def publish(k):
+            i, a, b = units[k]
+            if sink is not None:
+                lo = self.groups[i][0]
+                sink.done(a, b, [(a, b, outs[i][a - lo:b - lo])])
+        return LanedUpdate(runs, lanes, [a for _, a, _ in units], progress, host.lanes_done, publish, finish,
+                           self.ledger)
 
     def settle(self, hi=None) -> None:
         """Wait for an overlapped update in flight: for partition elements below ``hi``, or all of it."""

@@ -19,18 +19,24 @@ The GIL: the kernels release it, but the worker needs it for a moment between tw
 holds it to run the forward's Python. Python hands it over only every switch interval (5 ms by default), so each
 piece would wait up to 5 ms (benchmarks/gil_handover.py: 10 pieces of 4M elements beside a main thread running
 Python took 2.1x their time alone; at 0.1 ms, 1.05x). While an update is in flight the interval is 0.1 ms
-(`sys.setswitchinterval`), then restored. (Running all pieces inside one nogil numba call does not avoid it:
-numba takes the GIL to launch each parallel region, measured there too.) Shorter intervals buy little more: the
-worker's own Python between two pieces still runs against the forward's (about 0.3 ms a piece on the H200), so the
-update is cut into about OffloadedAdamW.OVERLAP_PIECES pieces at most.
+(`sys.setswitchinterval`), then restored. Shorter intervals buy little more: the worker's own Python between two
+pieces still runs against the forward's (about 0.3 ms a piece on the H200), so the update is cut into about
+OffloadedAdamW.OVERLAP_PIECES pieces at most. Running all pieces inside one nogil call of a parallel kernel does not
+avoid it either: numba takes the GIL to launch each parallel region.
+
+So a host backend that has lanes (numba: backends/refimpl_numba/adam_lanes.py) gets `LanedUpdate` instead: one
+thread per core, each making one nogil call that sweeps its own share of every piece in order and counts the pieces
+it has done in a shared array. No Python runs between pieces; the main thread reads the counts (`lanes_done`).
 """
 from __future__ import annotations
 
 import bisect
 import sys
 import threading
+import time
 
 SWITCH_INTERVAL = 1e-4     # seconds: the GIL's switch interval while an update is in flight
+POLL = 5e-5                # seconds between two looks at the lanes' counts while the main thread waits
 _switch = {"lock": threading.Lock(), "updates": 0, "saved": None}
 
 
@@ -107,3 +113,62 @@ class OverlappedUpdate:
         if not self.done:
             self.done = True
             _updates_in_flight(-1)
+
+
+class LanedUpdate(OverlappedUpdate):
+    """OverlappedUpdate's contract (settle, ready, done) for an update in lanes: ``runs`` is [(sub-group, run)] in
+    partition order, where ``run(lane, lanes)`` sweeps that lane's share of the sub-group's pieces and counts them
+    in ``progress[lane]`` (pieces numbered across sub-groups, as ``starts``). ``lanes_done(progress)``: how many
+    pieces every lane has finished. Each sub-group's update is recorded in the ledger as ``adam sub-group i``, from
+    the end of the one before to its last lane's end."""
+
+    def __init__(self, runs, lanes, starts, progress, lanes_done, publish, finish, ledger):
+        self.indices, self.starts = list(range(len(starts))), list(starts)
+        self._publish, self._finish = publish, finish
+        self._runs, self._progress, self._lanes_done, self._ledger = list(runs), progress, lanes_done, ledger
+        self._published, self._error, self.done = 0, None, False
+        self._ends = [[] for _ in range(lanes)]     # per lane: the ledger time at which each run returned
+        self._t0 = ledger.now()
+        _updates_in_flight(+1)
+        self._threads = [threading.Thread(target=self._lane, args=(lane, lanes), name=f"refimpl host optimizer {lane}",
+                                          daemon=True) for lane in range(lanes)]
+        for t in self._threads:
+            t.start()
+
+    def _lane(self, lane, lanes) -> None:
+        try:
+            for _, run in self._runs:
+                run(lane, lanes)
+                self._ends[lane].append(self._ledger.now())
+        except BaseException as exc:   # handed to the main thread at its next settle
+            self._error = exc
+
+    def ready(self, hi) -> bool:
+        return self._error is None and self._lanes_done(self._progress) >= self._needed(hi)
+
+    def settle(self, hi=None) -> None:
+        need = self._needed(hi)
+        while self._published < need:
+            done = self._lanes_done(self._progress)
+            if done <= self._published:
+                if self._error is not None:
+                    self._join()
+                    raise self._error
+                time.sleep(POLL)
+                continue
+            while self._published < min(done, need):
+                self._publish(self.indices[self._published])
+                self._published += 1
+        if self._published == len(self.indices) and not self.done:
+            self._join()
+            start = self._t0
+            for j, (group, _) in enumerate(self._runs):
+                end = max(ends[j] for ends in self._ends)
+                self._ledger.add("compute", start, end, label=f"adam sub-group {group}")
+                start = end
+            self._finish()
+
+    def _join(self) -> None:
+        for t in self._threads:
+            t.join()
+        self._end()
