@@ -6,11 +6,11 @@ and both moments read and written, a bf16 gradient read, a bf16 copy written). T
 as many float32, measured just before it (the machine's bandwidth drifts, and a shared host's more so):
 
     parallel     adam_step: one parallel numba call (a parallel region over all threads)
-    lanes=N      backends/refimpl_numba/adam_lanes.py: N threads, one nogil call each, sweeping their share of
-                 each of --pieces pieces (what refimpl/memory/overlapped_update.py runs beside the forward)
+    lanes=N      backends/refimpl_numba/adam_lanes.py: N threads, one nogil call each, claiming blocks of each of
+                 --pieces pieces in order (what refimpl/memory/overlapped_update.py runs beside the forward)
 
 each (a) alone, with the main thread waiting, and (b) beside a main thread that runs Python the whole time (a
-stand-in for the forward's hooks). With --pinned (cupy installed) the gradient and the copy are in pinned memory,
+stand-in for the forward's hooks), at the GIL switch interval refimpl sets while an update is in flight. With --pinned (cupy installed) the gradient and the copy are in pinned memory,
 as in the offload path. Reps are interleaved across the ways; medians.
 
     python3 benchmarks/host_adam_lanes.py [--numel 1.63e8] [--pieces 32] [--lanes 16 15 12 8] [--reps 5] [--pinned]
@@ -28,6 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _report import emit  # noqa: E402
 from refimpl.backend import get_backend  # noqa: E402
+from refimpl.memory.overlapped_update import SWITCH_INTERVAL  # noqa: E402
 
 HYPER = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01, step=1, grad_scale=1.0)
 SCRIPT = "benchmarks/host_adam_lanes.py"
@@ -93,9 +94,9 @@ def main():
 
     def lanes_fn(count):
         def fn():
-            progress = np.zeros(count, np.int64)
-            run = be.adam_lanes(p, g, m, v, bounds=bounds, first=0, progress=progress, out_lowp=out, **HYPER)
-            ts = [threading.Thread(target=run, args=(lane, count)) for lane in range(count)]
+            run = be.adam_lanes(p, g, m, v, bounds=bounds, first=0, work=be.new_work(args.pieces), out_lowp=out,
+                                **HYPER)
+            ts = [threading.Thread(target=run) for _ in range(count)]
             for t in ts:
                 t.start()
             for t in ts:
@@ -106,6 +107,7 @@ def main():
     for fn in ways.values():                         # compile, touch every page
         fn()
     triad(a, c, s)
+    sys.setswitchinterval(SWITCH_INTERVAL)          # as while refimpl's overlapped update is in flight
     rows = {(w, b): [] for w in ways for b in (False, True)}
     for rep in range(args.reps):
         for (w, beside), got in rows.items():
@@ -122,7 +124,7 @@ def main():
         lines.append(f"| {w} | {'running Python' if beside else 'waiting'} | {adam:.1f} | {tri:.1f} | "
                      f"**{ratio:.2f}** |")
     details = (f"{n / 1e6:.1f}M elements, {args.pieces} pieces for the lanes, {args.reps} interleaved reps (medians); "
-               f"28 B per element; gradient and copy in {'pinned' if args.pinned else 'pageable'} memory; numba "
+               f"28 B per element; GIL switch interval {SWITCH_INTERVAL * 1e3:g} ms; gradient and copy in {'pinned' if args.pinned else 'pageable'} memory; numba "
                f"{numba.__version__}, {numba.get_num_threads()} threads, layer {numba.config.THREADING_LAYER}")
     emit(lines, details, SCRIPT, args.out)
 

@@ -80,35 +80,48 @@ def test_the_gil_switch_interval_is_short_while_updates_are_in_flight_then_resto
     assert sys.getswitchinterval() == pytest.approx(before)
 
 
-def laned(gates, progress, sizes):
-    """Runs for LanedUpdate: sub-group j has sizes[j] pieces; lane l's share of piece k waits for gates[k][l]."""
+def laned(gates, work, sizes):
+    """Runs for LanedUpdate: sub-group j has sizes[j] pieces of one block each; a lane finishes piece k once
+    gates[k] is set (a stand-in for the numba kernel: claim a block, finish it, count it)."""
     firsts = [sum(sizes[:j]) for j in range(len(sizes))]
+    work[0] = 1
+    lock = threading.Lock()
 
     def run_of(first, n):
-        def run(lane, lanes):
+        def run():
             for k in range(first, first + n):
-                assert gates[k][lane].wait(timeout=10)
-                progress[lane] = k + 1
+                with lock:
+                    mine, work[1, k] = work[1, k] < work[0, k], work[1, k] + 1
+                if mine:
+                    assert gates[k].wait(timeout=10)
+                    work[2, k] += 1
         return run
     return [(j, run_of(f, n)) for j, (f, n) in enumerate(zip(firsts, sizes))]
 
 
-def test_lanes_publish_a_piece_once_every_lane_has_done_it_then_log_each_sub_group():
+def pieces_done(work):
+    k = 0
+    while k < work.shape[1] and work[2, k] >= work[0, k]:
+        k += 1
+    return k
+
+
+def test_lanes_publish_a_piece_once_it_is_final_then_log_each_sub_group():
     import numpy as np
     from refimpl.memory.ledger import Ledger
     from refimpl.memory.overlapped_update import LanedUpdate
-    lanes, starts = 2, [0, 10, 20]                       # sub-group 0: pieces 0 and 1; sub-group 1: piece 2
-    gates = [[threading.Event() for _ in range(lanes)] for _ in starts]
-    progress, published, finished, ledger = np.zeros(lanes, np.int64), [], [], Ledger()
-    u = LanedUpdate(laned(gates, progress, [2, 1]), lanes, starts, progress, lambda p: int(p.min()),
-                    published.append, lambda: finished.append(True), ledger)
-    gates[0][0].set()
-    assert not u.ready(5)                                # lane 1 has not done its share of piece 0
-    gates[0][1].set()
+    starts = [0, 10, 20]                                 # sub-group 0: pieces 0 and 1; sub-group 1: piece 2
+    gates = [threading.Event() for _ in starts]
+    work, published, finished, ledger = np.zeros((3, 3), np.int64), [], [], Ledger()
+    u = LanedUpdate(laned(gates, work, [2, 1]), 2, starts, work, pieces_done, published.append,
+                    lambda: finished.append(True), ledger)
+    assert not u.ready(5)                                # piece 0 is not done yet
+    gates[0].set()
     u.settle(5)
     assert published == [0] and not u.ready(11)
-    for gate in gates[1] + gates[2]:
-        gate.set()
+    gates[2].set()
+    assert not u.ready(21)                               # piece 2 is done, piece 1 before it is not
+    gates[1].set()
     u.settle()
     assert published == [0, 1, 2] and finished == [True] and u.done
     adam = [e for e in ledger.events if e["kind"] == "compute"]
@@ -120,16 +133,16 @@ def test_a_failed_lane_raises_its_error_at_every_settle_and_publishes_nothing_af
     import numpy as np
     from refimpl.memory.ledger import Ledger
     from refimpl.memory.overlapped_update import LanedUpdate
-    progress, published = np.zeros(2, np.int64), []
+    work, published = np.array([[1, 1], [0, 0], [0, 0]], np.int64), []
+    calls = []
 
-    def run(lane, lanes):
-        progress[lane] = 1
-        if lane == 1:
-            raise MemoryError("lane 1 failed")
-        progress[lane] = 2
-    u = LanedUpdate([(0, run)], 2, [0, 10], progress, lambda p: int(p.min()), published.append, lambda: None,
-                    Ledger())
+    def run():
+        calls.append(1)
+        if len(calls) == 1:
+            work[2, 0] = 1                               # the first lane finishes piece 0, then fails
+            raise MemoryError("lane failed")
+    u = LanedUpdate([(0, run)], 2, [0, 10], work, pieces_done, published.append, lambda: None, Ledger())
     for _ in range(2):
-        with pytest.raises(MemoryError, match="lane 1 failed"):
+        with pytest.raises(MemoryError, match="lane failed"):
             u.settle()
-    assert published == [0]                              # piece 0 was done by both lanes; piece 1 never
+    assert published == [0]                              # piece 0 was final; piece 1 never

@@ -167,7 +167,7 @@ def test_host_update_beside_the_next_forward_changes_nothing(tmp_path, lazy, mon
             assert n == lanes
 
             def slow(run):                               # the forward gets ahead of the lanes: waits must hold
-                return lambda lane, count: (time.sleep(0.01), run(lane, count))
+                return lambda: (time.sleep(0.01), run())
             real(self, [(i, slow(run)) for i, run in runs], n, starts, *rest)
         monkeypatch.setattr(overlapped_update.LanedUpdate, "__init__", spy)
     else:

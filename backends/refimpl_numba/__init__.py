@@ -83,7 +83,8 @@ class NumbaBackend(Backend):
     # not in the kernel interface: the host AdamW in lanes, for an update beside the GPU's forward
     # (refimpl/memory/overlapped_update.py uses them when the host backend has them)
     adam_lanes = _Kernel("adam_lanes")
-    lanes_done = _Kernel("adam_lanes")
+    new_work = _Kernel("adam_lanes")
+    pieces_done = _Kernel("adam_lanes")
     lane_count = _Kernel("adam_lanes")
 
     def warmup(self) -> None:

@@ -44,8 +44,8 @@ def warmup(be) -> None:
         for copy in (None, np.float32, np.float16, ml_dtypes.bfloat16):   # the lanes: a float32 copy too
             for adamw_mode in (True, False):
                 p, m, v = np.ones(4, np.float32), np.zeros(4, np.float32), np.zeros(4, np.float32)
-                be.adam_lanes(p, np.ones(4, grad_dtype), m, v, bounds=[0, 4], first=0, progress=np.zeros(1, np.int64),
+                be.adam_lanes(p, np.ones(4, grad_dtype), m, v, bounds=[0, 4], first=0, work=be.new_work(1),
                               lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01, step=1,
-                              adamw_mode=adamw_mode, out_lowp=None if copy is None else np.empty(4, copy))(0, 1)
-    be.lanes_done(np.zeros(1, np.int64))
+                              adamw_mode=adamw_mode, out_lowp=None if copy is None else np.empty(4, copy))()
+    be.pieces_done(be.new_work(1))
     be.cast(be.cast(np.ones(4, np.float32), ml_dtypes.bfloat16), np.float32)

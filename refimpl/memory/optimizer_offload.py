@@ -215,7 +215,7 @@ class OffloadedAdamW:
         lanes = (host.lane_count() if self.overlap_lanes is None else self.overlap_lanes) if host else 0
         if not lanes:
             return None
-        progress = np.zeros(lanes, np.int64)
+        work = host.new_work(len(units))
         runs, outs = [], {}
         for i in range(self.device_groups, len(self.groups)):
             lo, hi = self.groups[i]
@@ -227,7 +227,7 @@ class OffloadedAdamW:
                 outs[i] = pieces[0][2]
             states = self._host_states(i)[0]
             run = host.adam_lanes(states["master"], np.asarray(grad[lo:hi]), states["exp_avg"], states["exp_avg_sq"],
-                                  bounds=[a - lo for _, a in mine] + [hi - lo], first=mine[0][0], progress=progress,
+                                  bounds=[a - lo for _, a in mine] + [hi - lo], first=mine[0][0], work=work,
                                   out_lowp=outs.get(i), **kw)
             if run is None:
                 return None
@@ -238,7 +238,7 @@ class OffloadedAdamW:
             if sink is not None:
                 lo = self.groups[i][0]
                 sink.done(a, b, [(a, b, outs[i][a - lo:b - lo])])
-        return LanedUpdate(runs, lanes, [a for _, a, _ in units], progress, host.lanes_done, publish, finish,
+        return LanedUpdate(runs, lanes, [a for _, a, _ in units], work, host.pieces_done, publish, finish,
                            self.ledger)
 
     def settle(self, hi=None) -> None:

@@ -25,8 +25,9 @@ OffloadedAdamW.OVERLAP_PIECES pieces at most. Running all pieces inside one nogi
 avoid it either: numba takes the GIL to launch each parallel region.
 
 So a host backend that has lanes (numba: backends/refimpl_numba/adam_lanes.py) gets `LanedUpdate` instead: one
-thread per core, each making one nogil call that sweeps its own share of every piece in order and counts the pieces
-it has done in a shared array. No Python runs between pieces; the main thread reads the counts (`lanes_done`).
+thread per core, each making one nogil call that goes through the pieces in order, claiming blocks of each with an
+atomic counter and counting the blocks it finishes in another. No Python runs between pieces; the main thread reads
+the counts (`pieces_done`).
 """
 from __future__ import annotations
 
@@ -117,39 +118,39 @@ class OverlappedUpdate:
 
 class LanedUpdate(OverlappedUpdate):
     """OverlappedUpdate's contract (settle, ready, done) for an update in lanes: ``runs`` is [(sub-group, run)] in
-    partition order, where ``run(lane, lanes)`` sweeps that lane's share of the sub-group's pieces and counts them
-    in ``progress[lane]`` (pieces numbered across sub-groups, as ``starts``). ``lanes_done(progress)``: how many
-    pieces every lane has finished. Each sub-group's update is recorded in the ledger as ``adam sub-group i``, from
-    the end of the one before to its last lane's end."""
+    partition order, where ``run()`` is one lane of that sub-group's update, and ``lanes`` threads each call every
+    run in turn. ``pieces_done(work)``: how many pieces (numbered across sub-groups, as ``starts``) are final. Each
+    sub-group's update is recorded in the ledger as ``adam sub-group i``, from the end of the one before to the
+    return of its last lane."""
 
-    def __init__(self, runs, lanes, starts, progress, lanes_done, publish, finish, ledger):
+    def __init__(self, runs, lanes, starts, work, pieces_done, publish, finish, ledger):
         self.indices, self.starts = list(range(len(starts))), list(starts)
         self._publish, self._finish = publish, finish
-        self._runs, self._progress, self._lanes_done, self._ledger = list(runs), progress, lanes_done, ledger
+        self._runs, self._work, self._pieces_done, self._ledger = list(runs), work, pieces_done, ledger
         self._published, self._error, self.done = 0, None, False
         self._ends = [[] for _ in range(lanes)]     # per lane: the ledger time at which each run returned
         self._t0 = ledger.now()
         _updates_in_flight(+1)
-        self._threads = [threading.Thread(target=self._lane, args=(lane, lanes), name=f"refimpl host optimizer {lane}",
+        self._threads = [threading.Thread(target=self._lane, args=(lane,), name=f"refimpl host optimizer {lane}",
                                           daemon=True) for lane in range(lanes)]
         for t in self._threads:
             t.start()
 
-    def _lane(self, lane, lanes) -> None:
+    def _lane(self, lane) -> None:
         try:
             for _, run in self._runs:
-                run(lane, lanes)
+                run()
                 self._ends[lane].append(self._ledger.now())
         except BaseException as exc:   # handed to the main thread at its next settle
             self._error = exc
 
     def ready(self, hi) -> bool:
-        return self._error is None and self._lanes_done(self._progress) >= self._needed(hi)
+        return self._error is None and self._pieces_done(self._work) >= self._needed(hi)
 
     def settle(self, hi=None) -> None:
         need = self._needed(hi)
         while self._published < need:
-            done = self._lanes_done(self._progress)
+            done = self._pieces_done(self._work)
             if done <= self._published:
                 if self._error is not None:
                     self._join()
