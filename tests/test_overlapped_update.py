@@ -146,3 +146,16 @@ def test_a_failed_lane_raises_its_error_at_every_settle_and_publishes_nothing_af
         with pytest.raises(MemoryError, match="lane failed"):
             u.settle()
     assert published == [0]                              # piece 0 was final; piece 1 never
+
+
+def test_lanes_that_return_with_a_piece_unfinished_raise_instead_of_waiting_forever():
+    import numpy as np
+    from refimpl.memory.ledger import Ledger
+    from refimpl.memory.overlapped_update import LanedUpdate
+    work = np.array([[1, 1], [0, 0], [0, 0]], np.int64)
+
+    def run():                                           # finishes piece 0, never touches piece 1
+        work[2, 0] = 1
+    u = LanedUpdate([(0, run)], 2, [0, 10], work, pieces_done, lambda i: None, lambda: None, Ledger())
+    with pytest.raises(RuntimeError, match="lanes all returned with piece 1 of 2 unfinished"):
+        u.settle()

@@ -199,6 +199,29 @@ def test_host_update_beside_the_next_forward_changes_nothing(tmp_path, lazy, mon
     assert adam and all(e["end"] >= e["start"] for e in adam)   # the host update is in the ledger either way
 
 
+def test_twin_flow_with_the_host_part_in_lanes_changes_nothing(tmp_path, lazy, monkeypatch):
+    """offload_optimizer.ratio 0.5 (Twin-Flow) with small sub-groups: the first half of the sub-groups is updated on
+    the (stand-in) device, the rest in 2 lanes beside the next forward, several sub-groups per LanedUpdate, their
+    pieces numbered across them. Bitwise the NumPy run without overlap."""
+    from refimpl.memory import optimizer_offload, overlapped_update
+    numba = backend_mod.get_backend("numba")
+    monkeypatch.setattr(optimizer_offload, "host_backend", lambda be: numba if be is lazy else be)
+    monkeypatch.setattr(numba, "lane_count", lambda: 2)
+    groups = []
+    real = overlapped_update.LanedUpdate.__init__
+
+    def spy(self, runs, *rest):
+        groups.append([i for i, _ in runs])
+        real(self, runs, *rest)
+    monkeypatch.setattr(overlapped_update.LanedUpdate, "__init__", spy)
+    extra = ["zero_optimization.stage=3", 'zero_optimization.offload_optimizer={"device": "cpu", "ratio": 0.5}',
+             'zero_optimization.offload_param={"device": "cpu"}', "scheduler=null"]
+    ref, _ = _run(tmp_path, "numpy", *extra)
+    got, _ = _run(tmp_path, "lazy", *extra)
+    assert got == ref                                    # bitwise
+    assert len(groups) == 3 and all(len(g) > 1 and g[0] > 0 for g in groups)   # host sub-groups only, several
+
+
 def test_host_copy_lands_only_when_waited_on(lazy):
     ledger = Ledger()
     copies = CopyStream(lazy, ledger)

@@ -152,6 +152,11 @@ class LanedUpdate(OverlappedUpdate):
         while self._published < need:
             done = self._pieces_done(self._work)
             if done <= self._published:
+                if self._error is None and not any(t.is_alive() for t in self._threads):
+                    if self._pieces_done(self._work) > done:
+                        continue                 # (finished between the two looks)
+                    self._error = RuntimeError(f"the host optimizer's lanes all returned with piece {done} of "
+                                               f"{len(self.indices)} unfinished")
                 if self._error is not None:
                     self._join()
                     raise self._error
