@@ -302,7 +302,7 @@ SCHEMA = {
         "checkpoint_activations": Field(False, boolean),
     },
     "data": {
-        "dataset": Field("stdlib_bytes", one_of("stdlib_bytes", "listops")),
+        "dataset": Field("stdlib_bytes", one_of("stdlib_bytes", "listops", "stdlib_packages")),
         "seq_len": Field(128, integer(1)),
         "path": Field(None, nullable(string)),
         "max_bytes": Field(4_000_000, integer(1)),
@@ -346,7 +346,7 @@ INFINITY_RUN = {
     "memory": {"device_bytes": "2MB"},
     "run": {"steps": 200},
 }
-TASK_DATASET = {"lm": "stdlib_bytes", "classify": "listops"}
+TASK_DATASET = {"lm": ("stdlib_bytes",), "classify": ("listops", "stdlib_packages")}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -442,9 +442,9 @@ def _resolve(cfg):
         model["d_head"] = model["d_model"] // model["n_heads"]
     if model["d_ff"] is None:
         model["d_ff"] = 4 * model["d_model"]
-    if data["dataset"] != TASK_DATASET[model["task"]]:
+    if data["dataset"] not in TASK_DATASET[model["task"]]:
         raise ConfigError("model.task", f"task {model['task']!r} needs data.dataset "
-                          f"{TASK_DATASET[model['task']]!r}, got data.dataset {data['dataset']!r}")
+                          f"{' or '.join(map(repr, TASK_DATASET[model['task']]))}, got data.dataset {data['dataset']!r}")
     if data["seq_len"] > model["max_seq_len"]:
         raise ConfigError("data.seq_len", f"must be <= model.max_seq_len ({model['max_seq_len']}), "
                                           f"got {data['seq_len']}")

@@ -368,11 +368,13 @@ class ListOps:
 
 _BYTE_KEYS = ("path", "max_bytes", "val_fraction", "seed")
 _LISTOPS_KEYS = ("n_train", "n_val", "max_depth", "max_args", "min_length", "max_length", "seed")
-_DATASETS = {"stdlib_bytes": (ByteCorpus, _BYTE_KEYS), "listops": (ListOps, _LISTOPS_KEYS)}
-_ALLOWED_KEYS = {"dataset", *_BYTE_KEYS, *_LISTOPS_KEYS}
+_SNIPPET_KEYS = ("path", "max_length", "n_val", "val_fraction", "max_bytes", "seed")
+_DATASETS = {"stdlib_bytes": (ByteCorpus, _BYTE_KEYS), "listops": (ListOps, _LISTOPS_KEYS),
+             "stdlib_packages": ("StdlibPackages", _SNIPPET_KEYS)}   # (refimpl/data_snippets.py)
+_ALLOWED_KEYS = {"dataset", *_BYTE_KEYS, *_LISTOPS_KEYS, *_SNIPPET_KEYS}
 
 
-def make_dataset(cfg: dict) -> ByteCorpus | ListOps:
+def make_dataset(cfg: dict):
     """Build the dataset named by ``cfg["dataset"]`` from the config's "data" section.
 
     Keys meant for the other dataset are ignored (one section can hold both); missing keys take the
@@ -388,4 +390,6 @@ def make_dataset(cfg: dict) -> ByteCorpus | ListOps:
     if name not in _DATASETS:
         raise DataError(f"data.dataset={name!r} is not a dataset; allowed: {', '.join(sorted(_DATASETS))}")
     cls, keys = _DATASETS[name]
+    if cls == "StdlibPackages":
+        from .data_snippets import StdlibPackages as cls   # (it builds on this module)
     return cls(**{k: cfg[k] for k in keys if k in cfg})
