@@ -10,7 +10,7 @@ Here, two classification tasks trained through refimpl's engine (ZeRO stage 0 on
 otherwise, the backend of REFIMPL_BACKEND or --set backend=...):
 
     listops          ListOps (Long Range Arena's generator, refimpl/data.py): 10 classes, up to 64 tokens
-    stdlib_packages  which of 8 standard-library packages 127 bytes of source come from (refimpl/data_snippets.py):
+    stdlib_packages  which of 8 standard-library packages 63 bytes of source come from (refimpl/data_snippets.py):
                      byte-level text classification, the role IMDb plays in the paper, with no download
 
 Measured per shape: eval accuracy (mean and std over --seeds), parameters, and the forward pass's CPU latency at
@@ -35,10 +35,10 @@ PLAIN = ["world_size=1", "zero_optimization.stage=0", "zero_optimization.offload
          "model.d_model=128", "optimizer.params.lr=1e-3", "scheduler.params.warmup_num_steps=50"]
 TASKS = {   # config, steps (full, --quick), eval batches (every val example exactly once)
     "listops": (["data.dataset=listops", "data.seq_len=80", "model.max_seq_len=80", "data.n_train=10000",
-                 "data.n_val=400"], 800, 5, 400 // 16),
-    "stdlib_packages": (["data.dataset=stdlib_packages", "data.max_length=127", "data.seq_len=128",
-                         "model.max_seq_len=128", "data.n_val=384", "train_micro_batch_size_per_gpu=64"], 1500, 5,
-                        384 // 64),
+                 "data.n_val=400"], 600, 5, 400 // 16),
+    "stdlib_packages": (["data.dataset=stdlib_packages", "data.max_length=63", "data.seq_len=64",
+                         "model.max_seq_len=64", "data.n_val=384", "train_micro_batch_size_per_gpu=32"], 600, 5,
+                        384 // 32),
 }
 
 
