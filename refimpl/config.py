@@ -302,7 +302,7 @@ SCHEMA = {
         "checkpoint_activations": Field(False, boolean),
     },
     "data": {
-        "dataset": Field("stdlib_bytes", one_of("stdlib_bytes", "listops", "stdlib_packages")),
+        "dataset": Field("stdlib_bytes", one_of("stdlib_bytes", "listops", "stdlib_packages", "p5_synthetic")),
         "seq_len": Field(128, integer(1)),
         "path": Field(None, nullable(string)),
         "max_bytes": Field(4_000_000, integer(1)),
@@ -346,7 +346,7 @@ INFINITY_RUN = {
     "memory": {"device_bytes": "2MB"},
     "run": {"steps": 200},
 }
-TASK_DATASET = {"lm": ("stdlib_bytes",), "classify": ("listops", "stdlib_packages")}
+TASK_DATASET = {"lm": ("stdlib_bytes", "p5_synthetic"), "classify": ("listops", "stdlib_packages")}
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -370,7 +370,8 @@ _BYTE_KEYS = ("path", "max_bytes", "val_fraction", "seed")
 _LISTOPS_KEYS = ("n_train", "n_val", "max_depth", "max_args", "min_length", "max_length", "seed")
 _SNIPPET_KEYS = ("path", "max_length", "n_val", "val_fraction", "max_bytes", "seed")
 _DATASETS = {"stdlib_bytes": (ByteCorpus, _BYTE_KEYS), "listops": (ListOps, _LISTOPS_KEYS),
-             "stdlib_packages": ("StdlibPackages", _SNIPPET_KEYS)}   # (refimpl/data_snippets.py)
+             "stdlib_packages": ("StdlibPackages", _SNIPPET_KEYS),   # (refimpl/data_snippets.py)
+             "p5_synthetic": ("P5Sequences", ("seed",))}             # (refimpl/data_recsys.py)
 _ALLOWED_KEYS = {"dataset", *_BYTE_KEYS, *_LISTOPS_KEYS, *_SNIPPET_KEYS}
 
 
@@ -391,5 +392,7 @@ def make_dataset(cfg: dict):
         raise DataError(f"data.dataset={name!r} is not a dataset; allowed: {', '.join(sorted(_DATASETS))}")
     cls, keys = _DATASETS[name]
     if cls == "StdlibPackages":
-        from .data_snippets import StdlibPackages as cls   # (it builds on this module)
+        from .data_snippets import StdlibPackages as cls   # (these build on this module)
+    elif cls == "P5Sequences":
+        from .data_recsys import P5Sequences as cls
     return cls(**{k: cfg[k] for k in keys if k in cfg})
