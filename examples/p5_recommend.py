@@ -14,7 +14,7 @@ Measured on the held-out items, over --seeds model seeds (the data is the same, 
 The engine switch: the first seed is trained again at ZeRO stage 3 with parameters and optimizer offloaded to the
 host (--stage3), and its metrics must be those of stage 0: refimpl's partitioning and offload change no bits.
 
-    python examples/p5_recommend.py [--quick] [--seeds 3] [--steps 1500] [--out runs/p5] [--set KEY=VALUE ...]
+    python examples/p5_recommend.py [--quick] [--seeds 3] [--steps 600] [--out runs/p5] [--set KEY=VALUE ...]
 
 Writes results.md (the table), results.json and p5.png (HR@10 and NDCG@10 per method) under --out.
 """
@@ -92,7 +92,7 @@ def rating_metrics(expected, best, ds):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--steps", type=int, default=1500)
+    ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--quick", action="store_true", help="a few steps: checks that it all runs")
     ap.add_argument("--no-stage3", dest="stage3", action="store_false", help="skip the stage-3 + offload run")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config overrides for every run")
