@@ -73,6 +73,11 @@ def _check_int(name: str, value, minimum: int) -> int:
     return value
 
 
+def _check_val_fraction(value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value <= 0.5:
+        raise DataError(f"val_fraction must be in (0, 0.5], got {value!r}")
+
+
 def _check_batch_args(split, step, batch_size, seq_len) -> tuple[int, int, int]:
     if split not in _SPLITS:
         raise DataError(f"split must be one of {sorted(_SPLITS)}, got {split!r}")
@@ -133,8 +138,7 @@ class ByteCorpus:
                  val_fraction: float = 0.1, seed: int = 0):
         self.seed = _check_int("seed", seed, 0)
         max_bytes = _check_int("max_bytes", max_bytes, 1)
-        if not isinstance(val_fraction, (int, float)) or not 0.0 < val_fraction <= 0.5:
-            raise DataError(f"val_fraction must be in (0, 0.5], got {val_fraction!r}")
+        _check_val_fraction(val_fraction)
         root = Path(sysconfig.get_paths()["stdlib"] if path is None else path)
         if not root.exists():
             raise DataError(f"corpus path {str(root)!r} does not exist")

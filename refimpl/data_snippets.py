@@ -28,7 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .data import Batch, DataError, _candidate_files, _check_batch_args, _check_int, _read_source, _rng
+from .data import (Batch, DataError, _candidate_files, _check_batch_args, _check_int, _check_val_fraction,
+                   _read_source, _rng)
 
 PACKAGES = ("asyncio", "email", "http", "importlib", "logging", "multiprocessing", "unittest", "xml")
 _DOMAIN_SNIPPETS = 3     # refimpl.data's stream numbering: the train windows of one batch
@@ -47,8 +48,7 @@ class StdlibPackages:
         self.max_length = _check_int("max_length", max_length, 1)
         self.n_val = _check_int("n_val", n_val, self.n_classes)
         max_bytes = _check_int("max_bytes", max_bytes, 1)
-        if not isinstance(val_fraction, (int, float)) or not 0.0 < val_fraction <= 0.5:
-            raise DataError(f"val_fraction must be in (0, 0.5], got {val_fraction!r}")
+        _check_val_fraction(val_fraction)
         root = Path(sysconfig.get_paths()["stdlib"] if path is None else path)
         if not root.is_dir():
             raise DataError(f"standard-library path {str(root)!r} is not a directory")
