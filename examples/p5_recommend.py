@@ -98,6 +98,8 @@ def main(argv=None):
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config overrides for every run")
     ap.add_argument("--out", default="runs/p5")
     args = ap.parse_args(argv)
+    if args.seeds < 1 or args.steps < 1:
+        ap.error(f"--seeds and --steps must be at least 1, got {args.seeds} and {args.steps}")
     from tqdm import tqdm
     from refimpl.data_recsys import popularity_scores, transition_scores
     out = Path(args.out)

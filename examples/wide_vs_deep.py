@@ -156,6 +156,8 @@ def main(argv=None):
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config overrides for every run")
     ap.add_argument("--out", default="runs/wide_vs_deep")
     args = ap.parse_args(argv)
+    if min(args.seeds, args.total_heads, args.d_head, args.reps) < 1:
+        ap.error("--seeds, --total-heads, --d-head and --reps must be at least 1")
     if args.quick:
         args.reps = min(args.reps, 3)
     backends = args.backends or (["numpy"] if args.quick else ["numpy", *available("numba")])
