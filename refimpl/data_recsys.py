@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .data import Batch, DataError, _check_batch_args, _check_int, _rng
+from .data_base import Batch, DataError, _check_batch_args, _check_int, _rng
 
 PAD, SEQ, RATE, IS = 0, 1, 2, 3
 STARS = 4                      # tokens 4..8: 1..5 stars

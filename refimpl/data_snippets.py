@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .data import (Batch, DataError, _candidate_files, _check_batch_args, _check_int, _check_val_fraction,
+from .data_base import (Batch, DataError, _candidate_files, _check_batch_args, _check_int, _check_val_fraction,
                    _read_source, _rng)
 
 PACKAGES = ("asyncio", "email", "http", "importlib", "logging", "multiprocessing", "unittest", "xml")
