@@ -1,169 +1,254 @@
 """numba attention: FlashAttention-2 forward and backward, tile products through BLAS, the rest fused in numba.
 
 Mirrors refimpl/kernels/attention.py (`attention`, `attention_tiled` and their backwards): same arguments,
-dtypes in and out, masks and errors (the reference's own input checks are reused). One tiled algorithm
-serves both forms of the interface: `block_size=k` walks (k, k) tiles with the online softmax (Dao 2023,
-arXiv 2307.08691, Algorithms 1 and 2), and the plain form (`block_size=None`) is the same loop with one
-tile spanning both sequences, i.e. the materialised (Tq, Tk) score matrix of the reference's plain form.
+dtypes in and out, masks and errors (the reference's own input checks are reused). Both forms of the
+interface run one algorithm: FlashAttention-2's walk over (bq, bk) tiles with the online softmax (Dao 2023,
+arXiv 2307.08691, Algorithms 1 and 2). Its results equal the plain form's within the tolerance table.
 
-Why this split: the tile products go to NumPy's batched `@` (BLAS) over all (batch, head) at once, because
-numba's hand-written product loops ran at 2-5 GFLOP/s where BLAS per tile reaches 16-29. Everything
-elementwise between the products -- scale, causal and padding masks, row max, exp, row sums, the
-online-softmax rescaling, dS = P (dP - D_i) -- is one numba pass per tile, parallel over rows (prange),
-with a vectorised float32 exp (_vmath.py): the NumPy reference makes five to eight temporaries there.
+How it is made fast on a few cores:
+- The tile products go to NumPy's batched `@` (BLAS): numba's hand-written product loops reach 20-40
+  GFLOP/s per core where BLAS reaches 90-120.
+- Everything elementwise between the products (scale, causal and padding masks, row max, exp, row sums,
+  the online-softmax rescaling, dS = P (dP - D_i)) is one numba pass per tile, with a vectorised float32
+  exp (_vmath.py): the NumPy reference makes five to eight temporaries there.
+- The parallelism is across (batch, head): the B*H rows are cut into one chunk per thread, and each
+  thread walks its chunk's tiles (the numba passes release the GIL, and so does BLAS). A tile product is at
+  most 64 x 64 x 64 (`_tile`), which OpenBLAS runs on the calling thread: larger products start OpenBLAS's
+  own threads, and two such pools spinning against each other made a causal 1024-token pass 10x slower
+  on 2 cores. So `block_size` is an upper bound here, and the plain form (`block_size=None`) is tiled too.
 
 Conventions are the reference's: key_padding_mask (B, Tk) True = padding; causal lets query i see keys
 j <= i + (Tk - Tq); a query row with no visible key gets out = 0, lse = -inf and zero gradients.
 """
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
-from numba import njit, prange
+from numba import get_num_threads, njit
 
 from refimpl.kernels import attention as ref
 
 from ._vmath import vexp
+
+TILE = 64                 # the largest tile side
+_SERIAL_BLAS_MNK = 2**18  # OpenBLAS computes a GEMM with m*n*k up to this on the calling thread (interface/gemm.c)
 
 
 def _T(a):  # transpose the last two axes: (..., m, n) -> (..., n, m)
     return a.swapaxes(-1, -2)
 
 
+def _tile(block_size, Tq, Tk, D):
+    """(bq, bk): block_size capped at TILE, halved until one tile product stays on the calling thread."""
+    t = TILE if block_size is None else min(block_size, TILE)
+    while t > 8 and t * t * D > _SERIAL_BLAS_MNK:
+        t //= 2
+    return min(t, Tq), min(t, Tk)
+
+
 @njit(inline="always")
-def _hidden(mask_b, q, k, causal, offset):
-    """True when query q may not see key k (padding, or above the causal diagonal)."""
-    return mask_b[k] or (causal and k > q + offset)
+def _visible_keys(q, k0, bk, causal, offset):
+    """How many keys of the tile starting at k0 query q may see by the causal rule (the rest: above the diagonal)."""
+    return max(0, min(bk, q + offset - k0 + 1)) if causal else bk
+
+
+@njit(inline="always")
+def _max8(s, n, init):
+    """max(init, s[:n]) in eight independent chains: one chain waits on each max, eight keep the core busy."""
+    m0 = m1 = m2 = m3 = m4 = m5 = m6 = m7 = init
+    j = 0
+    while j + 8 <= n:
+        m0, m1, m2, m3 = max(m0, s[j]), max(m1, s[j + 1]), max(m2, s[j + 2]), max(m3, s[j + 3])
+        m4, m5, m6, m7 = max(m4, s[j + 4]), max(m5, s[j + 5]), max(m6, s[j + 6]), max(m7, s[j + 7])
+        j += 8
+    while j < n:
+        m0 = max(m0, s[j])
+        j += 1
+    return max(max(max(m0, m1), max(m2, m3)), max(max(m4, m5), max(m6, m7)))
+
+
+@njit(inline="always")
+def _sum8(s, n, zero):
+    """sum(s[:n]) in eight partial sums (as _max8; the order differs from NumPy's pairwise sum by rounding)."""
+    a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = zero
+    j = 0
+    while j + 8 <= n:
+        a0, a1, a2, a3 = a0 + s[j], a1 + s[j + 1], a2 + s[j + 2], a3 + s[j + 3]
+        a4, a5, a6, a7 = a4 + s[j + 4], a5 + s[j + 5], a6 + s[j + 6], a7 + s[j + 7]
+        j += 8
+    while j < n:
+        a0 += s[j]
+        j += 1
+    return ((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7))
 
 
 # -------------------------------------------------------------------------------------------- forward
-@njit(parallel=True, cache=True)
-def _online_softmax_tile(S, mask, q0, k0, causal, offset, scale, m, l, alpha):
-    """Fold the raw score tile S = Q_i K_j^T (B, H, bq, bk) into the running max m and sum l (B, H, bq) of
-    each query row: S becomes P = exp(scale S - m_new) (0 where hidden), alpha the factor that re-bases
-    the old sums (0 while m was -inf). Parallel over the B*H*bq rows."""
-    B, H, bq, bk = S.shape
+@njit(nogil=True, cache=True, error_model="numpy")
+def _online_softmax_tile(S, pad, q0, k0, causal, offset, scale, m, l, acc):
+    """Fold the raw score tile S = Q_i K_j^T (N, bq, bk) into the running max m and sum l (N, bq) of each
+    query row, and re-base the accumulator acc (N, bq, Dv) to the new max: S becomes P = exp(scale S - m_new)
+    (0 where hidden); a row's old sums are scaled by alpha = exp(m_old - m_new) (0 while m was -inf).
+    pad (N, Tk): True = padding. Every loop below is branch-free, so LLVM vectorises it."""
+    N, bq, bk = S.shape
     zero = S.dtype.type(0)
     ninf = S.dtype.type(-np.inf)
-    for row in prange(B * H * bq):
-        b, h, i = row // (H * bq), (row // bq) % H, row % bq
-        s = S[b, h, i]
-        mx = m[b, h, i]
-        for j in range(bk):
-            x = ninf if _hidden(mask[b], q0 + i, k0 + j, causal, offset) else scale * s[j]
-            s[j] = x
-            mx = max(mx, x)
-        m_safe = mx if np.isfinite(mx) else zero       # no key seen yet: shift by 0, exp(-inf) = 0
-        for j in range(bk):                              # no reduction in this loop: it vectorises
-            s[j] = vexp(s[j] - m_safe)
-        rowsum = zero
-        for j in range(bk):
-            rowsum += s[j]
-        a = vexp(m[b, h, i] - m_safe)
-        alpha[b, h, i] = a
-        l[b, h, i] = a * l[b, h, i] + rowsum
-        m[b, h, i] = mx
+    for n in range(N):
+        padk = pad[n, k0:k0 + bk]
+        for i in range(bq):
+            s = S[n, i]
+            nv = _visible_keys(q0 + i, k0, bk, causal, offset)
+            for j in range(nv):
+                s[j] = ninf if padk[j] else scale * s[j]
+            mx = _max8(s, nv, m[n, i])
+            m_safe = mx if np.isfinite(mx) else zero     # no key seen yet: shift by 0, exp(-inf) = 0
+            for j in range(nv):
+                s[j] = vexp(s[j] - m_safe)
+            for j in range(nv, bk):
+                s[j] = zero
+            alpha = vexp(m[n, i] - m_safe)
+            l[n, i] = alpha * l[n, i] + _sum8(s, nv, zero)
+            m[n, i] = mx
+            a = acc[n, i]
+            for e in range(a.shape[0]):
+                a[e] *= alpha
 
 
-@njit(parallel=True, cache=True)
+@njit(nogil=True, cache=True, error_model="numpy")
 def _normalise(acc, m, l, out, lse):
     """out = acc / l, lse = m + log(l); rows with no visible key (l == 0): out 0, lse -inf."""
-    B, H, bq, Dv = acc.shape
-    for row in prange(B * H * bq):
-        b, h, i = row // (H * bq), (row // bq) % H, row % bq
-        has_keys = l[b, h, i] > 0
-        for e in range(Dv):
-            out[b, h, i, e] = acc[b, h, i, e] / l[b, h, i] if has_keys else 0
-        mi = m[b, h, i] if np.isfinite(m[b, h, i]) else 0
-        lse[b, h, i] = mi + np.log(l[b, h, i]) if has_keys else -np.inf
+    N, bq, Dv = acc.shape
+    for n in range(N):
+        for i in range(bq):
+            has_keys = l[n, i] > 0
+            for e in range(Dv):
+                out[n, i, e] = acc[n, i, e] / l[n, i] if has_keys else 0
+            mi = m[n, i] if np.isfinite(m[n, i]) else 0
+            lse[n, i] = mi + np.log(l[n, i]) if has_keys else -np.inf
 
 
-def _flash_forward(Q, K, V, mask, causal, scale, bq, bk):
-    """FlashAttention-2 Algorithm 1 over (bq, bk) tiles of all (batch, head) at once."""
-    B, H, Tq, _ = Q.shape
-    Tk, Dv = K.shape[2], V.shape[3]
-    out = np.empty((B, H, Tq, Dv), Q.dtype)
-    lse = np.empty((B, H, Tq), Q.dtype)
+def _key_tiles(K, bk):
+    """(N, Tk, D) -> (N, ceil(Tk / bk), D, bk): each tile of bk keys transposed and contiguous (zero past Tk).
+    Q_i K_j^T then multiplies two compact blocks. Read in place from K^T, the (D, bk) tile has rows Tk apart,
+    which put every row in the same cache sets (at Tk = 1024 fp32, 4 KiB apart): BLAS ran at half speed."""
+    N, Tk, D = K.shape
+    tiles = -(-Tk // bk)
+    padded = np.zeros((N, tiles * bk, D), K.dtype)
+    padded[:, :Tk] = K
+    return np.ascontiguousarray(_T(padded.reshape(N, tiles, bk, D)))
+
+
+def _forward(Q, K, V, pad, out, lse, causal, scale, bq, bk):
+    """FlashAttention-2 Algorithm 1 over (bq, bk) tiles of the N rows of one chunk: Q (N, Tq, D), K (N, Tk, D),
+    V (N, Tk, Dv), pad (N, Tk); writes out (N, Tq, Dv) and lse (N, Tq)."""
+    N, Tq, _ = Q.shape
+    Tk, Dv = K.shape[1], V.shape[2]
+    Kt = _key_tiles(K, bk)
     for q0 in range(0, Tq, bq):
         q1 = min(q0 + bq, Tq)
-        m = np.full((B, H, q1 - q0), -np.inf, Q.dtype)
-        l = np.zeros((B, H, q1 - q0), Q.dtype)
-        alpha = np.empty_like(l)
-        acc = None
+        m = np.full((N, q1 - q0), -np.inf, Q.dtype)
+        l = np.zeros((N, q1 - q0), Q.dtype)
+        acc = np.zeros((N, q1 - q0, Dv), Q.dtype)
         for k0 in range(0, Tk, bk):
             if ref._above_diagonal(q1, k0, Tq, Tk, causal):
                 break                                    # and so is every later key block
             k1 = min(k0 + bk, Tk)
-            S = Q[:, :, q0:q1] @ _T(K[:, :, k0:k1])      # (B, H, bq, bk), BLAS
-            _online_softmax_tile(S, mask, q0, k0, causal, Tk - Tq, scale, m, l, alpha)
-            PV = S @ V[:, :, k0:k1]                      # (B, H, bq, Dv)
-            acc = PV if acc is None else alpha[..., None] * acc + PV
-        if acc is None:                                  # every key block skipped: nothing visible
-            acc = np.zeros((B, H, q1 - q0, Dv), Q.dtype)
-        _normalise(acc, m, l, out[:, :, q0:q1], lse[:, :, q0:q1])
-    return out, lse
+            S = Q[:, q0:q1] @ Kt[:, k0 // bk, :, :k1 - k0]  # (N, bq, bk), BLAS
+            _online_softmax_tile(S, pad, q0, k0, causal, Tk - Tq, scale, m, l, acc)
+            acc += S @ V[:, k0:k1]                       # (N, bq, Dv)
+        _normalise(acc, m, l, out[:, q0:q1], lse[:, q0:q1])
 
 
 # ------------------------------------------------------------------------------------------- backward
-@njit(parallel=True, cache=True)
-def _ds_tile(S, dP, mask, q0, k0, causal, offset, scale, L, Di):
-    """Given the raw score tile S = Q_i K_j^T and dP = dO_i V_j^T (B, H, bq, bk): S becomes
-    P = exp(scale S - L) (0 where hidden), dP becomes dS = P (dP - D_i). L: lse with -inf as 0."""
-    B, H, bq, bk = S.shape
+@njit(nogil=True, cache=True, error_model="numpy")
+def _ds_tile(S, dP, pad, q0, k0, causal, offset, scale, L, Di):
+    """Given the raw score tile S = Q_i K_j^T and dP = dO_i V_j^T (N, bq, bk): S becomes
+    P = exp(scale S - L) (0 where hidden), dP becomes scale * dS = scale * P (dP - D_i). L: lse with -inf as 0."""
+    N, bq, bk = S.shape
+    zero = S.dtype.type(0)
     ninf = S.dtype.type(-np.inf)
-    for row in prange(B * H * bq):
-        b, h, i = row // (H * bq), (row // bq) % H, row % bq
-        s, dp = S[b, h, i], dP[b, h, i]
-        Li, Dii = L[b, h, q0 + i], Di[b, h, q0 + i]
-        for j in range(bk):
-            s[j] = ninf if _hidden(mask[b], q0 + i, k0 + j, causal, offset) else scale * s[j]
-        for j in range(bk):                              # vectorises
-            p = vexp(s[j] - Li)
-            s[j] = p
-            dp[j] = p * (dp[j] - Dii)
+    for n in range(N):
+        padk = pad[n, k0:k0 + bk]
+        for i in range(bq):
+            s, dp = S[n, i], dP[n, i]
+            Li, Dii = L[n, q0 + i], Di[n, q0 + i]
+            nv = _visible_keys(q0 + i, k0, bk, causal, offset)
+            for j in range(nv):                          # vectorises
+                p = vexp((ninf if padk[j] else scale * s[j]) - Li)
+                s[j] = p
+                dp[j] = scale * (p * (dp[j] - Dii))
+            for j in range(nv, bk):
+                s[j] = zero
+                dp[j] = zero
 
 
-def _flash_backward(dO, Q, K, V, O, L, mask, causal, scale, bq, bk):
-    """FlashAttention-2 Algorithm 2 over (bq, bk) tiles of all (batch, head) at once."""
-    Tq, Tk = Q.shape[2], K.shape[2]
-    Di = (dO * O).sum(axis=-1)                           # (B, H, Tq) = rowsum(P * dP)
+def _backward(dO, Q, K, V, O, L, pad, dQ, dK, dV, causal, scale, bq, bk):
+    """FlashAttention-2 Algorithm 2 over (bq, bk) tiles of the N rows of one chunk (shapes as `_forward`)."""
+    Tq, Tk = Q.shape[1], K.shape[1]
+    Di = (dO * O).sum(axis=-1)                           # (N, Tq) = rowsum(P * dP)
     L = np.where(np.isfinite(L), L, 0).astype(Q.dtype, copy=False)  # -inf (no key): P = exp(-inf) = 0
-    dQ = np.zeros_like(Q)
-    dK, dV = np.empty_like(K), np.empty_like(V)
+    Kt, Vt = _key_tiles(K, bk), _key_tiles(V, bk)
+    dQ[...] = 0
     for k0 in range(0, Tk, bk):
         k1 = min(k0 + bk, Tk)
-        Kj, Vj = K[:, :, k0:k1], V[:, :, k0:k1]
-        dKj, dVj = np.zeros(Kj.shape, Q.dtype), np.zeros(Vj.shape, Q.dtype)
+        Kj, dKj, dVj = K[:, k0:k1], dK[:, k0:k1], dV[:, k0:k1]
+        Ktj, Vtj = Kt[:, k0 // bk, :, :k1 - k0], Vt[:, k0 // bk, :, :k1 - k0]
+        dKj[...], dVj[...] = 0, 0
         for q0 in range(0, Tq, bq):
             q1 = min(q0 + bq, Tq)
             if ref._above_diagonal(q1, k0, Tq, Tk, causal):
                 continue                                 # these queries see none of this key block
-            Qi, dOi = Q[:, :, q0:q1], dO[:, :, q0:q1]
-            S = Qi @ _T(Kj)                              # (B, H, bq, bk), BLAS
-            dP = dOi @ _T(Vj)                            # (B, H, bq, bk)
-            _ds_tile(S, dP, mask, q0, k0, causal, Tk - Tq, scale, L, Di)
+            Qi, dOi = Q[:, q0:q1], dO[:, q0:q1]
+            S = Qi @ Ktj                                 # (N, bq, bk), BLAS
+            dP = dOi @ Vtj                               # (N, bq, bk)
+            _ds_tile(S, dP, pad, q0, k0, causal, Tk - Tq, scale, L, Di)
             dVj += _T(S) @ dOi                           # dV += P^T dO
-            dQ[:, :, q0:q1] += scale * (dP @ Kj)         # dQ += scale dS K
-            dKj += scale * (_T(dP) @ Qi)                 # dK += scale dS^T Q
-        dK[:, :, k0:k1], dV[:, :, k0:k1] = dKj, dVj
-    return dQ, dK, dV
+            dQ[:, q0:q1] += dP @ Kj                      # dQ += scale dS K
+            dKj += _T(dP) @ Qi                           # dK += scale dS^T Q
 
 
-# ------------------------------------------------------------------------------------------- wrappers
+# ------------------------------------------------------------------------------------ threads, wrappers
+_pool, _pool_lock = None, threading.Lock()
+
+
+def _in_chunks(fn, N, arrays, *args):
+    """fn(*(a[lo:hi] for a in arrays), *args) for one chunk of the N rows per numba thread, on a thread pool."""
+    global _pool
+    cuts = np.linspace(0, N, min(get_num_threads(), N) + 1).astype(int)
+    jobs = [(lo, hi) for lo, hi in zip(cuts[:-1], cuts[1:])]
+    if len(jobs) == 1:
+        return fn(*arrays, *args)
+    with _pool_lock:
+        if _pool is None or _pool._max_workers < len(jobs):
+            _pool = ThreadPoolExecutor(len(jobs), thread_name_prefix="refimpl-attention")
+        pool = _pool
+    for f in [pool.submit(fn, *(a[lo:hi] for a in arrays), *args) for lo, hi in jobs]:
+        f.result()
+
+
 def _prepare(q, k, v, key_padding_mask, block_size):
-    """Checks as the reference; returns (compute dtype, D, mask (B, Tk) bool, tile (bq, bk))."""
+    """Checks as the reference; returns (compute dtype, D, mask (B*H, Tk) bool, tile (bq, bk))."""
     bs = 1 if block_size is None else block_size
     B, H, Tq, Tk, D = ref._check_inputs(q, k, v, key_padding_mask, bs, bs)
     dt = ref._compute_dtype(q, k, v)
-    mask = np.zeros((B, Tk), np.bool_) if key_padding_mask is None else np.ascontiguousarray(key_padding_mask)
-    tile = (Tq, Tk) if block_size is None else (min(block_size, Tq), min(block_size, Tk))
-    return dt, D, mask, tile
+    mask = (np.zeros((B * H, Tk), np.bool_) if key_padding_mask is None
+            else np.repeat(np.asarray(key_padding_mask), H, axis=0))
+    return dt, D, mask, _tile(block_size, Tq, Tk, max(D, v.shape[3]))
+
+
+def _rows(a, dt):
+    """(B, H, T, X) -> a C-contiguous (B*H, T, X) array of the compute dtype."""
+    return np.ascontiguousarray(a, dtype=dt).reshape(-1, *a.shape[2:])
 
 
 def attention(q, k, v, *, causal=False, key_padding_mask=None, scale=None, block_size=None):
     """Mirrors the reference `attention` (block_size=None) and `attention_tiled` (square blocks):
     returns (out (B, H, Tq, Dv) in q.dtype, lse (B, H, Tq) in the compute dtype)."""
     dt, D, mask, (bq, bk) = _prepare(q, k, v, key_padding_mask, block_size)
-    Q, K, V = (np.ascontiguousarray(a, dtype=dt) for a in (q, k, v))
-    out, lse = _flash_forward(Q, K, V, mask, bool(causal), ref._scale(scale, D, dt), bq, bk)
-    return out.astype(q.dtype, copy=False), lse
+    B, H, Tq, _ = q.shape
+    Q, K, V = (_rows(a, dt) for a in (q, k, v))
+    out, lse = np.empty((B * H, Tq, V.shape[2]), dt), np.empty((B * H, Tq), dt)
+    _in_chunks(_forward, B * H, (Q, K, V, mask, out, lse), bool(causal), ref._scale(scale, D, dt), bq, bk)
+    return out.reshape(B, H, Tq, -1).astype(q.dtype, copy=False), lse.reshape(B, H, Tq)
 
 
 def attention_backward(dout, q, k, v, out, lse, *, causal=False, key_padding_mask=None, scale=None,
@@ -172,6 +257,11 @@ def attention_backward(dout, q, k, v, out, lse, *, causal=False, key_padding_mas
     q's, k's and v's dtypes."""
     dt, D, mask, (bq, bk) = _prepare(q, k, v, key_padding_mask, block_size)
     ref._check_backward_inputs(dout, out, lse, q, v)
-    dO, Q, K, V, O, L = (np.ascontiguousarray(a, dtype=dt) for a in (dout, q, k, v, out, lse))
-    dq, dk, dv = _flash_backward(dO, Q, K, V, O, L, mask, bool(causal), ref._scale(scale, D, dt), bq, bk)
-    return dq.astype(q.dtype, copy=False), dk.astype(k.dtype, copy=False), dv.astype(v.dtype, copy=False)
+    dO, Q, K, V, O = (_rows(a, dt) for a in (dout, q, k, v, out))
+    L = np.ascontiguousarray(lse, dtype=dt).reshape(-1, lse.shape[2])
+    dQ, dK, dV = np.empty_like(Q), np.empty_like(K), np.empty_like(V)
+    _in_chunks(_backward, Q.shape[0], (dO, Q, K, V, O, L, mask, dQ, dK, dV), bool(causal),
+               ref._scale(scale, D, dt), bq, bk)
+    return (dQ.reshape(q.shape).astype(q.dtype, copy=False), dK.reshape(k.shape).astype(k.dtype, copy=False),
+            dV.reshape(v.shape).astype(v.dtype, copy=False))
+
