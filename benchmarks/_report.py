@@ -24,6 +24,16 @@ def machine() -> str:
             f"nproc {len(os.sched_getaffinity(0))}, Linux {platform.release()}")
 
 
+def blas_threads() -> str:
+    """NumPy's OpenBLAS thread count now (the numba backend sets it to 1 when selected), or why it is not known."""
+    try:
+        from refimpl_numba._threads import _find_openblas
+    except ImportError:
+        return "NumPy's BLAS threads unknown"
+    blas = _find_openblas()
+    return "NumPy's BLAS is not a known OpenBLAS" if blas is None else f"NumPy's OpenBLAS threads {blas[0]()}"
+
+
 def emit(lines: list, details: str, script: str, out=None) -> str:
     """Print the table, then "<date>; <machine>; <details>" and the command line; also write it to `out`."""
     command = "python3 " + " ".join(shlex.quote(a) for a in [os.path.relpath(script), *sys.argv[1:]])

@@ -6,8 +6,10 @@ tiled (``block_size=64``: FlashAttention's online softmax, working memory bounde
 forms on the NumPy reference (refimpl/kernels/attention.py) and on the numba backend
 (backends/refimpl_numba/attention.py) against ``torch.nn.functional.scaled_dot_product_attention`` on the CPU,
 forward and backward through autograd, fp32, with each mask of --masks: causal, key padding (batch row b pads its
-last T*b/(2B) keys; torch gets the same mask as a boolean attn_mask), both, or none. Variants are run interleaved (A B C, C B A, ...) on the same
-inputs, so that other tenants of the machine hit all alike; every threaded library gets all cores.
+last T*b/(2B) keys; torch gets the same mask as a boolean attn_mask), both, or none. Variants are run interleaved
+(A B C, C B A, ...) on the same inputs, so that other tenants of the machine hit all alike; every threaded library
+gets all cores, except NumPy's OpenBLAS: selecting the numba backend sets it to one thread for the process
+(backends/refimpl_numba/_threads.py), so the numpy rows run on one BLAS thread too (the details line says).
 
 FLOP convention (FlashAttention's): a forward pass is 4*B*H*T*T*D (the two matmuls QK^T and PV), forward+backward
 2.5x that (the backward's five matmuls against the forward's two), halved for causal attention, whose upper
@@ -35,7 +37,7 @@ import numpy as np
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from _report import emit, median_range  # noqa: E402  (benchmarks/ is the script's folder)
+from _report import blas_threads, emit, median_range  # noqa: E402  (benchmarks/ is the script's folder)
 from refimpl.backend import get_backend  # noqa: E402
 
 
@@ -95,7 +97,8 @@ def torch_variant(torch, q, k, v, dout, causal, pad):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--sizes", nargs="+", type=parse_size, default=[(16, 8, 128, 16), (4, 8, 256, 64), (4, 8, 1024, 64)],
+    ap.add_argument("--sizes", nargs="+", type=parse_size,
+                    default=[(16, 8, 128, 16), (4, 8, 256, 64), (4, 8, 1024, 64)],
                     help="B,H,T,D per size (default 16,8,128,16 (the default model's) 4,8,256,64 4,8,1024,64)")
     ap.add_argument("--reps", type=int, default=5, help="timed repetitions per variant (default 5)")
     ap.add_argument("--warmup", type=int, default=1, help="untimed repetitions first (default 1; numba compiles)")
@@ -134,7 +137,8 @@ def main():
                                                                             causal, pad)
         names = list(variants)
         fwd, bwd, results = {n: [] for n in names}, {n: [] for n in names}, {}
-        with tqdm(total=(args.warmup + args.reps) * len(names), desc=f"T={T} {mask}", unit="run", file=sys.stderr) as bar:
+        with tqdm(total=(args.warmup + args.reps) * len(names), desc=f"T={T} {mask}", unit="run",
+                  file=sys.stderr) as bar:
             for rnd in range(args.warmup + args.reps):
                 for name in (names if rnd % 2 == 0 else names[::-1]):
                     t0 = time.perf_counter()
@@ -151,7 +155,8 @@ def main():
         for name in names:
             med = np.median(total[name])
             diff = max(float(np.max(np.abs(a - b))) for a, b in zip(results[name], ref))
-            lines.append(f"| {B}, {H}, {T}, {D} | {mask} | {name} | {median_range(total[name])} | {np.median(fwd[name]):.1f} "
+            lines.append(f"| {B}, {H}, {T}, {D} | {mask} | {name} | {median_range(total[name])} "
+                         f"| {np.median(fwd[name]):.1f} "
                          f"| {np.median(bwd[name]):.1f} | {flops / (med / 1e3) / 1e9:.1f} | {torch_ms / med:.2f}x "
                          f"| {diff:.1e} |")
     details = (f"fp32, {args.reps} timed runs after {args.warmup} warm-up, interleaved; padded: batch row b pads "
@@ -159,7 +164,7 @@ def main():
                f"subtracted; "
                f"torch {torch.__version__}, {torch.get_num_threads()} threads; {'; '.join(notes)}; "
                f"OMP_WAIT_POLICY {os.environ['OMP_WAIT_POLICY']}, "
-               f"OPENBLAS_NUM_THREADS {os.environ.get('OPENBLAS_NUM_THREADS', 'unset')} (NumPy's BLAS)")
+               f"OPENBLAS_NUM_THREADS {os.environ.get('OPENBLAS_NUM_THREADS', 'unset')}, {blas_threads()} at the end")
     emit(lines, details, __file__, args.out)
 
 

@@ -18,12 +18,15 @@ With ``--profile`` (default on), a second table splits refimpl's step by backend
 which every kernel of the backend is timed (benchmarks only: the wrapper is an attribute of the backend instance);
 "other" is the rest of the step: the Python autodiff tape and the NumPy array code between kernels.
 
-NumPy's BLAS (OpenBLAS) uses every core unless OPENBLAS_NUM_THREADS says otherwise; on a busy 2-core machine its
-threads on the model's small matmuls cost more than they give (OPENBLAS_NUM_THREADS=1 made refimpl's step 3-4x
-faster there), so the details line records the setting: run it both ways.
+NumPy's BLAS (OpenBLAS) uses every core unless told otherwise, and its threads spin after each product: they took
+the cores from whatever ran next, torch's step included (torch eager measured 72 ms per step beside them and 54 ms
+without, 2026-12-04). Selecting the numba backend sets OpenBLAS to one thread for the process
+(backends/refimpl_numba/_threads.py); with --backends numba alone, nothing in the process starts OpenBLAS's
+threads. With the numpy variant too, it runs on one BLAS thread after numba is selected. The details line records
+the count.
 
     python3 benchmarks/train_step_cpu.py [--steps 10] [--warmup 2] [--set KEY=VALUE ...] [--no-profile]
-        [--out table.md]
+        [--backends numba numpy] [--out table.md]
 """
 import argparse
 import os
@@ -40,7 +43,7 @@ import numpy as np
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from _report import emit, median_range  # noqa: E402  (benchmarks/ is the script's folder)
+from _report import blas_threads, emit, median_range  # noqa: E402  (benchmarks/ is the script's folder)
 from refimpl.backend import KERNELS, use_backend  # noqa: E402
 from refimpl.config import load_config  # noqa: E402
 from refimpl.engine import Engine  # noqa: E402
@@ -149,6 +152,8 @@ def main():
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2; numba loads kernels)")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                     help="config overrides for every variant (default: the default config)")
+    ap.add_argument("--backends", nargs="+", default=["numba", "numpy"], choices=["numba", "numpy"],
+                    help="refimpl's variants (default both)")
     ap.add_argument("--no-profile", dest="profile", action="store_false", help="skip the per-kernel table")
     ap.add_argument("--profile-steps", type=int, default=6, help="profiled steps per backend (default 6)")
     ap.add_argument("--out", help="also write the tables to this file")
@@ -161,7 +166,7 @@ def main():
     torch.set_num_threads(cores)
     notes = []
     variants = {}
-    for backend in ("numba", "numpy"):
+    for backend in args.backends:
         config = load_config(None, [*args.set, f"backend={backend}"])
         if config["world_size"] != 1 or config["gradient_accumulation_steps"] != 1:
             ap.error("this benchmark steps one rank without gradient accumulation; got world_size="
@@ -231,7 +236,7 @@ def main():
                f"{', overrides ' + ' '.join(args.set) if args.set else ''}; torch {torch.__version__} "
                f"({torch.get_num_threads()} threads); {'; '.join(notes)}; "
                f"OMP_WAIT_POLICY {os.environ['OMP_WAIT_POLICY']}, "
-               f"OPENBLAS_NUM_THREADS {os.environ.get('OPENBLAS_NUM_THREADS', 'unset')} (NumPy's BLAS)")
+               f"OPENBLAS_NUM_THREADS {os.environ.get('OPENBLAS_NUM_THREADS', 'unset')}, {blas_threads()} at the end")
     emit(lines, details, __file__, args.out)
 
 

@@ -2,19 +2,20 @@
 
 Registered through the `refimpl.backends` entry point (pyproject.toml), exactly as a third-party backend
 would be; select it with REFIMPL_BACKEND=numba or refimpl.use_backend("numba"). Arrays are plain NumPy
-arrays (xp = numpy), so everything the backend does not override (memory, matmul) is the reference's.
+arrays (xp = numpy), so everything the backend does not override (memory, array code) is the reference's.
 
-- dense.py      softmax, layernorm, GELU, embedding, cross-entropy, forward and backward
+- dense.py      matmul (row chunks on threads), softmax, layernorm, GELU, embedding, cross-entropy, fwd and bwd
 - attention.py  FlashAttention-2 forward/backward (plain and tiled forms): tile products through NumPy's
-                batched BLAS, masks / online softmax / dS fused in numba, parallel over rows
+                batched BLAS, masks / online softmax / dS fused in numba, parallel over (batch, head) chunks
+- _threads.py   the thread pool for those chunks, and NumPy's OpenBLAS kept on one thread inside them
 - optim.py      fused single-pass AdamW (+ fp16/bf16 copy-out), sum of squares, inf/nan check, cast
 - _bits.py      float16 / bfloat16 bit conversions inside kernels (numba has neither type)
 - _vmath.py     float32 exp / tanh that vectorise (numba's np.exp / np.tanh are scalar libm calls)
 
-NumPy's BLAS keeps its own threads (OPENBLAS_NUM_THREADS): on the 2-core benchmark machine the default
-(all cores) measured faster for the training step than OPENBLAS_NUM_THREADS=1 (benchmarks/train_step_cpu.py).
-
-matmul stays NumPy's `@` (BLAS), with float16/bfloat16 operands upcast to float32 as the reference does.
+matmul is NumPy's `@` (BLAS) on chunks of the output's rows, one per numba thread. Selecting this backend sets
+NumPy's OpenBLAS to one thread for the whole process: its own threads spin after each product and took the
+2 cores from the next kernel (_threads.py). float16/bfloat16 operands go to the reference, which upcasts
+them to float32.
 
 Kernels compile once per process and are cached on disk (`cache=True`, in __pycache__ beside these
 files), so only the first run on a machine pays the compile time. numba itself is imported lazily: this
@@ -68,6 +69,10 @@ class NumbaBackend(Backend):
         # threads and the other simulated ranks: on 2 cores a forward pass took 47 ms instead of 0.6 ms, a training
         # run 3.8x longer. Sleep instead, unless the user chose (read when OpenMP starts: the first parallel call).
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        # The same for NumPy's OpenBLAS, whose threads spin after each product: this backend cuts the products
+        # into chunks on its own threads, so OpenBLAS gets one thread, for the whole process (_threads.py).
+        from ._threads import make_blas_serial
+        make_blas_serial()
 
     softmax = _Kernel("dense")
     softmax_backward = _Kernel("dense")
@@ -79,6 +84,7 @@ class NumbaBackend(Backend):
     embedding_backward = _Kernel("dense")
     cross_entropy = _Kernel("dense")
     cross_entropy_backward = _Kernel("dense")
+    matmul = _Kernel("dense")
     attention = _Kernel("attention")
     attention_backward = _Kernel("attention")
     adam_step = _Kernel("optim")

@@ -20,14 +20,12 @@ How it is made fast on a few cores:
 Conventions are the reference's: key_padding_mask (B, Tk) True = padding; causal lets query i see keys
 j <= i + (Tk - Tq); a query row with no visible key gets out = 0, lse = -inf and zero gradients.
 """
-import threading
-from concurrent.futures import ThreadPoolExecutor
-
 import numpy as np
 from numba import get_num_threads, njit
 
 from refimpl.kernels import attention as ref
 
+from ._threads import in_chunks
 from ._vmath import vexp
 
 TILE = 64                 # the largest tile side
@@ -217,9 +215,6 @@ def _backward(dO, Q, K, V, O, L, pad, dQ, dK, dV, causal, scale, bq, bk):
 
 
 # ------------------------------------------------------------------------------------ threads, wrappers
-_pool, _pool_lock = None, threading.Lock()
-
-
 def _cuts(extent, parts):
     """Cut the rows into at most `parts` runs of about equal work. A run walks every key tile that any of its
     rows sees, so its work is (rows) x (the largest extent among them): the smallest such bottleneck, found by
@@ -243,24 +238,6 @@ def _cuts(extent, parts):
         else:
             lo = mid + 1
     return pack(lo)
-
-
-def _in_chunks(fn, extent, arrays, *args):
-    """fn(*(a[lo:hi] for a in arrays), *args) for one run of rows per numba thread (`_cuts`): the calling thread
-    takes the first, a thread pool the others."""
-    global _pool
-    cuts = _cuts(extent, min(get_num_threads(), len(extent)))
-    jobs = [(lo, hi) for lo, hi in zip(cuts[:-1], cuts[1:])]
-    if len(jobs) > 1:
-        with _pool_lock:
-            if _pool is None or _pool._max_workers < len(jobs) - 1:
-                _pool = ThreadPoolExecutor(len(jobs) - 1, thread_name_prefix="refimpl-attention")
-            pool = _pool
-        others = [pool.submit(fn, *(a[lo:hi] for a in arrays), *args) for lo, hi in jobs[1:]]
-    lo, hi = jobs[0]
-    fn(*(a[lo:hi] for a in arrays), *args)
-    for f in others if len(jobs) > 1 else ():
-        f.result()
 
 
 def _extent(mask, bk):
@@ -295,7 +272,8 @@ def attention(q, k, v, *, causal=False, key_padding_mask=None, scale=None, block
     B, H, Tq, _ = q.shape
     Q, K, V = (_rows(a, dt) for a in (q, k, v))
     out, lse = np.empty((B * H, Tq, V.shape[2]), dt), np.empty((B * H, Tq), dt)
-    _in_chunks(_forward, _extent(mask, bk), (Q, K, V, mask, out, lse), bool(causal), ref._scale(scale, D, dt), bq, bk)
+    in_chunks(_forward, _cuts(_extent(mask, bk), get_num_threads()), (Q, K, V, mask, out, lse), bool(causal),
+              ref._scale(scale, D, dt), bq, bk)
     return out.reshape(B, H, Tq, -1).astype(q.dtype, copy=False), lse.reshape(B, H, Tq)
 
 
@@ -308,8 +286,8 @@ def attention_backward(dout, q, k, v, out, lse, *, causal=False, key_padding_mas
     dO, Q, K, V, O = (_rows(a, dt) for a in (dout, q, k, v, out))
     L = np.ascontiguousarray(lse, dtype=dt).reshape(-1, lse.shape[2])
     dQ, dK, dV = np.empty_like(Q), np.empty_like(K), np.empty_like(V)
-    _in_chunks(_backward, _extent(mask, bk), (dO, Q, K, V, O, L, mask, dQ, dK, dV), bool(causal),
-               ref._scale(scale, D, dt), bq, bk)
+    in_chunks(_backward, _cuts(_extent(mask, bk), get_num_threads()), (dO, Q, K, V, O, L, mask, dQ, dK, dV),
+              bool(causal), ref._scale(scale, D, dt), bq, bk)
     return (dQ.reshape(q.shape).astype(q.dtype, copy=False), dK.reshape(k.shape).astype(k.dtype, copy=False),
             dV.reshape(v.shape).astype(v.dtype, copy=False))
 

@@ -1,4 +1,4 @@
-"""numba kernels for the dense layers: softmax, layernorm, GELU, embedding, cross-entropy (fwd and bwd).
+"""numba kernels for the dense layers: matmul, softmax, layernorm, GELU, embedding, cross-entropy (fwd and bwd).
 
 Each public function mirrors the reference kernel of the same name in refimpl/kernels/dense.py: same
 signature, dtypes in and out, errors. The wrapper does what NumPy does well (upcast float16 / bfloat16 to
@@ -17,15 +17,41 @@ from refimpl.kernels import dense as ref
 from refimpl.kernels.dense import compute_dtype
 
 from ._bits import bits_and_kind
+from ._threads import even_cuts, in_chunks
 from ._vmath import vexp, vtanh
 
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 _COL_BLOCK = 64  # columns per work item of the column-parallel reductions (race-free: one owner each)
+_MATMUL_MIN_ROWS = 64  # fewer output rows than this: one BLAS call on the calling thread
 
 
 def _up(x):
     """C-contiguous, in the compute dtype (float64 stays, everything else float32), as the reference's _up."""
     return np.ascontiguousarray(x, dtype=compute_dtype(x.dtype))
+
+
+# ----------------------------------------------------------------------------------------------- matmul
+def _rows_product(x, out, b):
+    np.matmul(x, b, out=out)
+
+
+def matmul(a, b, transpose_a=False, transpose_b=False):
+    """The reference's matmul (same arguments, dtypes, results) with the output's rows cut into one chunk per
+    numba thread, each one BLAS call on its own thread (_threads.py: OpenBLAS itself is kept on one thread).
+    Only 2-D products and (..., M, K) @ (K, N) are cut; other batched products go to the reference."""
+    a2 = a.swapaxes(-1, -2) if transpose_a else a
+    b2 = b.swapaxes(-1, -2) if transpose_b else b
+    if b2.ndim != 2 or a2.ndim < 2 or a2.shape[-1] != b2.shape[0] or a2.dtype != b2.dtype \
+            or a2.dtype not in (np.float32, np.float64):
+        return ref.matmul(a, b, transpose_a, transpose_b)
+    x = a2.reshape(-1, a2.shape[-1])                     # (M, K); a view unless a was transposed
+    M = x.shape[0]
+    if M < _MATMUL_MIN_ROWS:
+        return ref.matmul(a, b, transpose_a, transpose_b)
+    out = np.empty((M, b2.shape[1]), a2.dtype)
+    in_chunks(_rows_product, even_cuts(M), (x, out), b2)
+    return out.reshape(*a2.shape[:-1], b2.shape[1])
+
 
 
 def _rows(x):

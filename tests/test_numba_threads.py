@@ -1,0 +1,116 @@
+"""The numba backend's own threads (backends/refimpl_numba/_threads.py) and the kernels that use them.
+
+- in_chunks runs every run of rows exactly once, the first on the calling thread, and raises a chunk's error;
+- attention's cut of the rows (`_cuts`) has the smallest bottleneck a brute force finds, and covers every row;
+- matmul on row chunks gives the reference's result, for every shape the model makes (Linear forward, dx, dW);
+- attention with key tiles that are padding in every row of a chunk (they are skipped) equals the reference;
+- once the backend is selected, NumPy's OpenBLAS (where it is the BLAS) runs on one thread.
+"""
+import itertools
+import threading
+
+import numpy as np
+import pytest
+
+pytest.importorskip("numba", reason="numba not installed")
+
+from refimpl.backend import get_backend  # noqa: E402
+from refimpl.kernels import attention as ref_attention  # noqa: E402
+from refimpl.kernels import dense as ref_dense  # noqa: E402
+from refimpl_numba import _threads  # noqa: E402
+from refimpl_numba.attention import _cuts, _extent  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def nb():
+    return get_backend("numba")
+
+
+def test_in_chunks_runs_each_row_once_first_on_the_caller():
+    x = np.zeros(10, int)
+    _threads.in_chunks(lambda rows: rows.__iadd__(1), [0, 3, 3, 7, 10], (x,))   # an empty run is skipped
+    assert (x == 1).all()
+    ran = []
+    _threads.in_chunks(lambda rows: ran.append((int(rows[0]), threading.get_ident())), [0, 5, 10], (np.arange(10),))
+    assert sorted(r for r, _ in ran) == [0, 5]
+    assert (0, threading.get_ident()) in ran                       # the first run is the caller's
+
+
+def test_in_chunks_raises_the_error_of_a_pool_chunk():
+    def work(rows):
+        if rows[0] >= 5:
+            raise ValueError(f"bad row {rows[0]}")
+    with pytest.raises(ValueError, match="bad row 5"):
+        _threads.in_chunks(work, [0, 5, 10], (np.arange(10),))
+
+
+@pytest.mark.parametrize("parts", [1, 2, 3])
+def test_cuts_minimise_the_bottleneck(parts):
+    rng = np.random.default_rng(parts)
+    for _ in range(60):
+        extent = rng.integers(1, 9, size=int(rng.integers(1, 9)))
+
+        def bottleneck(cuts):
+            return max((hi - lo) * extent[lo:hi].max() for lo, hi in zip(cuts[:-1], cuts[1:]))
+        cuts = _cuts(extent, parts)
+        assert cuts[0] == 0 and cuts[-1] == len(extent) and all(a < b for a, b in zip(cuts[:-1], cuts[1:]))
+        assert len(cuts) - 1 <= parts
+        best = min(bottleneck([0, *inner, len(extent)])
+                   for k in range(min(parts, len(extent)))
+                   for inner in itertools.combinations(range(1, len(extent)), k))
+        assert bottleneck(cuts) == best
+
+
+def test_extent_counts_tiles_up_to_the_last_key_seen():
+    mask = np.zeros((4, 200), bool)
+    mask[1, 150:] = True              # keys 128-149 are seen: 3 tiles of 64
+    mask[2, :] = True                 # all padding: one tile (the row still gets its zero output)
+    mask[3, :130] = True              # leading padding: the tiles before the last seen one still count
+    assert _extent(mask, 64).tolist() == [4, 3, 1, 4]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("a_shape,b_shape,ta,tb", [
+    ((16, 128, 48), (96, 48), False, True),     # Linear forward: x @ W^T over (batch, seq) rows
+    ((2048, 40), (40, 96), False, False),       # Linear dx: g @ W
+    ((300, 72), (300, 40), True, False),        # Linear dW: g^T @ x
+    ((64, 7), (7, 5), False, False),            # the smallest that is cut
+    ((63, 7), (7, 5), False, False),            # one row fewer: one call
+])
+def test_matmul_in_chunks_equals_the_reference(nb, dtype, a_shape, b_shape, ta, tb):
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal(a_shape).astype(dtype), rng.standard_normal(b_shape).astype(dtype)
+    out = nb.matmul(a, b, transpose_a=ta, transpose_b=tb)
+    expected = ref_dense.matmul(a, b, transpose_a=ta, transpose_b=tb)
+    assert out.shape == expected.shape and out.dtype == expected.dtype
+    np.testing.assert_allclose(out, expected, rtol=16 * np.finfo(dtype).eps, atol=16 * np.finfo(dtype).eps)
+
+
+def test_matmul_low_precision_goes_to_the_reference(nb):
+    a = np.ones((80, 4), np.float16)
+    out = nb.matmul(a, a, transpose_b=True)
+    assert out.dtype == np.float16 and np.array_equal(out, ref_dense.matmul(a, a, transpose_b=True))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_attention_skips_key_tiles_padded_in_every_row(nb, causal):
+    """Batch rows 2 and 3 pad all keys from 64 on, so the chunk that holds them skips those tiles."""
+    rng = np.random.default_rng(1)
+    B, H, T, D = 4, 2, 200, 8
+    q, k, v, dout = (rng.standard_normal((B, H, T, D)) for _ in range(4))
+    mask = np.zeros((B, T), bool)
+    mask[1, 150:] = True
+    mask[2:, 64:] = True
+    out, lse = nb.attention(q, k, v, causal=causal, key_padding_mask=mask, block_size=64)
+    grads = nb.attention_backward(dout, q, k, v, out, lse, causal=causal, key_padding_mask=mask, block_size=64)
+    out_r, lse_r = ref_attention.attention(q, k, v, causal=causal, key_padding_mask=mask)
+    grads_r = ref_attention.attention_backward(dout, q, k, v, out_r, lse_r, causal=causal, key_padding_mask=mask)
+    for got, want in [(out, out_r), (lse, lse_r), *zip(grads, grads_r)]:
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_openblas_runs_on_one_thread_once_numba_is_selected(nb):
+    blas = _threads._find_openblas()
+    if blas is None:
+        pytest.skip("NumPy's BLAS here is not an OpenBLAS whose thread count can be read")
+    assert blas[0]() == 1
