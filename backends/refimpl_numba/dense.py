@@ -22,6 +22,7 @@ from ._vmath import vexp, vtanh
 
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 _COL_BLOCK = 64  # columns per work item of the column-parallel reductions (race-free: one owner each)
+_LN_CHUNKS = 16        # partial sums of layernorm's dweight / dbias: a few per thread, so that load balances
 _MATMUL_MIN_ROWS = 64  # fewer output rows than this: one BLAS call on the calling thread
 
 
@@ -143,29 +144,41 @@ def layernorm(x, weight, bias, eps=1e-5):
     return y.reshape(x.shape).astype(x.dtype, copy=False), mean.reshape(stat_shape), rstd.reshape(stat_shape)
 
 
-@njit(parallel=True, cache=True)
-def _layernorm_backward_rows(dy, x, w, mean, rstd):
+@njit(parallel=True, cache=True, error_model="numpy")
+def _layernorm_backward_rows(dy, x, w, mean, rstd, chunks):
+    """dx row by row; dweight and dbias as one partial sum per chunk of rows (parallel, each chunk's sum a
+    vectorised pass over the columns), then the sum of the partials."""
     rows, n = x.shape
     dx = np.empty_like(x)
     n_ = x.dtype.type(n)
-    for r in prange(rows):                               # dx: each row on its own
-        mg = x.dtype.type(0)
-        mgx = x.dtype.type(0)
-        for j in range(n):
-            g = dy[r, j] * w[j]
-            mg += g
-            mgx += g * ((x[r, j] - mean[r]) * rstd[r])
-        mg, mgx = mg / n_, mgx / n_
-        for j in range(n):
-            xhat = (x[r, j] - mean[r]) * rstd[r]
-            dx[r, j] = rstd[r] * (dy[r, j] * w[j] - mg - xhat * mgx)
+    dw_part = np.zeros((chunks, n), x.dtype)
+    db_part = np.zeros((chunks, n), x.dtype)
+    for c in prange(chunks):
+        xhat = np.empty(n, x.dtype)
+        dwc, dbc = dw_part[c], db_part[c]
+        for r in range(c * rows // chunks, (c + 1) * rows // chunks):
+            xr, dyr, dxr = x[r], dy[r], dx[r]
+            mg = x.dtype.type(0)
+            mgx = x.dtype.type(0)
+            for j in range(n):
+                xhat[j] = (xr[j] - mean[r]) * rstd[r]
+            for j in range(n):
+                g = dyr[j] * w[j]
+                mg += g
+                mgx += g * xhat[j]
+            mg, mgx = mg / n_, mgx / n_
+            for j in range(n):                           # these three loops vectorise
+                dxr[j] = rstd[r] * (dyr[j] * w[j] - mg - xhat[j] * mgx)
+            for j in range(n):
+                dwc[j] += dyr[j] * xhat[j]
+            for j in range(n):
+                dbc[j] += dyr[j]
     dw = np.zeros(n, x.dtype)
     db = np.zeros(n, x.dtype)
-    for c0 in prange((n + _COL_BLOCK - 1) // _COL_BLOCK):   # dweight, dbias: a block of columns each
-        for r in range(rows):
-            for j in range(c0 * _COL_BLOCK, min(n, (c0 + 1) * _COL_BLOCK)):
-                dw[j] += dy[r, j] * ((x[r, j] - mean[r]) * rstd[r])
-                db[j] += dy[r, j]
+    for c in range(chunks):
+        for j in range(n):
+            dw[j] += dw_part[c, j]
+            db[j] += db_part[c, j]
     return dx, dw, db
 
 
@@ -178,7 +191,7 @@ def layernorm_backward(dy, x, weight, mean, rstd):
     dt = np.result_type(*(compute_dtype(a.dtype) for a in (dy, x, weight, mean, rstd)))
     dyc, xc = (_rows(np.ascontiguousarray(a, dtype=dt)) for a in (dy, x))
     dx, dw, db = _layernorm_backward_rows(dyc, xc, weight.astype(dt), mean.astype(dt).reshape(-1),
-                                          rstd.astype(dt).reshape(-1))
+                                          rstd.astype(dt).reshape(-1), max(1, min(len(xc), _LN_CHUNKS)))
     return (dx.reshape(x.shape).astype(x.dtype, copy=False), dw.astype(weight.dtype, copy=False),
             db.astype(weight.dtype, copy=False))
 
