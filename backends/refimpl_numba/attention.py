@@ -220,6 +220,8 @@ def _cuts(extent, parts):
     rows sees, so its work is (rows) x (the largest extent among them): the smallest such bottleneck, found by
     bisection on it with greedy packing."""
     N = len(extent)
+    if extent.min() == extent.max():                     # no padding to balance: equal runs
+        return [int(c) for c in np.linspace(0, N, min(parts, N) + 1)]
 
     def pack(cap):
         cuts, lo, top = [0], 0, 0
