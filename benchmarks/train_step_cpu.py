@@ -14,9 +14,11 @@ gives the median step time (min-max) after the warm-up steps, tokens/s (micro ba
 the speed relative to torch (torch's median over the variant's: > 1 is faster) and the loss of the first and last
 step, which should agree across the three (the same model on the same data).
 
-With ``--profile`` (default on), a second table splits refimpl's step by backend kernel, from a few more steps in
-which every kernel of the backend is timed (benchmarks only: the wrapper is an attribute of the backend instance);
-"other" is the rest of the step: the Python autodiff tape and the NumPy array code between kernels.
+With ``--profile`` (default on), a second table splits refimpl's step by backend kernel, from a few more steps
+(after the warm-up, before the timed ones) in which every kernel of the backend is timed (benchmarks only: the wrapper is an attribute of the backend instance);
+"other" is the rest of the step: the Python autodiff tape and the NumPy array code between kernels. A third
+table puts each numba kernel on a roofline: its FLOPs against the GEMM rate and its bytes against the triad,
+both measured in the same run (benchmarks/_roofline.py).
 
 NumPy's BLAS (OpenBLAS) uses every core unless told otherwise, and its threads spin after each product: they took
 the cores from whatever ran next, torch's step included (torch eager measured 72 ms per step beside them and 54 ms
@@ -44,6 +46,8 @@ from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from _report import blas_threads, emit, median_range  # noqa: E402  (benchmarks/ is the script's folder)
+from _roofline import gemm_rate, kernel_work, triad_rate  # noqa: E402
+from _roofline import table as roofline_table  # noqa: E402
 from refimpl.backend import KERNELS, use_backend  # noqa: E402
 from refimpl.config import load_config  # noqa: E402
 from refimpl.engine import Engine  # noqa: E402
@@ -103,6 +107,7 @@ class KernelTimer:
 
     def __init__(self, backend):
         self.be, self.seconds, self.calls = backend, defaultdict(float), defaultdict(int)
+        self.work = defaultdict(lambda: [0.0, 0.0])          # name -> [flops, bytes] (_roofline.kernel_work)
 
     def __enter__(self):
         for name in KERNELS:
@@ -112,11 +117,13 @@ class KernelTimer:
     def _wrap(self, name, fn):
         def timed(*args, **kw):
             t0 = time.perf_counter()
-            try:
-                return fn(*args, **kw)
-            finally:
-                self.seconds[name] += time.perf_counter() - t0
-                self.calls[name] += 1
+            result = fn(*args, **kw)
+            self.seconds[name] += time.perf_counter() - t0
+            self.calls[name] += 1
+            flops, nbytes = kernel_work(name, args, kw, result)
+            self.work[name][0] += flops
+            self.work[name][1] += nbytes
+            return result
         setattr(self.be, name, timed)
 
     def __exit__(self, *exc):
@@ -125,9 +132,11 @@ class KernelTimer:
         return False
 
 
-def profile(variants, batches):
-    """name -> (per-kernel seconds per step, calls per step, step seconds) over `batches`, the refimpl variants
-    stepped interleaved as in the timed run."""
+def profile(variants, batches, peer):
+    """name -> (per-kernel seconds per step, calls per step, step seconds, per-kernel (flops, bytes) per step) over
+    `batches`, the refimpl variants stepped interleaved as in the timed run, and the peer too (untimed), so that all
+    models stay on the same batches. It runs right after the warm-up: run after the timed steps, numba's matmuls
+    measured up to 1.9x slower than in them (28 -> 51-56 ms per step), which is not understood yet (2026-12-04)."""
     names, timers, total = list(variants), {}, defaultdict(float)
     for name in names:
         timers[name] = KernelTimer(variants[name].be).__enter__()
@@ -137,12 +146,14 @@ def profile(variants, batches):
                 t0 = time.perf_counter()
                 variants[name].step(batch)
                 total[name] += time.perf_counter() - t0
+            peer.step(batch)
     finally:
         for timer in timers.values():
             timer.__exit__(None, None, None)
     n = len(batches)
     return {name: ({k: s / n for k, s in timers[name].seconds.items()},
-                   {k: c / n for k, c in timers[name].calls.items()}, total[name] / n) for name in names}
+                   {k: c / n for k, c in timers[name].calls.items()}, total[name] / n,
+                   {k: (f / n, b / n) for k, (f, b) in timers[name].work.items()}) for name in names}
 
 
 
@@ -196,6 +207,10 @@ def main():
     times, losses = {n: [] for n in names}, {n: [] for n in names}
     with tqdm(total=(args.warmup + args.steps) * len(names), desc="steps", unit="step", file=sys.stderr) as bar:
         for s in range(args.warmup + args.steps):
+            if s == args.warmup and args.profile:
+                prof = profile({name: v for name, v in variants.items() if name.startswith("refimpl")},
+                               [batch(args.warmup + args.steps + i) for i in range(args.profile_steps)],
+                               variants["torch eager"])
             b = batch(s)
             for name in (names if s % 2 == 0 else names[::-1]):
                 t0 = time.perf_counter()
@@ -214,10 +229,7 @@ def main():
                      f"| {torch_ms / med:.2f}x | {losses[name][0]:.4f} | {losses[name][-1]:.4f} |")
 
     if args.profile:
-        first_step = args.warmup + args.steps
-        batches = [batch(first_step + i) for i in range(args.profile_steps)]
-        prof = profile({name: v for name, v in variants.items() if name.startswith("refimpl")}, batches)
-        used = sorted({k for sec, _, _ in prof.values() for k in sec},
+        used = sorted({k for sec, *_ in prof.values() for k in sec},
                       key=lambda k: -max(p[0].get(k, 0.0) for p in prof.values()))
         pnames = list(prof)
         lines += ["", "| kernel (ms per step, calls) | " + " | ".join(pnames) + " |",
@@ -228,6 +240,10 @@ def main():
         lines.append("| other (autodiff tape, NumPy glue) | " + " | ".join(
             f"{(prof[n][2] - sum(prof[n][0].values())) * 1e3:.1f}" for n in pnames) + " |")
         lines.append("| whole step (profiled) | " + " | ".join(f"{prof[n][2] * 1e3:.1f}" for n in pnames) + " |")
+        if "refimpl numba" in prof:                      # what bounds each numba kernel (benchmarks/_roofline.py)
+            sec, _, _, work = prof["refimpl numba"]
+            gemm, triad = gemm_rate(variants["refimpl numba"].be), triad_rate()
+            lines += ["", *roofline_table(sec, work, gemm, triad)]
 
     m = config["model"]
     details = (f"default model (n_layers {m['n_layers']}, d_model {m['d_model']}, n_heads {m['n_heads']}, "
