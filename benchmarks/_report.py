@@ -25,13 +25,10 @@ def machine() -> str:
 
 
 def blas_threads() -> str:
-    """NumPy's OpenBLAS thread count now (the numba backend sets it to 1 when selected), or why it is not known."""
-    try:
-        from refimpl_numba._threads import _find_openblas
-    except ImportError:
-        return "NumPy's BLAS threads unknown"
-    blas = _find_openblas()
-    return "NumPy's BLAS is not a known OpenBLAS" if blas is None else f"NumPy's OpenBLAS threads {blas[0]()}"
+    """NumPy's OpenBLAS thread count now (the numba backend pins it to 1 when selected), or why it is not known."""
+    from refimpl.blas_threads import get_threads
+    n = get_threads()
+    return "NumPy's BLAS is not a known OpenBLAS" if n is None else f"NumPy's OpenBLAS threads {n}"
 
 
 def emit(lines: list, details: str, script: str, out=None) -> str:

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from . import blas_threads
 from . import checkpoint as ckpt
 from .autodiff import no_grad
 from .backend import get_backend, use_backend
@@ -137,7 +138,9 @@ def train(config: dict, out_dir=None, *, resume=None, progress: bool = True, com
         ws, timeout = config["world_size"], config["run"]["comm_timeout"]
         if ws == 1:
             return _train_rank(LocalWorld(1, timeout).comm(0), config, out, resume, progress)
-        return run_ranks(ws, _train_rank, config, out, resume, progress, timeout=timeout)[0]
+        # the ranks are threads of this process: each gets an equal share of the cores for NumPy's BLAS
+        with blas_threads.limited(max(1, blas_threads.cores() // ws)):
+            return run_ranks(ws, _train_rank, config, out, resume, progress, timeout=timeout)[0]
     finally:
         if lock is not None:
             lock.release()

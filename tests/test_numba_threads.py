@@ -4,7 +4,8 @@
 - attention's cut of the rows (`_cuts`) has the smallest bottleneck a brute force finds, and covers every row;
 - matmul on row chunks gives the reference's result, for every shape the model makes (Linear forward, dx, dW);
 - attention with key tiles that are padding in every row of a chunk (they are skipped) equals the reference;
-- once the backend is selected, NumPy's OpenBLAS (where it is the BLAS) runs on one thread.
+- selecting the backend pins NumPy's OpenBLAS (where it is the BLAS) to one thread, and a `limited` block that
+  ends later does not undo it.
 """
 import itertools
 import threading
@@ -109,8 +110,14 @@ def test_attention_skips_key_tiles_padded_in_every_row(nb, causal):
         np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
 
 
-def test_openblas_runs_on_one_thread_once_numba_is_selected(nb):
-    blas = _threads._find_openblas()
-    if blas is None:
+def test_selecting_numba_pins_openblas_to_one_thread(nb):
+    from refimpl import blas_threads
+    from refimpl_numba import NumbaBackend
+    if blas_threads.get_threads() is None:
         pytest.skip("NumPy's BLAS here is not an OpenBLAS whose thread count can be read")
-    assert blas[0]() == 1
+    blas_threads.set_threads(2)
+    NumbaBackend()                                           # what selecting the backend runs
+    assert blas_threads.get_threads() == 1
+    with blas_threads.limited(1):                            # a training's limit ends ...
+        pass
+    assert blas_threads.get_threads() == 1                   # ... and leaves the pin alone

@@ -4,17 +4,18 @@ Why: NumPy's OpenBLAS starts its own threads for every product above 2^18 multip
 while after each call. On a 2-core machine those spinning threads took the cores from numba's threads and from
 the next kernel: the default model's attention took 29 ms of a step with them and 18 ms with
 OPENBLAS_NUM_THREADS=1. So the products of attention and matmul are cut into one chunk of rows per numba thread
-(`in_chunks`), and the numba backend sets OpenBLAS to one thread when it starts (`make_blas_serial`): one pool of
-threads does all the parallel work. This holds for the whole process, NumPy code outside refimpl included. When
+(`in_chunks`), and the numba backend pins OpenBLAS to one thread when it starts (`make_blas_serial`, through
+refimpl/blas_threads.py): one pool of threads does all the parallel work. This holds for the whole process, NumPy code outside refimpl included. When
 NumPy's BLAS is not OpenBLAS (or its thread control is not found), nothing changes and the chunks still run in
 parallel.
 """
-import ctypes
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from numba import get_num_threads
+
+from refimpl import blas_threads
 
 _pool, _pool_lock = None, threading.Lock()
 
@@ -46,38 +47,7 @@ def even_cuts(n, parts=None):
 
 
 # ------------------------------------------------------------------------------------ OpenBLAS threads
-def _find_openblas():
-    """(get, set) of the thread count of the OpenBLAS that NumPy loaded, or None."""
-    try:
-        with open("/proc/self/maps") as maps:
-            paths = sorted({line.split()[-1] for line in maps if "openblas" in line.lower() and "/" in line})
-    except OSError:
-        return None
-    for path in paths:
-        try:
-            lib = ctypes.CDLL(path)
-        except OSError:
-            continue
-        for suffix in ("", "64_", "_64"):    # NumPy's wheels: scipy_openblas_set_num_threads64_
-            for prefix in ("", "scipy_"):
-                get = getattr(lib, f"{prefix}openblas_get_num_threads{suffix}", None)
-                set_ = getattr(lib, f"{prefix}openblas_set_num_threads{suffix}", None)
-                if get is not None and set_ is not None:
-                    get.restype, set_.argtypes = ctypes.c_int, [ctypes.c_int]
-                    return get, set_
-    return None
-
-
-_blas_serial = None
-
-
 def make_blas_serial():
-    """Set NumPy's OpenBLAS to one thread for the rest of the process, once; returns whether it could.
-    Not per call: setting the count back up wakes OpenBLAS's threads, and they spin again."""
-    global _blas_serial
-    if _blas_serial is None:
-        blas = _find_openblas()
-        if blas is not None:
-            blas[1](1)
-        _blas_serial = blas is not None and blas[0]() == 1
-    return _blas_serial
+    """Set NumPy's OpenBLAS to one thread for the rest of the process (refimpl/blas_threads.py); returns whether it
+    could. Once, not per call: setting the count back up wakes OpenBLAS's threads, and they spin again."""
+    return blas_threads.pin_threads(1)
