@@ -5,9 +5,9 @@ while after each call. On a 2-core machine those spinning threads took the cores
 the next kernel: the default model's attention took 29 ms of a step with them and 18 ms with
 OPENBLAS_NUM_THREADS=1. So the products of attention and matmul are cut into one chunk of rows per numba thread
 (`in_chunks`), and the numba backend pins OpenBLAS to one thread when it starts (`make_blas_serial`, through
-refimpl/blas_threads.py): one pool of threads does all the parallel work. This holds for the whole process, NumPy code outside refimpl included. When
-NumPy's BLAS is not OpenBLAS (or its thread control is not found), nothing changes and the chunks still run in
-parallel.
+refimpl/blas_threads.py): one pool of threads does all the parallel work. This holds for the whole process,
+NumPy code outside refimpl included. When NumPy's BLAS is not OpenBLAS (or its thread control is not found),
+nothing changes and the chunks still run in parallel.
 """
 import threading
 from concurrent.futures import ThreadPoolExecutor

@@ -11,11 +11,15 @@ How it is made fast on a few cores:
 - Everything elementwise between the products (scale, causal and padding masks, row max, exp, row sums,
   the online-softmax rescaling, dS = P (dP - D_i)) is one numba pass per tile, with a vectorised float32
   exp (_vmath.py): the NumPy reference makes five to eight temporaries there.
-- The parallelism is across (batch, head): the B*H rows are cut into one chunk per thread, and each
-  thread walks its chunk's tiles (the numba passes release the GIL, and so does BLAS). A tile product is at
-  most 64 x 64 x 64 (`_tile`), which OpenBLAS runs on the calling thread: larger products start OpenBLAS's
-  own threads, and two such pools spinning against each other made a causal 1024-token pass 10x slower
-  on 2 cores. So `block_size` is an upper bound here, and the plain form (`block_size=None`) is tiled too.
+- The parallelism is across (batch, head): the B*H rows are cut into one run per thread (`_cuts`: equal
+  work, counted in key tiles, so padded rows weigh less), and each thread walks its run's tiles (the numba
+  passes release the GIL, and so does BLAS; _threads.py). Key tiles that are padding in every row of a run
+  are skipped. A tile product is at most 64 x 64 x 64 (`_tile`), which OpenBLAS runs on the calling thread:
+  larger products start OpenBLAS's own threads, and two callers' pools spinning against each other made a
+  causal 1024-token pass 15x slower on 2 cores. So `block_size` is an upper bound here, and the plain form
+  (`block_size=None`) is tiled too.
+- Q K^T multiplies compact copies of the key tiles (`_key_tiles`): read in place from K^T, a tile's rows are
+  Tk apart, and BLAS ran at half speed.
 
 Conventions are the reference's: key_padding_mask (B, Tk) True = padding; causal lets query i see keys
 j <= i + (Tk - Tq); a query row with no visible key gets out = 0, lse = -inf and zero gradients.

@@ -54,7 +54,6 @@ def matmul(a, b, transpose_a=False, transpose_b=False):
     return out.reshape(*a2.shape[:-1], b2.shape[1])
 
 
-
 def _rows(x):
     """(..., n) -> (rows, n) view of a C-contiguous array (size-0 safe)."""
     return x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
