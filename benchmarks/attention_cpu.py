@@ -9,7 +9,7 @@ forward and backward through autograd, fp32, with each mask of --masks: causal, 
 last T*b/(2B) keys; torch gets the same mask as a boolean attn_mask), both, or none. Variants are run interleaved
 (A B C, C B A, ...) on the same inputs, so that other tenants of the machine hit all alike; every threaded library
 gets all cores, except NumPy's OpenBLAS: selecting the numba backend sets it to one thread for the process
-(backends/refimpl_numba/_threads.py), so the numpy rows run on one BLAS thread too (the details line says).
+(refimpl/blas_threads.py), so the numpy rows run on one BLAS thread too (the details line says).
 
 FLOP convention (FlashAttention's): a forward pass is 4*B*H*T*T*D (the two matmuls QK^T and PV), forward+backward
 2.5x that (the backward's five matmuls against the forward's two), halved for causal attention, whose upper

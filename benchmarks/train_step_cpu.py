@@ -15,15 +15,17 @@ the speed relative to torch (torch's median over the variant's: > 1 is faster) a
 step, which should agree across the three (the same model on the same data).
 
 With ``--profile`` (default on), a second table splits refimpl's step by backend kernel, from a few more steps
-(after the warm-up, before the timed ones) in which every kernel of the backend is timed (benchmarks only: the wrapper is an attribute of the backend instance);
-"other" is the rest of the step: the Python autodiff tape and the NumPy array code between kernels. A third
+(after the warm-up, before the timed ones) in which every kernel of the backend is timed (benchmarks only: the
+wrapper is an attribute of the backend instance); every variant, torch included, steps these batches too, so the
+models stay on the same data. "other" is the rest of the step: the Python autodiff tape and the NumPy array code
+between kernels. A third
 table puts each numba kernel on a roofline: its FLOPs against the GEMM rate and its bytes against the triad,
 both measured in the same run (benchmarks/_roofline.py).
 
 NumPy's BLAS (OpenBLAS) uses every core unless told otherwise, and its threads spin after each product: they took
 the cores from whatever ran next, torch's step included (torch eager measured 72 ms per step beside them and 54 ms
 without, 2026-12-04). Selecting the numba backend sets OpenBLAS to one thread for the process
-(backends/refimpl_numba/_threads.py); with --backends numba alone, nothing in the process starts OpenBLAS's
+(refimpl/blas_threads.py); with --backends numba alone, nothing in the process starts OpenBLAS's
 threads. With the numpy variant too, it runs on one BLAS thread after numba is selected. The details line records
 the count.
 

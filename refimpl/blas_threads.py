@@ -3,7 +3,7 @@
 Why refimpl touches it: OpenBLAS starts its own threads for every product above 2^18 multiply-adds, and they spin
 for a while after each one. Simulated ranks are threads of one process, so N ranks calling BLAS at once start N
 times OpenBLAS's threads on the same cores, and the spinning ones take the cores from the ranks that compute.
-The default run (4 ranks on 2 cores) took 86.8 s with them and 49.9 s with one BLAS thread, with bitwise the same
+The default run (4 ranks on 2 cores) took 86.8 s with them and 49.1 s with one BLAS thread, with bitwise the same
 losses and checkpoint (2026-12-04). So `train` gives each simulated rank an equal share of the cores
 (`limited`), and the numba backend, which runs its BLAS calls on its own threads, pins one thread for the process
 (`pin_threads`).

@@ -7,15 +7,16 @@ arrays (xp = numpy), so everything the backend does not override (memory, array 
 - dense.py      matmul (row chunks on threads), softmax, layernorm, GELU, embedding, cross-entropy, fwd and bwd
 - attention.py  FlashAttention-2 forward/backward (plain and tiled forms): tile products through NumPy's
                 batched BLAS, masks / online softmax / dS fused in numba, parallel over (batch, head) chunks
-- _threads.py   the thread pool for those chunks, and NumPy's OpenBLAS kept on one thread inside them
+- _threads.py   the thread pool for those chunks (NumPy's OpenBLAS is pinned to one thread:
+                refimpl/blas_threads.py)
 - optim.py      fused single-pass AdamW (+ fp16/bf16 copy-out), sum of squares, inf/nan check, cast
 - _bits.py      float16 / bfloat16 bit conversions inside kernels (numba has neither type)
 - _vmath.py     float32 exp / tanh that vectorise (numba's np.exp / np.tanh are scalar libm calls)
 
 matmul is NumPy's `@` (BLAS) on chunks of the output's rows, one per numba thread. Selecting this backend sets
 NumPy's OpenBLAS to one thread for the whole process: its own threads spin after each product and took the
-2 cores from the next kernel (_threads.py). float16/bfloat16 operands go to the reference, which upcasts
-them to float32.
+2 cores from the next kernel (refimpl/blas_threads.py, _threads.py). float16/bfloat16 operands go to the
+reference, which upcasts them to float32.
 
 Kernels compile once per process and are cached on disk (`cache=True`, in __pycache__ beside these
 files), so only the first run on a machine pays the compile time. numba itself is imported lazily: this
@@ -70,9 +71,10 @@ class NumbaBackend(Backend):
         # run 3.8x longer. Sleep instead, unless the user chose (read when OpenMP starts: the first parallel call).
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         # The same for NumPy's OpenBLAS, whose threads spin after each product: this backend cuts the products
-        # into chunks on its own threads, so OpenBLAS gets one thread, for the whole process (_threads.py).
-        from ._threads import make_blas_serial
-        make_blas_serial()
+        # into chunks on its own threads, so OpenBLAS gets one thread, for the whole process. Once, not per call:
+        # setting the count back up wakes OpenBLAS's threads, and they spin again.
+        from refimpl import blas_threads
+        blas_threads.pin_threads(1)
 
     softmax = _Kernel("dense")
     softmax_backward = _Kernel("dense")

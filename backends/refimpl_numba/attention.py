@@ -7,7 +7,7 @@ arXiv 2307.08691, Algorithms 1 and 2). Its results equal the plain form's within
 
 How it is made fast on a few cores:
 - The tile products go to NumPy's batched `@` (BLAS): numba's hand-written product loops reach 20-40
-  GFLOP/s per core where BLAS reaches 90-120.
+  GFLOP/s per core where BLAS reaches 90-160.
 - Everything elementwise between the products (scale, causal and padding masks, row max, exp, row sums,
   the online-softmax rescaling, dS = P (dP - D_i)) is one numba pass per tile, with a vectorised float32
   exp (_vmath.py): the NumPy reference makes five to eight temporaries there.
