@@ -28,10 +28,15 @@ import os
 import sys
 import time
 
-# torch bundles its own libgomp, numba's "omp" layer (and DeepSpeed's op) use the system's: two OpenMP thread pools
-# whose idle threads spin and steal the 2 cores from each other when variants alternate in one process (a 0.5 ms
-# kernel then takes ~20 ms). Passive waiting removes that artifact of interleaving; set it to override.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# torch bundles its own libgomp, numba's "omp" layer (and DeepSpeed's op) use the system's: two OpenMP thread pools.
+# By default an idle pool spins ~5 ms after each parallel region, and when variants alternate in one process each
+# pool's spinning steals the 2 cores from the other's step (a 0.5 ms kernel took ~20 ms). Fully passive waits
+# cost torch's step 45% instead (49.1 against 33.8 ms at its defaults, 2026-12-04: a sleeping thread takes
+# 50-100 us to wake). Both pools spin ~0.2 ms, then sleep: torch's step runs at its default speed (34.2 ms), and
+# the numba backend chooses the same. Set OMP_WAIT_POLICY or GOMP_SPINCOUNT to override.
+if "OMP_WAIT_POLICY" not in os.environ:
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
 import numpy as np
 from tqdm import tqdm
@@ -163,7 +168,7 @@ def main():
                f"its last T*b/(2B) keys; FLOPs = 4*B*H*T*T*D x 2.5 (fwd+bwd), / 2 when causal, padding not "
                f"subtracted; "
                f"torch {torch.__version__}, {torch.get_num_threads()} threads; {'; '.join(notes)}; "
-               f"OMP_WAIT_POLICY {os.environ['OMP_WAIT_POLICY']}, "
+               f"OMP_WAIT_POLICY {os.environ['OMP_WAIT_POLICY']} GOMP_SPINCOUNT {os.environ.get('GOMP_SPINCOUNT', 'unset')}, "
                f"OPENBLAS_NUM_THREADS {os.environ.get('OPENBLAS_NUM_THREADS', 'unset')}, {blas_threads()} at the end")
     emit(lines, details, __file__, args.out)
 

@@ -24,6 +24,12 @@ _pinned = False              # set by pin_threads: `limited` then leaves the cou
 
 def _openblas():
     """(get, set) of the thread count of the OpenBLAS that NumPy loaded, or None."""
+    lib = _library()
+    return None if lib is None else lib[1]
+
+
+def _library():
+    """(the OpenBLAS that NumPy loaded, (get, set) of its thread count, its symbol name format), or None."""
     global _found, _api
     with _lock:
         if not _found:
@@ -48,8 +54,19 @@ def _search():
                 set_ = getattr(lib, f"{prefix}openblas_set_num_threads{suffix}", None)
                 if get is not None and set_ is not None:
                     get.restype, set_.argtypes = ctypes.c_int, [ctypes.c_int]
-                    return get, set_
+                    return lib, (get, set_), prefix + "{}" + suffix
     return None
+
+
+def symbol(name: str):
+    """(OpenBLAS's function `name`, e.g. "cblas_sgemm", as a ctypes function without argtypes, and whether its
+    integers are 64-bit), from the library NumPy loaded and with its symbol names (NumPy's wheels:
+    scipy_cblas_sgemm64_, 64-bit integers); None where NumPy's BLAS is not OpenBLAS or lacks it."""
+    lib = _library()
+    if lib is None:
+        return None
+    fn = getattr(lib[0], lib[2].format(name), None)
+    return None if fn is None else (fn, "64" in lib[2])
 
 
 def get_threads() -> "int | None":

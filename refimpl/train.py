@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from . import blas_threads
+from . import blas_threads, host_malloc
 from . import checkpoint as ckpt
 from .autodiff import no_grad
 from .backend import get_backend, use_backend
@@ -127,6 +127,7 @@ def train(config: dict, out_dir=None, *, resume=None, progress: bool = True, com
         tag_dir, _ = ckpt.read_manifest(resume)  # a bad path fails before anything is written
         if comm is None or comm.rank == 0:
             _clean_crashed_saves(tag_dir.parent)
+    host_malloc.keep_freed()   # each step's temporaries reuse the last step's memory (host_malloc.py)
     lock = None
     try:
         if comm is not None:  # real processes (MPI): this process is one rank

@@ -29,6 +29,7 @@ import numpy as np
 
 from refimpl.backend import Backend, BackendError
 
+GOMP_SPINCOUNT = "10000"   # spins before an idle OpenMP thread sleeps: ~0.2 ms here (~20 ns each)
 INSTALL_HINT = "numba: not installed; install refimpl[numba] (pip install -e '.[numba]')"
 
 
@@ -66,15 +67,21 @@ class NumbaBackend(Backend):
         # layer (workqueue) aborts on that, so ask for a thread-safe one (OpenMP or TBB).
         if numba.config.THREADING_LAYER == "default":
             numba.config.THREADING_LAYER = "threadsafe"
-        # OpenMP's threads spin after each parallel region by default, and the spinning starves NumPy's BLAS
+        # OpenMP's threads spin ~5 ms after each parallel region by default, and the spinning starved NumPy's BLAS
         # threads and the other simulated ranks: on 2 cores a forward pass took 47 ms instead of 0.6 ms, a training
-        # run 3.8x longer. Sleep instead, unless the user chose (read when OpenMP starts: the first parallel call).
-        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        # run 3.8x longer. Fully passive, a sleeping thread took 50-100 us to wake for the next kernel (a 0.27 ms
+        # product took 0.41). So: spin ~0.2 ms (GOMP_SPINCOUNT; libgomp does not spin at all while it has more
+        # threads than cores, as with simulated ranks), then sleep. Unless the user chose (read when OpenMP
+        # starts: the first parallel call).
+        if "OMP_WAIT_POLICY" not in os.environ:
+            os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+            os.environ.setdefault("GOMP_SPINCOUNT", GOMP_SPINCOUNT)
         # The same for NumPy's OpenBLAS, whose threads spin after each product: this backend cuts the products
         # into chunks on its own threads, so OpenBLAS gets one thread, for the whole process. Once, not per call:
         # setting the count back up wakes OpenBLAS's threads, and they spin again.
-        from refimpl import blas_threads
+        from refimpl import blas_threads, host_malloc
         blas_threads.pin_threads(1)
+        host_malloc.keep_freed()   # no page faults for each step's temporaries (refimpl/host_malloc.py)
 
     softmax = _Kernel("dense")
     softmax_backward = _Kernel("dense")

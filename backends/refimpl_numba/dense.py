@@ -16,6 +16,7 @@ from numba import njit, prange
 from refimpl.kernels import dense as ref
 from refimpl.kernels.dense import compute_dtype
 
+from . import _blas
 from ._bits import bits_and_kind
 from ._threads import even_cuts, in_chunks
 from ._vmath import vexp, vtanh
@@ -38,7 +39,8 @@ def _rows_product(x, out, b):
 
 def matmul(a, b, transpose_a=False, transpose_b=False):
     """The reference's matmul (same arguments, dtypes, results) with the output's rows cut into one chunk per
-    numba thread, each one BLAS call on its own thread (_threads.py: OpenBLAS itself is kept on one thread).
+    numba thread, each one BLAS call on its own thread (_blas.py; _threads.py where OpenBLAS's gemm is not found;
+    OpenBLAS itself is kept on one thread).
     Only 2-D products and (..., M, K) @ (K, N) are cut; other batched products go to the reference."""
     a2 = a.swapaxes(-1, -2) if transpose_a else a
     b2 = b.swapaxes(-1, -2) if transpose_b else b
@@ -50,7 +52,10 @@ def matmul(a, b, transpose_a=False, transpose_b=False):
     if M < _MATMUL_MIN_ROWS:
         return ref.matmul(a, b, transpose_a, transpose_b)
     out = np.empty((M, b2.shape[1]), a2.dtype)
-    in_chunks(_rows_product, even_cuts(M), (x, out), b2)
+    if _blas.gemm(out.dtype) is not None and out.size and x.shape[1]:
+        _blas.rows_product(x, b2, out, even_cuts(M))    # BLAS from numba's threads (_blas.py)
+    else:
+        in_chunks(_rows_product, even_cuts(M), (x, out), b2)
     return out.reshape(*a2.shape[:-1], b2.shape[1])
 
 
