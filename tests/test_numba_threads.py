@@ -1,9 +1,12 @@
-"""The numba backend's own threads (backends/refimpl_numba/_threads.py) and the kernels that use them.
+"""The numba backend's threads (backends/refimpl_numba/_threads.py, _blas.py) and the kernels that use them.
 
 - in_chunks runs every run of rows exactly once, the first on the calling thread, and raises a chunk's error;
 - attention's cut of the rows (`_cuts`) has the smallest bottleneck a brute force finds, and covers every row;
-- matmul on row chunks gives the reference's result, for every shape the model makes (Linear forward, dx, dW);
-- attention with key tiles that are padding in every row of a chunk (they are skipped) equals the reference;
+- OpenBLAS's gemm is found where NumPy's BLAS is OpenBLAS (else the fast path would vanish unseen);
+- matmul on row chunks gives the reference's result, for every shape the model makes (Linear forward, dx, dW),
+  through gemm on numba's threads and through the thread pool (where gemm is not found);
+- attention with key tiles that are padding in a row (they are skipped) equals the reference, and without gemm
+  the backend gives the reference's own result;
 - selecting the backend pins NumPy's OpenBLAS (where it is the BLAS) to one thread, and a `limited` block that
   ends later does not undo it.
 """
@@ -18,7 +21,7 @@ pytest.importorskip("numba", reason="numba not installed")
 from refimpl.backend import get_backend  # noqa: E402
 from refimpl.kernels import attention as ref_attention  # noqa: E402
 from refimpl.kernels import dense as ref_dense  # noqa: E402
-from refimpl_numba import _threads  # noqa: E402
+from refimpl_numba import _blas, _threads  # noqa: E402
 from refimpl_numba.attention import _cuts, _extent  # noqa: E402
 
 
@@ -78,13 +81,26 @@ def test_extent_counts_tiles_up_to_the_last_key_seen():
     ((64, 7), (7, 5), False, False),            # the smallest that is cut
     ((63, 7), (7, 5), False, False),            # one row fewer: one call
 ])
-def test_matmul_in_chunks_equals_the_reference(nb, dtype, a_shape, b_shape, ta, tb):
+@pytest.mark.parametrize("path", ["gemm", "pool"])
+def test_matmul_in_chunks_equals_the_reference(nb, dtype, a_shape, b_shape, ta, tb, path, monkeypatch):
+    if path == "pool":                                       # as where NumPy's BLAS is not OpenBLAS
+        monkeypatch.setitem(_blas._gemms, np.dtype(dtype), None)
     rng = np.random.default_rng(0)
     a, b = rng.standard_normal(a_shape).astype(dtype), rng.standard_normal(b_shape).astype(dtype)
     out = nb.matmul(a, b, transpose_a=ta, transpose_b=tb)
     expected = ref_dense.matmul(a, b, transpose_a=ta, transpose_b=tb)
     assert out.shape == expected.shape and out.dtype == expected.dtype
     np.testing.assert_allclose(out, expected, rtol=16 * np.finfo(dtype).eps, atol=16 * np.finfo(dtype).eps)
+
+
+def test_gemm_is_found_where_numpy_uses_openblas():
+    from refimpl import blas_threads
+    if blas_threads.get_threads() is None:
+        pytest.skip("NumPy's BLAS here is not an OpenBLAS whose thread count can be read")
+    found = blas_threads.symbol("cblas_sgemm")
+    assert found is not None
+    assert (_blas.gemm(np.float32) is not None) == found[1]   # used where its integers are 64-bit
+    assert _blas.gemm(np.float16) is None
 
 
 def test_matmul_low_precision_goes_to_the_reference(nb):
@@ -94,12 +110,16 @@ def test_matmul_low_precision_goes_to_the_reference(nb):
 
 
 @pytest.mark.parametrize("causal", [False, True])
-def test_attention_skips_key_tiles_padded_in_every_row(nb, causal):
-    """Batch rows 2 and 3 pad all keys from 64 on, so the chunk that holds them skips those tiles."""
+@pytest.mark.parametrize("path", ["gemm", "reference"])
+def test_attention_skips_key_tiles_that_are_padding(nb, causal, path, monkeypatch):
+    """Batch rows 2 and 3 pad all keys from 64 on, so their rows skip those tiles; rows 0 and 1 pad parts of one."""
+    if path == "reference":                                  # as where NumPy's BLAS is not OpenBLAS
+        monkeypatch.setitem(_blas._gemms, np.dtype(np.float64), None)
     rng = np.random.default_rng(1)
     B, H, T, D = 4, 2, 200, 8
     q, k, v, dout = (rng.standard_normal((B, H, T, D)) for _ in range(4))
     mask = np.zeros((B, T), bool)
+    mask[0, 64:70] = True             # the first keys of a tile: the rest of it is still seen
     mask[1, 150:] = True
     mask[2:, 64:] = True
     out, lse = nb.attention(q, k, v, causal=causal, key_padding_mask=mask, block_size=64)

@@ -5,18 +5,20 @@ would be; select it with REFIMPL_BACKEND=numba or refimpl.use_backend("numba"). 
 arrays (xp = numpy), so everything the backend does not override (memory, array code) is the reference's.
 
 - dense.py      matmul (row chunks on threads), softmax, layernorm, GELU, embedding, cross-entropy, fwd and bwd
-- attention.py  FlashAttention-2 forward/backward (plain and tiled forms): tile products through NumPy's
-                batched BLAS, masks / online softmax / dS fused in numba, parallel over (batch, head) chunks
-- _threads.py   the thread pool for those chunks (NumPy's OpenBLAS is pinned to one thread:
-                refimpl/blas_threads.py)
+- attention.py  FlashAttention-2 forward/backward (plain and tiled forms): one numba kernel per direction,
+                (batch, head) rows split among threads, tile products through BLAS, masks / online softmax /
+                dS fused in numba, each tile in cache from its first product to its last
+- _blas.py      OpenBLAS's gemm called from inside numba kernels, on numba's own threads
+- _threads.py   a Python thread pool for the chunks where that gemm is not found
 - optim.py      fused single-pass AdamW (+ fp16/bf16 copy-out), sum of squares, inf/nan check, cast
 - _bits.py      float16 / bfloat16 bit conversions inside kernels (numba has neither type)
 - _vmath.py     float32 exp / tanh that vectorise (numba's np.exp / np.tanh are scalar libm calls)
 
-matmul is NumPy's `@` (BLAS) on chunks of the output's rows, one per numba thread. Selecting this backend sets
-NumPy's OpenBLAS to one thread for the whole process: its own threads spin after each product and took the
-2 cores from the next kernel (refimpl/blas_threads.py, _threads.py). float16/bfloat16 operands go to the
-reference, which upcasts them to float32.
+matmul is BLAS on chunks of the output's rows, one per numba thread. Selecting this backend sets NumPy's
+OpenBLAS to one thread for the whole process: its own threads spin after each product and took the 2 cores from
+the next kernel (refimpl/blas_threads.py). It also keeps freed memory in the process (refimpl/host_malloc.py) and
+lets OpenMP's threads spin briefly before they sleep (below). float16/bfloat16 operands go to the reference,
+which upcasts them to float32.
 
 Kernels compile once per process and are cached on disk (`cache=True`, in __pycache__ beside these
 files), so only the first run on a machine pays the compile time. numba itself is imported lazily: this
@@ -29,7 +31,7 @@ import numpy as np
 
 from refimpl.backend import Backend, BackendError
 
-GOMP_SPINCOUNT = "10000"   # spins before an idle OpenMP thread sleeps: ~0.2 ms here (~20 ns each)
+GOMP_SPINCOUNT = "30000"   # spins before an idle OpenMP thread sleeps: ~0.6 ms here (~20 ns each)
 INSTALL_HINT = "numba: not installed; install refimpl[numba] (pip install -e '.[numba]')"
 
 
@@ -69,10 +71,11 @@ class NumbaBackend(Backend):
             numba.config.THREADING_LAYER = "threadsafe"
         # OpenMP's threads spin ~5 ms after each parallel region by default, and the spinning starved NumPy's BLAS
         # threads and the other simulated ranks: on 2 cores a forward pass took 47 ms instead of 0.6 ms, a training
-        # run 3.8x longer. Fully passive, a sleeping thread took 50-100 us to wake for the next kernel (a 0.27 ms
-        # product took 0.41). So: spin ~0.2 ms (GOMP_SPINCOUNT; libgomp does not spin at all while it has more
-        # threads than cores, as with simulated ranks), then sleep. Unless the user chose (read when OpenMP
-        # starts: the first parallel call).
+        # run 3.8x longer. Fully passive, a sleeping thread takes 50-100 us to wake for the next kernel (a 0.27 ms
+        # product took 0.41). So: spin ~0.6 ms (GOMP_SPINCOUNT: the default model's step took 48.4 ms with 10,000
+        # spins, 44.3 with 30,000, 44.2 with 100,000), then sleep; libgomp does not spin while it manages more
+        # threads than there are cores (simulated ranks). Unless the user chose (read when OpenMP starts: the
+        # first parallel call).
         if "OMP_WAIT_POLICY" not in os.environ:
             os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
             os.environ.setdefault("GOMP_SPINCOUNT", GOMP_SPINCOUNT)

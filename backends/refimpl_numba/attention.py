@@ -5,31 +5,32 @@ dtypes in and out, masks and errors (the reference's own input checks are reused
 interface run one algorithm: FlashAttention-2's walk over (bq, bk) tiles with the online softmax (Dao 2023,
 arXiv 2307.08691, Algorithms 1 and 2). Its results equal the plain form's within the tolerance table.
 
-How it is made fast on a few cores:
-- The tile products go to NumPy's batched `@` (BLAS): numba's hand-written product loops reach 20-40
-  GFLOP/s per core where BLAS reaches 90-160.
+How it is made fast on a few cores (what torch's CPU flash attention does too: one fused kernel per
+direction, blocked for cache):
+- One numba kernel per direction (`_forward`, `_backward`). The (batch, head) rows are cut into one run per
+  thread (`_cuts`: equal work, counted in key tiles, so padded rows weigh less), and each thread walks its rows
+  one at a time, tile by tile: a tile's scores, running max and sum and accumulator (at most 64 x 64) stay in
+  its own buffers, in cache, from the first product to the last. Key tiles that are padding in the row are
+  skipped.
+- The tile products go to OpenBLAS's gemm, called from inside the kernel (_blas.py): numba's hand-written
+  product loops reach 20-40 GFLOP/s per core where BLAS reaches 90-160. Where NumPy's BLAS is not OpenBLAS,
+  the kernels are the reference's.
 - Everything elementwise between the products (scale, causal and padding masks, row max, exp, row sums,
-  the online-softmax rescaling, dS = P (dP - D_i)) is one numba pass per tile, with a vectorised float32
-  exp (_vmath.py): the NumPy reference makes five to eight temporaries there.
-- The parallelism is across (batch, head): the B*H rows are cut into one run per thread (`_cuts`: equal
-  work, counted in key tiles, so padded rows weigh less), and each thread walks its run's tiles (the numba
-  passes release the GIL, and so does BLAS; _threads.py). Key tiles that are padding in every row of a run
-  are skipped. A tile product is at most 64 x 64 x 64 (`_tile`), which OpenBLAS runs on the calling thread:
-  larger products start OpenBLAS's own threads, and two callers' pools spinning against each other made a
-  causal 1024-token pass 15x slower on 2 cores. So `block_size` is an upper bound here, and the plain form
-  (`block_size=None`) is tiled too.
-- Q K^T multiplies compact copies of the key tiles (`_key_tiles`): read in place from K^T, a tile's rows are
-  Tk apart, and BLAS ran at half speed.
+  the online-softmax rescaling, dS = P (dP - D_i)) is one branch-free pass per tile, with a vectorised
+  float32 exp (_vmath.py): the NumPy reference makes five to eight temporaries there.
+- The tile side is capped at 64 (`_tile`): block_size is an upper bound here, and the plain form
+  (block_size=None) is tiled too.
 
 Conventions are the reference's: key_padding_mask (B, Tk) True = padding; causal lets query i see keys
 j <= i + (Tk - Tq); a query row with no visible key gets out = 0, lse = -inf and zero gradients.
 """
 import numpy as np
-from numba import get_num_threads, njit
+from numba import get_num_threads, njit, prange
 
 from refimpl.kernels import attention as ref
 
-from ._threads import in_chunks
+from . import _blas
+from ._blas import NO_TRANS, ROW_MAJOR, TRANS
 from ._vmath import vexp
 
 TILE = 64                 # the largest tile side
@@ -37,12 +38,9 @@ _FMA = {"contract"}       # a * b + c as one fused multiply-add in the tile pass
 _SERIAL_BLAS_MNK = 2**18  # OpenBLAS computes a GEMM with m*n*k up to this on the calling thread (interface/gemm.c)
 
 
-def _T(a):  # transpose the last two axes: (..., m, n) -> (..., n, m)
-    return a.swapaxes(-1, -2)
-
-
 def _tile(block_size, Tq, Tk, D):
-    """(bq, bk): block_size capped at TILE, halved until one tile product stays on the calling thread."""
+    """(bq, bk): block_size capped at TILE, halved until one tile product is one OpenBLAS would run on the calling
+    thread anyway (large head dimensions: the tiles stay in cache)."""
     t = TILE if block_size is None else min(block_size, TILE)
     while t > 8 and t * t * D > _SERIAL_BLAS_MNK:
         t //= 2
@@ -129,43 +127,45 @@ def _normalise(acc, m, l, out, lse):
             lse[n, i] = mi + np.log(l[n, i]) if has_keys else -np.inf
 
 
-def _key_tiles(K, bk):
-    """(N, Tk, D) -> (N, ceil(Tk / bk), D, bk): each tile of bk keys transposed and contiguous (zero past Tk).
-    Q_i K_j^T then multiplies two compact blocks. Read in place from K^T, the (D, bk) tile has rows Tk apart,
-    which put every row in the same cache sets (at Tk = 1024 fp32, 4 KiB apart): BLAS ran at half speed."""
-    N, Tk, D = K.shape
-    tiles = -(-Tk // bk)
-    padded = np.zeros((N, tiles * bk, D), K.dtype)
-    padded[:, :Tk] = K
-    return np.ascontiguousarray(_T(padded.reshape(N, tiles, bk, D)))
+@njit(inline="always")
+def _dead(pad, n, k0, k1):
+    """Are keys [k0, k1) of row n all padding (a tile nobody sees)?"""
+    for j in range(k0, k1):
+        if not pad[n, j]:
+            return False
+    return True
 
 
-def _live_tiles(pad, bk):
-    """For each tile of bk keys: does any row of the chunk see one of them (not padding)?"""
-    return [not pad[:, k0:k0 + bk].all() for k0 in range(0, pad.shape[1], bk)]
-
-
-def _forward(Q, K, V, pad, out, lse, causal, scale, bq, bk):
-    """FlashAttention-2 Algorithm 1 over (bq, bk) tiles of the N rows of one chunk: Q (N, Tq, D), K (N, Tk, D),
-    V (N, Tk, Dv), pad (N, Tk); writes out (N, Tq, Dv) and lse (N, Tq)."""
-    N, Tq, _ = Q.shape
+@njit(parallel=True, nogil=True, cache=True, error_model="numpy")
+def _forward(gemm, Q, K, V, pad, out, lse, cuts, causal, scale, bq, bk):
+    """FlashAttention-2 Algorithm 1, row by row: Q (N, Tq, D), K (N, Tk, D), V (N, Tk, Dv), pad (N, Tk); writes
+    out (N, Tq, Dv) and lse (N, Tq). Thread c takes rows [cuts[c], cuts[c+1]); a tile's scores, running max and
+    sum and accumulator stay in its own small buffers (in cache) from the first product to the last."""
+    N, Tq, D = Q.shape
     Tk, Dv = K.shape[1], V.shape[2]
-    Kt, live = _key_tiles(K, bk), _live_tiles(pad, bk)
-    for q0 in range(0, Tq, bq):
-        q1 = min(q0 + bq, Tq)
-        m = np.full((N, q1 - q0), -np.inf, Q.dtype)
-        l = np.zeros((N, q1 - q0), Q.dtype)
-        acc = np.zeros((N, q1 - q0, Dv), Q.dtype)
-        for k0 in range(0, Tk, bk):
-            if ref._above_diagonal(q1, k0, Tq, Tk, causal):
-                break                                    # and so is every later key block
-            if not live[k0 // bk]:
-                continue                                 # padding in every row: exp(-inf) = 0 adds nothing
-            k1 = min(k0 + bk, Tk)
-            S = Q[:, q0:q1] @ Kt[:, k0 // bk, :, :k1 - k0]  # (N, bq, bk), BLAS
-            _online_softmax_tile(S, pad, q0, k0, causal, Tk - Tq, scale, m, l, acc)
-            acc += S @ V[:, k0:k1]                       # (N, bq, Dv)
-        _normalise(acc, m, l, out[:, q0:q1], lse[:, q0:q1])
+    one, zero = Q.dtype.type(1), Q.dtype.type(0)
+    for c in prange(len(cuts) - 1):
+        S = np.empty(bq * bk, Q.dtype)
+        m, l, acc = np.empty(bq, Q.dtype), np.empty(bq, Q.dtype), np.empty(bq * Dv, Q.dtype)
+        for n in range(cuts[c], cuts[c + 1]):
+            for q0 in range(0, Tq, bq):
+                nq = min(bq, Tq - q0)
+                m[:], l[:], acc[:] = -np.inf, 0, 0
+                for k0 in range(0, Tk, bk):
+                    if causal and k0 > q0 + nq - 1 + (Tk - Tq):
+                        break                            # above the diagonal, and so is every later key tile
+                    nk = min(bk, Tk - k0)
+                    if _dead(pad, n, k0, k0 + nk):
+                        continue                         # padding only: exp(-inf) = 0 adds nothing
+                    gemm(ROW_MAJOR, NO_TRANS, TRANS, nq, nk, D, one, Q[n, q0:].ctypes, D, K[n, k0:].ctypes, D,
+                         zero, S.ctypes, nk)                # S = Q_i K_j^T
+                    _online_softmax_tile(S[:nq * nk].reshape((1, nq, nk)), pad[n:n + 1], q0, k0, causal,
+                                         Tk - Tq, scale, m[:nq].reshape((1, nq)), l[:nq].reshape((1, nq)),
+                                         acc[:nq * Dv].reshape((1, nq, Dv)))
+                    gemm(ROW_MAJOR, NO_TRANS, NO_TRANS, nq, Dv, nk, one, S.ctypes, nk, V[n, k0:].ctypes, Dv,
+                         one, acc.ctypes, Dv)            # acc += P V_j
+                _normalise(acc[:nq * Dv].reshape((1, nq, Dv)), m[:nq].reshape((1, nq)), l[:nq].reshape((1, nq)),
+                           out[n:n + 1, q0:q0 + nq], lse[n:n + 1, q0:q0 + nq])
 
 
 # ------------------------------------------------------------------------------------------- backward
@@ -191,31 +191,42 @@ def _ds_tile(S, dP, pad, q0, k0, causal, offset, scale, L, Di):
                 dp[j] = zero
 
 
-def _backward(dO, Q, K, V, O, L, pad, dQ, dK, dV, causal, scale, bq, bk):
-    """FlashAttention-2 Algorithm 2 over (bq, bk) tiles of the N rows of one chunk (shapes as `_forward`)."""
-    Tq, Tk = Q.shape[1], K.shape[1]
-    Di = (dO * O).sum(axis=-1)                           # (N, Tq) = rowsum(P * dP)
-    L = np.where(np.isfinite(L), L, 0).astype(Q.dtype, copy=False)  # -inf (no key): P = exp(-inf) = 0
-    Kt, Vt, live = _key_tiles(K, bk), _key_tiles(V, bk), _live_tiles(pad, bk)
-    dQ[...] = 0
-    for k0 in range(0, Tk, bk):
-        k1 = min(k0 + bk, Tk)
-        Kj, dKj, dVj = K[:, k0:k1], dK[:, k0:k1], dV[:, k0:k1]
-        Ktj, Vtj = Kt[:, k0 // bk, :, :k1 - k0], Vt[:, k0 // bk, :, :k1 - k0]
-        dKj[...], dVj[...] = 0, 0
-        if not live[k0 // bk]:
-            continue                                     # padded keys in every row: no gradient
-        for q0 in range(0, Tq, bq):
-            q1 = min(q0 + bq, Tq)
-            if ref._above_diagonal(q1, k0, Tq, Tk, causal):
-                continue                                 # these queries see none of this key block
-            Qi, dOi = Q[:, q0:q1], dO[:, q0:q1]
-            S = Qi @ Ktj                                 # (N, bq, bk), BLAS
-            dP = dOi @ Vtj                               # (N, bq, bk)
-            _ds_tile(S, dP, pad, q0, k0, causal, Tk - Tq, scale, L, Di)
-            dVj += _T(S) @ dOi                           # dV += P^T dO
-            dQ[:, q0:q1] += dP @ Kj                      # dQ += scale dS K
-            dKj += _T(dP) @ Qi                           # dK += scale dS^T Q
+@njit(parallel=True, nogil=True, cache=True, error_model="numpy")
+def _backward(gemm, dO, Q, K, V, O, L, pad, dQ, dK, dV, cuts, causal, scale, bq, bk):
+    """FlashAttention-2 Algorithm 2, row by row (shapes as `_forward`); L is lse with -inf as 0 (P = 0 there)."""
+    N, Tq, D = Q.shape
+    Tk, Dv = K.shape[1], V.shape[2]
+    one, zero = Q.dtype.type(1), Q.dtype.type(0)
+    Di = np.empty((N, Tq), Q.dtype)
+    for c in prange(len(cuts) - 1):
+        S, dP = np.empty(bq * bk, Q.dtype), np.empty(bq * bk, Q.dtype)
+        for n in range(cuts[c], cuts[c + 1]):
+            for i in range(Tq):                          # D_i = rowsum(dO * O) = rowsum(P * dP)
+                d = zero
+                for e in range(Dv):
+                    d += dO[n, i, e] * O[n, i, e]
+                Di[n, i] = d
+            dQ[n], dK[n], dV[n] = 0, 0, 0
+            for k0 in range(0, Tk, bk):
+                nk = min(bk, Tk - k0)
+                if _dead(pad, n, k0, k0 + nk):
+                    continue                             # padded keys: no gradient
+                for q0 in range(0, Tq, bq):
+                    nq = min(bq, Tq - q0)
+                    if causal and k0 > q0 + nq - 1 + (Tk - Tq):
+                        continue                         # these queries see none of this key tile
+                    gemm(ROW_MAJOR, NO_TRANS, TRANS, nq, nk, D, one, Q[n, q0:].ctypes, D, K[n, k0:].ctypes, D,
+                         zero, S.ctypes, nk)                # S = Q_i K_j^T
+                    gemm(ROW_MAJOR, NO_TRANS, TRANS, nq, nk, Dv, one, dO[n, q0:].ctypes, Dv, V[n, k0:].ctypes, Dv,
+                         zero, dP.ctypes, nk)               # dP = dO_i V_j^T
+                    _ds_tile(S[:nq * nk].reshape((1, nq, nk)), dP[:nq * nk].reshape((1, nq, nk)), pad[n:n + 1],
+                             q0, k0, causal, Tk - Tq, scale, L[n:n + 1], Di[n:n + 1])
+                    gemm(ROW_MAJOR, TRANS, NO_TRANS, nk, Dv, nq, one, S.ctypes, nk, dO[n, q0:].ctypes, Dv,
+                         one, dV[n, k0:].ctypes, Dv)     # dV_j += P^T dO_i
+                    gemm(ROW_MAJOR, NO_TRANS, NO_TRANS, nq, D, nk, one, dP.ctypes, nk, K[n, k0:].ctypes, D,
+                         one, dQ[n, q0:].ctypes, D)      # dQ_i += scale dS K_j
+                    gemm(ROW_MAJOR, TRANS, NO_TRANS, nk, D, nq, one, dP.ctypes, nk, Q[n, q0:].ctypes, D,
+                         one, dK[n, k0:].ctypes, D)      # dK_j += scale dS^T Q_i
 
 
 # ------------------------------------------------------------------------------------ threads, wrappers
@@ -275,11 +286,16 @@ def attention(q, k, v, *, causal=False, key_padding_mask=None, scale=None, block
     """Mirrors the reference `attention` (block_size=None) and `attention_tiled` (square blocks):
     returns (out (B, H, Tq, Dv) in q.dtype, lse (B, H, Tq) in the compute dtype)."""
     dt, D, mask, (bq, bk) = _prepare(q, k, v, key_padding_mask, block_size)
+    gemm = _blas.gemm(dt)
+    if gemm is None:                                     # NumPy's BLAS is not OpenBLAS: the reference's own
+        return (ref.attention(q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=scale)
+                if block_size is None else ref.attention_tiled(q, k, v, causal=causal, key_padding_mask=key_padding_mask,
+                                                               scale=scale, block_q=block_size, block_k=block_size))
     B, H, Tq, _ = q.shape
     Q, K, V = (_rows(a, dt) for a in (q, k, v))
     out, lse = np.empty((B * H, Tq, V.shape[2]), dt), np.empty((B * H, Tq), dt)
-    in_chunks(_forward, _cuts(_extent(mask, bk), get_num_threads()), (Q, K, V, mask, out, lse), bool(causal),
-              ref._scale(scale, D, dt), bq, bk)
+    _forward(gemm, Q, K, V, mask, out, lse, _cuts(_extent(mask, bk), get_num_threads()), bool(causal),
+             ref._scale(scale, D, dt), bq, bk)
     return out.reshape(B, H, Tq, -1).astype(q.dtype, copy=False), lse.reshape(B, H, Tq)
 
 
@@ -289,11 +305,16 @@ def attention_backward(dout, q, k, v, out, lse, *, causal=False, key_padding_mas
     q's, k's and v's dtypes."""
     dt, D, mask, (bq, bk) = _prepare(q, k, v, key_padding_mask, block_size)
     ref._check_backward_inputs(dout, out, lse, q, v)
+    gemm = _blas.gemm(dt)
+    if gemm is None:
+        kw = dict(causal=causal, key_padding_mask=key_padding_mask, scale=scale)
+        return (ref.attention_backward(dout, q, k, v, out, lse, **kw) if block_size is None else
+                ref.attention_tiled_backward(dout, q, k, v, out, lse, block_q=block_size, block_k=block_size, **kw))
     dO, Q, K, V, O = (_rows(a, dt) for a in (dout, q, k, v, out))
     L = np.ascontiguousarray(lse, dtype=dt).reshape(-1, lse.shape[2])
+    L = np.where(np.isfinite(L), L, 0).astype(dt, copy=False)   # -inf (no key): P = exp(-inf) = 0
     dQ, dK, dV = np.empty_like(Q), np.empty_like(K), np.empty_like(V)
-    in_chunks(_backward, _cuts(_extent(mask, bk), get_num_threads()), (dO, Q, K, V, O, L, mask, dQ, dK, dV),
-              bool(causal), ref._scale(scale, D, dt), bq, bk)
+    _backward(gemm, dO, Q, K, V, O, L, mask, dQ, dK, dV, _cuts(_extent(mask, bk), get_num_threads()), bool(causal),
+              ref._scale(scale, D, dt), bq, bk)
     return (dQ.reshape(q.shape).astype(q.dtype, copy=False), dK.reshape(k.shape).astype(k.dtype, copy=False),
             dV.reshape(v.shape).astype(v.dtype, copy=False))
-
