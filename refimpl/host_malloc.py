@@ -1,13 +1,18 @@
 """Keep freed host memory in the process: glibc's malloc thresholds, set once (`keep_freed`).
 
-Why refimpl touches them: a training step allocates and frees tens of MB of NumPy temporaries (activations,
-gradients, products), from several threads (numba's, the simulated ranks). glibc serves large arrays with
-fresh pages (mmap) and gives the free top of its heaps back to the kernel, so every step faulted its temporaries
-in again: the default model's step on numba took 4,600-5,000 page faults (18-20 MB) and 8-11 ms of kernel time,
-56 ms per step; with arrays up to 16 MB taken from the heap and up to 64 MB of free heap kept, under 1 fault and
-49.7 ms (2026-12-04, 2 cores). The values are glibc's environment knobs MALLOC_MMAP_THRESHOLD_ and
+Why refimpl touches them: a training step allocates and frees tens to hundreds of MB of NumPy temporaries
+(activations, gradients, products, the plain attention's scores), from several threads (numba's, the simulated
+ranks). glibc serves large arrays with fresh pages (mmap) and gives the free top of its heaps back to the kernel,
+so every step faulted its temporaries in again. The default model's step (2 cores, 2026-12-04):
+
+    backend   page faults per step   kernel time per step   step
+    numba     4,600-5,000 -> 1       8-11 ms -> 1 ms        56 -> 50 ms
+    numpy     17,000 -> 1            23 ms -> 0.4 ms        126 -> 102 ms
+
+with arrays up to 16 MiB taken from the heap and up to 256 MiB of free heap top kept for reuse (with 64 MiB the
+numpy step still faulted 7,700 times). The values are glibc's environment knobs MALLOC_MMAP_THRESHOLD_ and
 MALLOC_TRIM_THRESHOLD_, set while the process runs (mallopt); a value the user gave in the environment wins.
-With another C library nothing happens. Memory is only kept for reuse: nothing reads it, numerics are unchanged.
+With another C library nothing happens. Memory is only kept for reuse: numerics are unchanged.
 """
 import ctypes
 import os
@@ -15,7 +20,7 @@ import threading
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3          # glibc's malloc.h
 MMAP_THRESHOLD = 16 << 20    # bytes: smaller arrays come from the heap (glibc's own limit would be 32 MiB)
-TRIM_THRESHOLD = 64 << 20    # bytes of free heap top kept before giving memory back
+TRIM_THRESHOLD = 256 << 20   # bytes of free heap top kept before giving memory back
 
 _lock = threading.Lock()
 _done = None
