@@ -47,6 +47,7 @@ class Engine:
         self.dtype = param_dtype(config)
         self.ledger = Ledger(self.rank, limits={"device": config["memory"]["device_bytes"],
                                                 "host": config["memory"]["host_bytes"]})
+        self.comm.ledger = self.ledger   # the rank's waits at collectives go into its ledger too
         # the ZeRO stage holds this rank's model states and runs the optimizer on its partition (zero/base.py);
         # progress: a bar while a large model is drawn, partitioned and handed to the optimizer
         zero = ZeroConfig.from_config(config)

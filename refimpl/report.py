@@ -53,6 +53,11 @@ def memory_and_traffic(engine) -> dict:
         out[f"{pair} hidden / exposed s"] = f"{t['hidden_s']:.3f} / {t['exposed_s']:.3f}"
     for tier, peak in sorted(tiers["peak_bytes"].items()):
         out[f"peak {tier} bytes"] = peak
+    parts = engine.ledger.breakdown()
+    if parts:   # rank 0's span: computing, its waits at collectives and for transfers, the rest
+        out["compute / collective waits / transfer waits / other s"] = (
+            f"{parts['compute_s']:.1f} / {parts['collective_wait_s']:.1f} / {parts['transfer_wait_s']:.1f} / "
+            f"{parts['other_s']:.1f}")
     for op, st in sorted(engine.comm.stats.items()):
         if st["ring_bytes_sent"]:
             out[f"{op}_bytes_sent_per_rank"] = st["ring_bytes_sent"]
@@ -97,13 +102,14 @@ def plot_losses(history, evals, path, title="", uniform_loss=None) -> None:
 
 
 def plot_timeline(events, path, title="") -> None:
-    """Tiers as lanes over time, one lane per transfer direction and one for compute, per rank: the whole run
-    on top, and below it one step (the second-to-last: warm, and complete) where the overlap can be seen."""
+    """Tiers as lanes over time, one lane per transfer direction, one for compute and one for the waits at
+    collectives, per rank: the whole run on top, and below it one step (the second-to-last: warm, and complete)
+    where the overlap can be seen."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    drawn = [e for e in events if e["kind"] in ("compute", "transfer")]
+    drawn = [e for e in events if e["kind"] in ("compute", "transfer", "collective")]
     lanes = sorted({(e["rank"], _lane(e)) for e in drawn})
     steps = sorted({e["step"] for e in drawn})
     zoom = steps[-2] if len(steps) > 1 else (steps[0] if steps else None)
@@ -119,10 +125,10 @@ def plot_timeline(events, path, title="") -> None:
 
 
 def _lane(e) -> str:
-    return "compute" if e["kind"] == "compute" else f"{e['src']}->{e['dst']}"
+    return {"compute": "compute", "collective": "collective wait"}.get(e["kind"]) or f"{e['src']}->{e['dst']}"
 
 
-_COLORS = {"compute": "tab:green", "nvme->host": "tab:purple", "host->nvme": "tab:pink",
+_COLORS = {"compute": "tab:green", "collective wait": "tab:red", "nvme->host": "tab:purple", "host->nvme": "tab:pink",
            "host->device": "tab:blue", "device->host": "tab:orange"}
 
 

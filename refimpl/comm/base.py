@@ -99,6 +99,24 @@ class Handle:
         raise NotImplementedError
 
 
+class TimedHandle(Handle):
+    """A collective whose wait() the ledger records as a "collective" interval: the time the rank's thread
+    blocked for the other ranks (and for the transfer itself)."""
+
+    def __init__(self, handle, ledger, op):
+        self.handle, self.ledger, self.op = handle, ledger, op
+
+    def wait(self, timeout=None):
+        start = self.ledger.now()
+        try:
+            return self.handle.wait(timeout)
+        finally:
+            self.ledger.add("collective", start, self.ledger.now(), label=self.op)
+
+    def done(self) -> bool:
+        return self.handle.done()
+
+
 class Communicator:
     """Collectives over `world_size` ranks; subclasses implement `_start` (issue one collective, return a Handle).
 
@@ -121,6 +139,7 @@ class Communicator:
 
     def __init__(self):
         self.reset_stats()
+        self.ledger = None   # the rank's ledger (memory/ledger.py), set by the Engine: records waits on collectives
 
     def reset_stats(self):
         self.stats = {op: {"calls": 0, "payload_bytes": 0, "ring_bytes_sent": 0} for op in COLLECTIVES}
@@ -145,23 +164,23 @@ class Communicator:
             raise CommArgumentError(f"broadcast root {root!r} is not a rank in [0, {self.world_size})")
         root = int(root)
         self._count("broadcast", x.nbytes, x.nbytes if self.rank == root else 0)
-        return self._start("broadcast", x, describe("broadcast", x, root=root), root=root).wait()
+        return self._issue("broadcast", x, describe("broadcast", x, root=root), root=root).wait()
 
     def barrier(self) -> None:
         """Return once every rank has called barrier()."""
         self._count("barrier", 0, 0)
-        self._start("barrier", None, describe("barrier", None)).wait()
+        self._issue("barrier", None, describe("barrier", None)).wait()
 
     def all_reduce_async(self, x, op="sum") -> Handle:
         x = self._check_reduce("all_reduce", x, op)
         n = self.world_size
         self._count("all_reduce", x.nbytes, 2 * (n - 1) * x.nbytes // n)
-        return self._start("all_reduce", x, describe("all_reduce", x, reduce_op=op), reduce_op=op)
+        return self._issue("all_reduce", x, describe("all_reduce", x, reduce_op=op), reduce_op=op)
 
     def all_gather_async(self, x) -> Handle:
         x = self._check_flat("all_gather", x)
         self._count("all_gather", x.nbytes, (self.world_size - 1) * x.nbytes)
-        return self._start("all_gather", x, describe("all_gather", x))
+        return self._issue("all_gather", x, describe("all_gather", x))
 
     def reduce_scatter_async(self, x, op="sum") -> Handle:
         x = self._check_flat("reduce_scatter", self._check_reduce("reduce_scatter", x, op))
@@ -170,13 +189,18 @@ class Communicator:
             raise CommArgumentError(f"reduce_scatter input length {x.shape[0]} is not a multiple of "
                                     f"world_size={n} (pad the flat buffer to a multiple of world_size)")
         self._count("reduce_scatter", x.nbytes, (n - 1) * x.nbytes // n)
-        return self._start("reduce_scatter", x, describe("reduce_scatter", x, reduce_op=op), reduce_op=op)
+        return self._issue("reduce_scatter", x, describe("reduce_scatter", x, reduce_op=op), reduce_op=op)
 
     def close(self) -> None:
         """Release this rank's resources; no collective may follow."""
 
     def _start(self, op, x, description, reduce_op=None, root=None) -> Handle:
         raise NotImplementedError
+
+    def _issue(self, op, x, description, **kw) -> Handle:
+        """_start, with the caller's wait for the result recorded in the ledger when there is one."""
+        handle = self._start(op, x, description, **kw)
+        return handle if self.ledger is None else TimedHandle(handle, self.ledger, op)
 
     # -- helpers ---------------------------------------------------------------------------------------------
     def _count(self, op, payload, ring):

@@ -130,13 +130,13 @@ class NCCLComm(Communicator):
         self._check_reduce("all_reduce", x, op)
         n = self.world_size
         self._count("all_reduce", x.nbytes, 2 * (n - 1) * x.nbytes // n)
-        return self._start("all_reduce", x, describe("all_reduce", x, reduce_op=op), reduce_op=op, host=host)
+        return self._issue("all_reduce", x, describe("all_reduce", x, reduce_op=op), reduce_op=op, host=host)
 
     def all_gather_async(self, x) -> Handle:
         x, host = self._as_device(x)
         self._check_flat("all_gather", x)
         self._count("all_gather", x.nbytes, (self.world_size - 1) * x.nbytes)
-        return self._start("all_gather", x, describe("all_gather", x), host=host)
+        return self._issue("all_gather", x, describe("all_gather", x), host=host)
 
     def reduce_scatter_async(self, x, op="sum") -> Handle:
         x, host = self._as_device(x)
@@ -146,7 +146,7 @@ class NCCLComm(Communicator):
             raise CommArgumentError(f"reduce_scatter input length {x.shape[0]} is not a multiple of "
                                     f"world_size={n} (pad the flat buffer to a multiple of world_size)")
         self._count("reduce_scatter", x.nbytes, (n - 1) * x.nbytes // n)
-        return self._start("reduce_scatter", x, describe("reduce_scatter", x, reduce_op=op), reduce_op=op,
+        return self._issue("reduce_scatter", x, describe("reduce_scatter", x, reduce_op=op), reduce_op=op,
                            host=host)
 
     def broadcast(self, x, root=0):
@@ -155,7 +155,7 @@ class NCCLComm(Communicator):
             raise CommArgumentError(f"broadcast root {root!r} is not a rank in [0, {self.world_size})")
         root = int(root)
         self._count("broadcast", x.nbytes, x.nbytes if self.rank == root else 0)
-        return self._start("broadcast", x, describe("broadcast", x, root=root), root=root, host=host).wait()
+        return self._issue("broadcast", x, describe("broadcast", x, root=root), root=root, host=host).wait()
 
     def barrier(self) -> None:
         self._count("barrier", 0, 0)

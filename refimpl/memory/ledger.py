@@ -5,10 +5,12 @@ costs little because the transfers hide under compute. The ledger makes that che
     transfer  src tier -> dst tier, bytes, start, end, label     (from issue to completion)
     wait      src tier -> dst tier, start, end                   (the compute thread blocked on a transfer)
     compute   start, end, label                                  (forward+backward, optimizer sub-groups)
+    collective start, end, label                                 (the rank blocked on a collective: comm/base.py)
 A transfer's *exposed* time is the time the compute thread spent waiting for it; the rest of its duration was
 *hidden* (it ran while something else did). A synchronous copy is all exposed. `summary()` reports, per step:
 bytes and achieved GB/s per tier pair, hidden vs exposed seconds, and the peak bytes held in each tier (from the
-byte budgets, budget.py). `write_jsonl` puts it on disk; refimpl/report.py draws it (timeline.png).
+byte budgets, budget.py); `breakdown()` splits the rank's time between computing and its waits. `write_jsonl`
+puts it on disk; refimpl/report.py draws it (timeline.png).
 """
 from __future__ import annotations
 
@@ -123,6 +125,27 @@ class Ledger:
         return {"rank": self.rank, "pairs": pairs, "compute_s": sum(b - a for a, b in computes),
                 "peak_bytes": dict(self.budget.peak)}
 
+    def breakdown(self) -> dict:
+        """Where this rank's time went, from its first record to its last: each moment counted once, in the
+        first of these that covers it: waiting at a collective (for the other ranks: on shared cores, for the
+        ones still computing), waiting for a transfer, computing (recorded compute intervals less those waits;
+        includes time the thread waited for a core), and anything else (Python between the intervals,
+        evaluation, logging). Seconds per part, and the span."""
+        self.flush()
+        with self._lock:
+            events = list(self.events)
+        if not events:
+            return {}
+        kinds = ("collective", "wait", "compute")        # the order of precedence
+        spans = {k: _union([(e["start"], e["end"]) for e in events if e["kind"] == k]) for k in kinds}
+        covered, parts = [], {}
+        for kind in kinds:
+            parts[kind] = _length(_subtract(spans[kind], covered))
+            covered = _union(covered + spans[kind])
+        span = max(e["end"] for e in events) - min(e["start"] for e in events)
+        return {"span_s": span, "collective_wait_s": parts["collective"], "transfer_wait_s": parts["wait"],
+                "compute_s": parts["compute"], "other_s": span - _length(covered)}
+
     def write_jsonl(self, path) -> None:
         self.flush()
         with open(path, "a") as f:
@@ -137,5 +160,26 @@ def _union(intervals):
         if out and a <= out[-1][1]:
             out[-1][1] = max(out[-1][1], b)
         else:
+            out.append([a, b])
+    return out
+
+
+def _length(intervals) -> float:
+    return sum(b - a for a, b in intervals)
+
+
+def _subtract(intervals, covered):
+    """The parts of `intervals` (merged, sorted) outside `covered` (merged, sorted)."""
+    out, j = [], 0
+    for a, b in intervals:
+        while j < len(covered) and covered[j][1] <= a:
+            j += 1
+        k = j
+        while a < b and k < len(covered) and covered[k][0] < b:
+            if covered[k][0] > a:
+                out.append([a, covered[k][0]])
+            a = max(a, covered[k][1])
+            k += 1
+        if a < b:
             out.append([a, b])
     return out
