@@ -54,10 +54,10 @@ def memory_and_traffic(engine) -> dict:
     for tier, peak in sorted(tiers["peak_bytes"].items()):
         out[f"peak {tier} bytes"] = peak
     parts = engine.ledger.breakdown()
-    if parts:   # rank 0's span: computing, its waits at collectives and for transfers, the rest
-        out["compute / collective waits / transfer waits / other s"] = (
-            f"{parts['compute_s']:.1f} / {parts['collective_wait_s']:.1f} / {parts['transfer_wait_s']:.1f} / "
-            f"{parts['other_s']:.1f}")
+    if parts:   # rank 0's span: computing (of which on a core), its waits at collectives and transfers, the rest
+        out["compute (on a core) / collective waits / transfer waits / other s"] = (
+            f"{parts['compute_s']:.1f} ({parts['compute_cpu_s']:.1f}) / {parts['collective_wait_s']:.1f} / "
+            f"{parts['transfer_wait_s']:.1f} / {parts['other_s']:.1f}")
     for op, st in sorted(engine.comm.stats.items()):
         if st["ring_bytes_sent"]:
             out[f"{op}_bytes_sent_per_rank"] = st["ring_bytes_sent"]

@@ -2,6 +2,7 @@
 
 - each moment of the rank's span is counted once: at a collective, else waiting for a transfer, else computing,
   else "other" (checked on a hand-made ledger and against a brute force on random ones);
+- a compute interval records the thread's time on a core, which a sleep inside it does not add to;
 - a rank that reaches a collective before the others has the wait recorded in its ledger (LocalComm, 2 ranks),
   and the Engine connects its ledger to its communicator.
 """
@@ -35,6 +36,19 @@ def test_each_moment_counts_once_in_the_first_part_that_covers_it():
     assert parts["compute_s"] == 7                  # 0-2, 6-10, 11-12
     assert parts["other_s"] == 1                    # 10-11
     assert Ledger(0).breakdown() == {}
+
+
+def test_compute_records_its_time_on_a_core():
+    ledger = Ledger(0)
+    with ledger.compute("busy"):
+        end = time.thread_time() + 0.05
+        while time.thread_time() < end:
+            pass
+    with ledger.compute("asleep"):
+        time.sleep(0.1)                                 # off the core: wall time, no CPU time
+    busy, asleep = ledger.events
+    assert busy["cpu"] >= 0.05 and asleep["cpu"] < 0.02 <= 0.09 < asleep["end"] - asleep["start"]
+    assert ledger.breakdown()["compute_cpu_s"] == pytest.approx(busy["cpu"] + asleep["cpu"])
 
 
 def test_the_parts_match_a_brute_force_on_random_ledgers():

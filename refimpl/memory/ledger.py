@@ -4,7 +4,8 @@ ZeRO-Infinity's claim (§6, overlap-centric design) is that moving model states 
 costs little because the transfers hide under compute. The ledger makes that checkable: each rank records
     transfer  src tier -> dst tier, bytes, start, end, label     (from issue to completion)
     wait      src tier -> dst tier, start, end                   (the compute thread blocked on a transfer)
-    compute   start, end, label                                  (forward+backward, optimizer sub-groups)
+    compute   start, end, label, cpu                             (forward+backward, optimizer sub-groups;
+                                                                  cpu: the thread's seconds on a core in it)
     collective start, end, label                                 (the rank blocked on a collective: comm/base.py)
 A transfer's *exposed* time is the time the compute thread spent waiting for it; the rest of its duration was
 *hidden* (it ran while something else did). A synchronous copy is all exposed. `summary()` reports, per step:
@@ -84,9 +85,11 @@ class Ledger:
             with self.device_timer.interval("compute", label=label):
                 yield
             return
-        start = self.now()
+        start, cpu = self.now(), time.thread_time()
         yield
-        self.add("compute", start, self.now(), label=label)
+        # cpu: this thread's time on a core inside the interval; the rest it waited (for a core, for the GIL,
+        # for a collective or a transfer inside the interval)
+        self.add("compute", start, self.now(), label=label, cpu=time.thread_time() - cpu)
 
     def on_flush(self, fn) -> None:
         """fn() adds records that were waiting on the device (refimpl/memory/transfer.py); run before reading."""
@@ -130,7 +133,8 @@ class Ledger:
         first of these that covers it: waiting at a collective (for the other ranks: on shared cores, for the
         ones still computing), waiting for a transfer, computing (recorded compute intervals less those waits;
         includes time the thread waited for a core), and anything else (Python between the intervals,
-        evaluation, logging). Seconds per part, and the span."""
+        evaluation, logging). Seconds per part, the span, and compute_cpu_s: the compute intervals' time on a
+        core (the thread's own; work it handed to other threads, a GPU's included, is not in it)."""
         self.flush()
         with self._lock:
             events = list(self.events)
@@ -144,7 +148,8 @@ class Ledger:
             covered = _union(covered + spans[kind])
         span = max(e["end"] for e in events) - min(e["start"] for e in events)
         return {"span_s": span, "collective_wait_s": parts["collective"], "transfer_wait_s": parts["wait"],
-                "compute_s": parts["compute"], "other_s": span - _length(covered)}
+                "compute_s": parts["compute"], "other_s": span - _length(covered),
+                "compute_cpu_s": sum(e.get("cpu", 0.0) for e in events if e["kind"] == "compute")}
 
     def write_jsonl(self, path) -> None:
         self.flush()
