@@ -97,6 +97,7 @@ class NumbaBackend(Backend):
     cross_entropy = _Kernel("dense")
     cross_entropy_backward = _Kernel("dense")
     matmul = _Kernel("dense")
+    add = _Kernel("dense")
     attention = _Kernel("attention")
     attention_backward = _Kernel("attention")
     adam_step = _Kernel("optim")

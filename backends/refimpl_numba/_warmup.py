@@ -29,6 +29,9 @@ def warmup(be) -> None:
             be.attention_backward(q, q, q, q, out, lse, causal=True, block_size=block)
         be.sum_squares(x)
         be.has_inf_or_nan(x)
+        big = np.ones(1 << 16, dt)                    # the sizes matmul and add run on numba's threads
+        be.add(big, big)
+        be.matmul(big.reshape(-1, 64)[:64], big.reshape(64, -1)[:, :8])
     for lowp in (np.float16, ml_dtypes.bfloat16):  # uint16-bit paths: fp16/bf16 grads, copies, reductions
         x = np.ones(4, lowp)
         be.embedding(x.reshape(2, 2), ids)

@@ -25,6 +25,7 @@ _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 _COL_BLOCK = 64  # columns per work item of the column-parallel reductions (race-free: one owner each)
 _LN_CHUNKS = 16        # partial sums of layernorm's dweight / dbias: a few per thread, so that load balances
 _MATMUL_MIN_ROWS = 64  # fewer output rows than this: one BLAS call on the calling thread
+_ADD_MIN = 1 << 16     # elements: below, NumPy's add (starting the threads costs more than they save)
 
 
 def _up(x):
@@ -57,6 +58,27 @@ def matmul(a, b, transpose_a=False, transpose_b=False):
     else:
         in_chunks(_rows_product, even_cuts(M), (x, out), b2)
     return out.reshape(*a2.shape[:-1], b2.shape[1])
+
+
+# -------------------------------------------------------------------------------------------------- add
+@njit(parallel=True, nogil=True, cache=True)
+def _add_flat(a, b, out, cuts):
+    for c in prange(len(cuts) - 1):
+        for j in range(cuts[c], cuts[c + 1]):
+            out[j] = a[j] + b[j]
+
+
+def add(a, b):
+    """The reference's add (a + b). Same-shape C-contiguous float32/float64 operands of at least _ADD_MIN
+    elements (the residual stream, gradient accumulation) are added on numba's threads: 92 -> 71 us at
+    (16, 128, 128), 456 -> 296 us at (16, 128, 512), 2026-12-04. The same rounding: one IEEE add per element."""
+    if (isinstance(a, np.ndarray) and isinstance(b, np.ndarray) and a.shape == b.shape and a.dtype == b.dtype
+            and a.dtype in (np.float32, np.float64) and a.size >= _ADD_MIN
+            and a.flags.c_contiguous and b.flags.c_contiguous):
+        out = np.empty_like(a)
+        _add_flat(a.reshape(-1), b.reshape(-1), out.reshape(-1), np.array(even_cuts(a.size), np.int64))
+        return out
+    return ref.add(a, b)
 
 
 def _rows(x):
