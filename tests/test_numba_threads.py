@@ -96,8 +96,8 @@ def test_matmul_in_chunks_equals_the_reference(nb, dtype, a_shape, b_shape, ta, 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("shape", [(16, 128, 128), (65537,), (3, 7, 4099)])
 def test_add_on_threads_gives_numpys_bits(nb, dtype, shape):
-    """Large same-shape adds run on numba's threads (dense.py `add`): one IEEE add each, NumPy's bits exactly,
-    for sizes that split unevenly too; a broadcast bias still goes to NumPy."""
+    """Large adds of one shape, or with a bias over the last axis, run on numba's threads (dense.py `add`): one
+    IEEE add each, NumPy's bits exactly, for sizes that split unevenly too; other broadcasts go to NumPy."""
     from refimpl_numba.dense import _ADD_MIN
     rng = np.random.default_rng(2)
     a, b = rng.standard_normal(shape).astype(dtype), rng.standard_normal(shape).astype(dtype)
@@ -105,7 +105,10 @@ def test_add_on_threads_gives_numpys_bits(nb, dtype, shape):
     out = nb.add(a, b)
     assert out.dtype == dtype and out.shape == a.shape
     np.testing.assert_array_equal(out, a + b)
-    np.testing.assert_array_equal(nb.add(a, b[..., :1]), a + b[..., :1])
+    bias = b.reshape(-1)[:shape[-1]].copy()
+    np.testing.assert_array_equal(nb.add(a, bias), a + bias)           # a bias over the last axis
+    np.testing.assert_array_equal(nb.add(bias, a), bias + a)
+    np.testing.assert_array_equal(nb.add(a, b[..., :1]), a + b[..., :1])   # other broadcasts: NumPy
 
 
 def test_gemm_is_found_where_numpy_uses_openblas():

@@ -62,21 +62,30 @@ def matmul(a, b, transpose_a=False, transpose_b=False):
 
 # -------------------------------------------------------------------------------------------------- add
 @njit(parallel=True, nogil=True, cache=True)
-def _add_flat(a, b, out, cuts):
+def _add_rows(a, b, out, cuts):
+    """out = a + b for (rows, n) arrays; b (rows, n) or (1, n) (a bias over the last axis)."""
+    step = 1 if b.shape[0] > 1 else 0
     for c in prange(len(cuts) - 1):
-        for j in range(cuts[c], cuts[c + 1]):
-            out[j] = a[j] + b[j]
+        for r in range(cuts[c], cuts[c + 1]):
+            br = b[r * step]
+            for j in range(a.shape[1]):
+                out[r, j] = a[r, j] + br[j]
 
 
 def add(a, b):
-    """The reference's add (a + b). Same-shape C-contiguous float32/float64 operands of at least _ADD_MIN
-    elements (the residual stream, gradient accumulation) are added on numba's threads: 92 -> 71 us at
-    (16, 128, 128), 456 -> 296 us at (16, 128, 512), 2026-12-04. The same rounding: one IEEE add per element."""
-    if (isinstance(a, np.ndarray) and isinstance(b, np.ndarray) and a.shape == b.shape and a.dtype == b.dtype
-            and a.dtype in (np.float32, np.float64) and a.size >= _ADD_MIN
-            and a.flags.c_contiguous and b.flags.c_contiguous):
-        out = np.empty_like(a)
-        _add_flat(a.reshape(-1), b.reshape(-1), out.reshape(-1), np.array(even_cuts(a.size), np.int64))
+    """The reference's add (a + b). C-contiguous float32/float64 operands of one dtype and at least _ADD_MIN
+    elements, of one shape or one of them a bias over the last axis (the residual stream, bias adds, gradient
+    accumulation), are added on numba's threads: 92 -> 71 us at (16, 128, 128), 456 -> 296 us at (16, 128, 512),
+    2026-12-04. The same rounding: one IEEE add per element (and a + b == b + a, bit for bit)."""
+    if not (isinstance(a, np.ndarray) and isinstance(b, np.ndarray)):
+        return ref.add(a, b)
+    big, small = (a, b) if a.size >= b.size else (b, a)
+    if (big.dtype == small.dtype and big.dtype in (np.float32, np.float64) and big.size >= _ADD_MIN
+            and big.ndim >= 1 and (small.shape == big.shape or small.shape == big.shape[-1:])
+            and big.flags.c_contiguous and small.flags.c_contiguous):
+        rows = _rows(big)
+        out = np.empty_like(big)
+        _add_rows(rows, small.reshape(-1, rows.shape[1]), _rows(out), np.array(even_cuts(len(rows)), np.int64))
         return out
     return ref.add(a, b)
 
