@@ -159,3 +159,27 @@ def test_selecting_numba_pins_openblas_to_one_thread(nb):
     with blas_threads.limited(1):                            # a training's limit ends ...
         pass
     assert blas_threads.get_threads() == 1                   # ... and leaves the pin alone
+
+
+@pytest.mark.parametrize("layout", ["heads_transposed", "reversed_time", "every_other_feature"])
+def test_attention_reads_strided_inputs_and_lays_out_like_q(nb, layout):
+    """The model hands attention its heads as a transposed view of (B, T, H, D): the kernels read it in place
+    and write out (and dq, dk, dv) in the same order, so the transpose back is a view. Strides BLAS cannot take
+    (reversed time, a non-contiguous last axis) are copied first; every result equals the reference."""
+    rng = np.random.default_rng(3)
+    B, T, H, D = 2, 70, 3, 8
+    width = 2 * D if layout == "every_other_feature" else D
+    q, k, v, dout = (rng.standard_normal((B, T, H, width)).transpose(0, 2, 1, 3) for _ in range(4))
+    if layout == "reversed_time":
+        q, k, v, dout = (a[:, :, ::-1] for a in (q, k, v, dout))
+    if layout == "every_other_feature":
+        q, k, v, dout = (a[..., ::2] for a in (q, k, v, dout))
+    out, lse = nb.attention(q, k, v, causal=True)
+    grads = nb.attention_backward(dout, q, k, v, out, lse, causal=True)
+    out_r, lse_r = ref_attention.attention(q, k, v, causal=True)
+    grads_r = ref_attention.attention_backward(dout, q, k, v, out_r, lse_r, causal=True)
+    for got, want in [(out, out_r), (lse, lse_r), *zip(grads, grads_r)]:
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+    if layout == "heads_transposed":
+        for a in (out, *grads):
+            assert a.transpose(0, 2, 1, 3).flags.c_contiguous

@@ -128,26 +128,35 @@ def _normalise(acc, m, l, out, lse):
 
 
 @njit(inline="always")
-def _dead(pad, n, k0, k1):
-    """Are keys [k0, k1) of row n all padding (a tile nobody sees)?"""
+def _dead(pad, b, k0, k1):
+    """Are keys [k0, k1) of batch row b all padding (a tile nobody sees)?"""
     for j in range(k0, k1):
-        if not pad[n, j]:
+        if not pad[b, j]:
             return False
     return True
 
 
+@njit(inline="always")
+def _ld(a):
+    """Elements between consecutive rows of a (B, H, T, X) array's (T, X) matrices: BLAS's leading dimension."""
+    return a.strides[2] // a.itemsize
+
+
 @njit(parallel=True, nogil=True, cache=True, error_model="numpy")
 def _forward(gemm, Q, K, V, pad, out, lse, cuts, causal, scale, bq, bk):
-    """FlashAttention-2 Algorithm 1, row by row: Q (N, Tq, D), K (N, Tk, D), V (N, Tk, Dv), pad (N, Tk); writes
-    out (N, Tq, Dv) and lse (N, Tq). Thread c takes rows [cuts[c], cuts[c+1]); a tile's scores, running max and
+    """FlashAttention-2 Algorithm 1, one (batch, head) row at a time: Q (B, H, Tq, D), K (B, H, Tk, D),
+    V (B, H, Tk, Dv), pad (B, Tk); writes out (B, H, Tq, Dv) and lse (B, H, Tq). The arrays may be strided
+    (a (B, T, H, D) buffer seen as (B, H, T, D): the model's head transposes stay views) as long as their last
+    axis is contiguous. Thread c takes rows [cuts[c], cuts[c+1]) of the B*H; a tile's scores, running max and
     sum and accumulator stay in its own small buffers (in cache) from the first product to the last."""
-    N, Tq, D = Q.shape
-    Tk, Dv = K.shape[1], V.shape[2]
+    H, Tq, D = Q.shape[1:]
+    Tk, Dv = K.shape[2], V.shape[3]
     one, zero = Q.dtype.type(1), Q.dtype.type(0)
     for c in prange(len(cuts) - 1):
         S = np.empty(bq * bk, Q.dtype)
         m, l, acc = np.empty(bq, Q.dtype), np.empty(bq, Q.dtype), np.empty(bq * Dv, Q.dtype)
         for n in range(cuts[c], cuts[c + 1]):
+            b, h = n // H, n % H
             for q0 in range(0, Tq, bq):
                 nq = min(bq, Tq - q0)
                 m[:], l[:], acc[:] = -np.inf, 0, 0
@@ -155,17 +164,17 @@ def _forward(gemm, Q, K, V, pad, out, lse, cuts, causal, scale, bq, bk):
                     if causal and k0 > q0 + nq - 1 + (Tk - Tq):
                         break                            # above the diagonal, and so is every later key tile
                     nk = min(bk, Tk - k0)
-                    if _dead(pad, n, k0, k0 + nk):
+                    if _dead(pad, b, k0, k0 + nk):
                         continue                         # padding only: exp(-inf) = 0 adds nothing
-                    gemm(ROW_MAJOR, NO_TRANS, TRANS, nq, nk, D, one, Q[n, q0:].ctypes, D, K[n, k0:].ctypes, D,
-                         zero, S.ctypes, nk)                # S = Q_i K_j^T
-                    _online_softmax_tile(S[:nq * nk].reshape((1, nq, nk)), pad[n:n + 1], q0, k0, causal,
+                    gemm(ROW_MAJOR, NO_TRANS, TRANS, nq, nk, D, one, Q[b, h, q0:].ctypes, _ld(Q),
+                         K[b, h, k0:].ctypes, _ld(K), zero, S.ctypes, nk)          # S = Q_i K_j^T
+                    _online_softmax_tile(S[:nq * nk].reshape((1, nq, nk)), pad[b:b + 1], q0, k0, causal,
                                          Tk - Tq, scale, m[:nq].reshape((1, nq)), l[:nq].reshape((1, nq)),
                                          acc[:nq * Dv].reshape((1, nq, Dv)))
-                    gemm(ROW_MAJOR, NO_TRANS, NO_TRANS, nq, Dv, nk, one, S.ctypes, nk, V[n, k0:].ctypes, Dv,
+                    gemm(ROW_MAJOR, NO_TRANS, NO_TRANS, nq, Dv, nk, one, S.ctypes, nk, V[b, h, k0:].ctypes, _ld(V),
                          one, acc.ctypes, Dv)            # acc += P V_j
                 _normalise(acc[:nq * Dv].reshape((1, nq, Dv)), m[:nq].reshape((1, nq)), l[:nq].reshape((1, nq)),
-                           out[n:n + 1, q0:q0 + nq], lse[n:n + 1, q0:q0 + nq])
+                           out[b, h:h + 1, q0:q0 + nq], lse[b, h:h + 1, q0:q0 + nq])
 
 
 # ------------------------------------------------------------------------------------------- backward
@@ -193,40 +202,42 @@ def _ds_tile(S, dP, pad, q0, k0, causal, offset, scale, L, Di):
 
 @njit(parallel=True, nogil=True, cache=True, error_model="numpy")
 def _backward(gemm, dO, Q, K, V, O, L, pad, dQ, dK, dV, cuts, causal, scale, bq, bk):
-    """FlashAttention-2 Algorithm 2, row by row (shapes as `_forward`); L is lse with -inf as 0 (P = 0 there)."""
-    N, Tq, D = Q.shape
-    Tk, Dv = K.shape[1], V.shape[2]
+    """FlashAttention-2 Algorithm 2, one (batch, head) row at a time (shapes and strides as `_forward`); L is lse
+    with -inf as 0 (P = 0 there)."""
+    H, Tq, D = Q.shape[1:]
+    Tk, Dv = K.shape[2], V.shape[3]
     one, zero = Q.dtype.type(1), Q.dtype.type(0)
-    Di = np.empty((N, Tq), Q.dtype)
+    Di = np.empty(L.shape, Q.dtype)
     for c in prange(len(cuts) - 1):
         S, dP = np.empty(bq * bk, Q.dtype), np.empty(bq * bk, Q.dtype)
         for n in range(cuts[c], cuts[c + 1]):
+            b, h = n // H, n % H
             for i in range(Tq):                          # D_i = rowsum(dO * O) = rowsum(P * dP)
                 d = zero
                 for e in range(Dv):
-                    d += dO[n, i, e] * O[n, i, e]
-                Di[n, i] = d
-            dQ[n], dK[n], dV[n] = 0, 0, 0
+                    d += dO[b, h, i, e] * O[b, h, i, e]
+                Di[b, h, i] = d
+            dQ[b, h], dK[b, h], dV[b, h] = 0, 0, 0
             for k0 in range(0, Tk, bk):
                 nk = min(bk, Tk - k0)
-                if _dead(pad, n, k0, k0 + nk):
+                if _dead(pad, b, k0, k0 + nk):
                     continue                             # padded keys: no gradient
                 for q0 in range(0, Tq, bq):
                     nq = min(bq, Tq - q0)
                     if causal and k0 > q0 + nq - 1 + (Tk - Tq):
                         continue                         # these queries see none of this key tile
-                    gemm(ROW_MAJOR, NO_TRANS, TRANS, nq, nk, D, one, Q[n, q0:].ctypes, D, K[n, k0:].ctypes, D,
-                         zero, S.ctypes, nk)                # S = Q_i K_j^T
-                    gemm(ROW_MAJOR, NO_TRANS, TRANS, nq, nk, Dv, one, dO[n, q0:].ctypes, Dv, V[n, k0:].ctypes, Dv,
-                         zero, dP.ctypes, nk)               # dP = dO_i V_j^T
-                    _ds_tile(S[:nq * nk].reshape((1, nq, nk)), dP[:nq * nk].reshape((1, nq, nk)), pad[n:n + 1],
-                             q0, k0, causal, Tk - Tq, scale, L[n:n + 1], Di[n:n + 1])
-                    gemm(ROW_MAJOR, TRANS, NO_TRANS, nk, Dv, nq, one, S.ctypes, nk, dO[n, q0:].ctypes, Dv,
-                         one, dV[n, k0:].ctypes, Dv)     # dV_j += P^T dO_i
-                    gemm(ROW_MAJOR, NO_TRANS, NO_TRANS, nq, D, nk, one, dP.ctypes, nk, K[n, k0:].ctypes, D,
-                         one, dQ[n, q0:].ctypes, D)      # dQ_i += scale dS K_j
-                    gemm(ROW_MAJOR, TRANS, NO_TRANS, nk, D, nq, one, dP.ctypes, nk, Q[n, q0:].ctypes, D,
-                         one, dK[n, k0:].ctypes, D)      # dK_j += scale dS^T Q_i
+                    gemm(ROW_MAJOR, NO_TRANS, TRANS, nq, nk, D, one, Q[b, h, q0:].ctypes, _ld(Q),
+                         K[b, h, k0:].ctypes, _ld(K), zero, S.ctypes, nk)          # S = Q_i K_j^T
+                    gemm(ROW_MAJOR, NO_TRANS, TRANS, nq, nk, Dv, one, dO[b, h, q0:].ctypes, _ld(dO),
+                         V[b, h, k0:].ctypes, _ld(V), zero, dP.ctypes, nk)         # dP = dO_i V_j^T
+                    _ds_tile(S[:nq * nk].reshape((1, nq, nk)), dP[:nq * nk].reshape((1, nq, nk)), pad[b:b + 1],
+                             q0, k0, causal, Tk - Tq, scale, L[b, h:h + 1], Di[b, h:h + 1])
+                    gemm(ROW_MAJOR, TRANS, NO_TRANS, nk, Dv, nq, one, S.ctypes, nk, dO[b, h, q0:].ctypes, _ld(dO),
+                         one, dV[b, h, k0:].ctypes, _ld(dV))                       # dV_j += P^T dO_i
+                    gemm(ROW_MAJOR, NO_TRANS, NO_TRANS, nq, D, nk, one, dP.ctypes, nk, K[b, h, k0:].ctypes, _ld(K),
+                         one, dQ[b, h, q0:].ctypes, _ld(dQ))                       # dQ_i += scale dS K_j
+                    gemm(ROW_MAJOR, TRANS, NO_TRANS, nk, D, nq, one, dP.ctypes, nk, Q[b, h, q0:].ctypes, _ld(Q),
+                         one, dK[b, h, k0:].ctypes, _ld(dK))                       # dK_j += scale dS^T Q_i
 
 
 # ------------------------------------------------------------------------------------ threads, wrappers
@@ -268,18 +279,38 @@ def _extent(mask, bk):
 
 
 def _prepare(q, k, v, key_padding_mask, block_size):
-    """Checks as the reference; returns (compute dtype, D, mask (B*H, Tk) bool, tile (bq, bk))."""
+    """Checks as the reference; returns (compute dtype, D, mask (B, Tk) bool, tile (bq, bk))."""
     bs = 1 if block_size is None else block_size
     B, H, Tq, Tk, D = ref._check_inputs(q, k, v, key_padding_mask, bs, bs)
     dt = ref._compute_dtype(q, k, v)
-    mask = (np.zeros((B * H, Tk), np.bool_) if key_padding_mask is None
-            else np.repeat(np.asarray(key_padding_mask), H, axis=0))
+    mask = (np.zeros((B, Tk), np.bool_) if key_padding_mask is None
+            else np.ascontiguousarray(key_padding_mask, np.bool_))
     return dt, D, mask, _tile(block_size, Tq, Tk, max(D, v.shape[3]))
 
 
 def _rows(a, dt):
-    """(B, H, T, X) -> a C-contiguous (B*H, T, X) array of the compute dtype."""
-    return np.ascontiguousarray(a, dtype=dt).reshape(-1, *a.shape[2:])
+    """a (B, H, T, X) as the kernels take it, a copy only where needed: the compute dtype, the last axis
+    contiguous, and each (T, X) matrix rows of BLAS's kind (a leading dimension of at least X; no negative or
+    broadcast strides)."""
+    item = np.dtype(dt).itemsize
+    st = a.strides
+    if (a.dtype == dt and st[3] == item and st[2] >= item * max(1, a.shape[3]) and st[0] >= 0 and st[1] >= 0
+            and all(x % item == 0 for x in st)):
+        return a
+    return np.ascontiguousarray(a, dtype=dt)
+
+
+def _like(a, shape, dt):
+    """An empty (B, H, T, X) array whose (B, H, T) axes lie in memory in the order a's do: for q seen through
+    the model's head transpose, out is too, and the transpose back is a view."""
+    order = sorted(range(3), key=lambda i: -a.strides[i])
+    buf = np.empty([shape[i] for i in order] + [shape[3]], dt)
+    return buf.transpose(*[order.index(i) for i in range(3)], 3)
+
+
+def _row_cuts(mask, H, bk):
+    """The B*H rows cut into one run per thread, by work (_cuts); a row's extent is its batch row's."""
+    return np.array(_cuts(np.repeat(_extent(mask, bk), H), get_num_threads()), np.int64)
 
 
 def attention(q, k, v, *, causal=False, key_padding_mask=None, scale=None, block_size=None):
@@ -293,10 +324,9 @@ def attention(q, k, v, *, causal=False, key_padding_mask=None, scale=None, block
                                                                scale=scale, block_q=block_size, block_k=block_size))
     B, H, Tq, _ = q.shape
     Q, K, V = (_rows(a, dt) for a in (q, k, v))
-    out, lse = np.empty((B * H, Tq, V.shape[2]), dt), np.empty((B * H, Tq), dt)
-    _forward(gemm, Q, K, V, mask, out, lse, _cuts(_extent(mask, bk), get_num_threads()), bool(causal),
-             ref._scale(scale, D, dt), bq, bk)
-    return out.reshape(B, H, Tq, -1).astype(q.dtype, copy=False), lse.reshape(B, H, Tq)
+    out, lse = _like(Q, (B, H, Tq, V.shape[3]), dt), np.empty((B, H, Tq), dt)
+    _forward(gemm, Q, K, V, mask, out, lse, _row_cuts(mask, H, bk), bool(causal), ref._scale(scale, D, dt), bq, bk)
+    return out.astype(q.dtype, copy=False), lse
 
 
 def attention_backward(dout, q, k, v, out, lse, *, causal=False, key_padding_mask=None, scale=None,
@@ -311,10 +341,9 @@ def attention_backward(dout, q, k, v, out, lse, *, causal=False, key_padding_mas
         return (ref.attention_backward(dout, q, k, v, out, lse, **kw) if block_size is None else
                 ref.attention_tiled_backward(dout, q, k, v, out, lse, block_q=block_size, block_k=block_size, **kw))
     dO, Q, K, V, O = (_rows(a, dt) for a in (dout, q, k, v, out))
-    L = np.ascontiguousarray(lse, dtype=dt).reshape(-1, lse.shape[2])
+    L = np.asarray(lse, dtype=dt)
     L = np.where(np.isfinite(L), L, 0).astype(dt, copy=False)   # -inf (no key): P = exp(-inf) = 0
-    dQ, dK, dV = np.empty_like(Q), np.empty_like(K), np.empty_like(V)
-    _backward(gemm, dO, Q, K, V, O, L, mask, dQ, dK, dV, _cuts(_extent(mask, bk), get_num_threads()), bool(causal),
+    dQ, dK, dV = _like(Q, Q.shape, dt), _like(K, K.shape, dt), _like(V, V.shape, dt)
+    _backward(gemm, dO, Q, K, V, O, L, mask, dQ, dK, dV, _row_cuts(mask, q.shape[1], bk), bool(causal),
               ref._scale(scale, D, dt), bq, bk)
-    return (dQ.reshape(q.shape).astype(q.dtype, copy=False), dK.reshape(k.shape).astype(k.dtype, copy=False),
-            dV.reshape(v.shape).astype(v.dtype, copy=False))
+    return dQ.astype(q.dtype, copy=False), dK.astype(k.dtype, copy=False), dV.astype(v.dtype, copy=False)
