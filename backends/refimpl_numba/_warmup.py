@@ -24,9 +24,11 @@ def warmup(be) -> None:
         loss, lse = be.cross_entropy(x, t)
         be.cross_entropy_backward(loss, x, t, lse)
         q = rng.standard_normal((1, 2, 3, 2)).astype(dt)
+        qt = rng.standard_normal((1, 3, 2, 2)).astype(dt).transpose(0, 2, 1, 3)   # the model's head views
         for block in (None, 2):
-            out, lse = be.attention(q, q, q, causal=True, block_size=block)
-            be.attention_backward(q, q, q, q, out, lse, causal=True, block_size=block)
+            for a in (q, qt):
+                out, lse = be.attention(a, a, a, causal=True, block_size=block)
+                be.attention_backward(a, a, a, a, out, lse, causal=True, block_size=block)
         be.sum_squares(x)
         be.has_inf_or_nan(x)
         big = np.ones(1 << 16, dt)                    # the sizes matmul and add run on numba's threads
