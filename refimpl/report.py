@@ -55,8 +55,9 @@ def memory_and_traffic(engine) -> dict:
         out[f"peak {tier} bytes"] = peak
     parts = engine.ledger.breakdown()
     if parts:   # rank 0's span: computing (of which on a core), its waits at collectives and transfers, the rest
+        cpu = parts["compute_cpu_s"]
         out["compute (on a core) / collective waits / transfer waits / other s"] = (
-            f"{parts['compute_s']:.1f} ({parts['compute_cpu_s']:.1f}) / {parts['collective_wait_s']:.1f} / "
+            f"{parts['compute_s']:.1f}{'' if cpu is None else f' ({cpu:.1f})'} / {parts['collective_wait_s']:.1f} / "
             f"{parts['transfer_wait_s']:.1f} / {parts['other_s']:.1f}")
     for op, st in sorted(engine.comm.stats.items()):
         if st["ring_bytes_sent"]:

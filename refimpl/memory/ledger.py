@@ -134,7 +134,8 @@ class Ledger:
         ones still computing), waiting for a transfer, computing (recorded compute intervals less those waits;
         includes time the thread waited for a core), and anything else (Python between the intervals,
         evaluation, logging). Seconds per part, the span, and compute_cpu_s: the compute intervals' time on a
-        core (the thread's own; work it handed to other threads, a GPU's included, is not in it)."""
+        core (the thread's own; work it handed to other threads is not in it; None when the intervals were
+        timed on a GPU)."""
         self.flush()
         with self._lock:
             events = list(self.events)
@@ -149,7 +150,8 @@ class Ledger:
         span = max(e["end"] for e in events) - min(e["start"] for e in events)
         return {"span_s": span, "collective_wait_s": parts["collective"], "transfer_wait_s": parts["wait"],
                 "compute_s": parts["compute"], "other_s": span - _length(covered),
-                "compute_cpu_s": sum(e.get("cpu", 0.0) for e in events if e["kind"] == "compute")}
+                "compute_cpu_s": sum(e["cpu"] for e in events if e["kind"] == "compute" and "cpu" in e)
+                if any("cpu" in e for e in events if e["kind"] == "compute") else None}
 
     def write_jsonl(self, path) -> None:
         self.flush()
