@@ -36,7 +36,7 @@ def test_each_moment_counts_once_in_the_first_part_that_covers_it():
     assert parts["compute_s"] == 7                  # 0-2, 6-10, 11-12
     assert parts["other_s"] == 1                    # 10-11
     assert Ledger(0).breakdown() == {}
-    assert parts["compute_cpu_s"] is None              # no interval timed on a core (as on a GPU)
+    assert parts["compute_cpu_s"] is None              # intervals not timed on a core (as on a GPU)
 
 
 def test_compute_records_its_time_on_a_core():

@@ -134,13 +134,14 @@ class Ledger:
         ones still computing), waiting for a transfer, computing (recorded compute intervals less those waits;
         includes time the thread waited for a core), and anything else (Python between the intervals,
         evaluation, logging). Seconds per part, the span, and compute_cpu_s: the compute intervals' time on a
-        core (the thread's own; work it handed to other threads is not in it; None when the intervals were
-        timed on a GPU)."""
+        core (the thread's own; work it handed to other threads is not in it; None when some were timed on a
+        GPU, whose kernels run off the core)."""
         self.flush()
         with self._lock:
             events = list(self.events)
         if not events:
             return {}
+        computes = [e for e in events if e["kind"] == "compute"]
         kinds = ("collective", "wait", "compute")        # the order of precedence
         spans = {k: _union([(e["start"], e["end"]) for e in events if e["kind"] == k]) for k in kinds}
         covered, parts = [], {}
@@ -150,8 +151,7 @@ class Ledger:
         span = max(e["end"] for e in events) - min(e["start"] for e in events)
         return {"span_s": span, "collective_wait_s": parts["collective"], "transfer_wait_s": parts["wait"],
                 "compute_s": parts["compute"], "other_s": span - _length(covered),
-                "compute_cpu_s": sum(e["cpu"] for e in events if e["kind"] == "compute" and "cpu" in e)
-                if any("cpu" in e for e in events if e["kind"] == "compute") else None}
+                "compute_cpu_s": None if any("cpu" not in e for e in computes) else sum(e["cpu"] for e in computes)}
 
     def write_jsonl(self, path) -> None:
         self.flush()
