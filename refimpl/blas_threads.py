@@ -10,7 +10,8 @@ losses and checkpoint (2026-12-04). So `train` gives each simulated rank an equa
 
 OPENBLAS_NUM_THREADS only counts when NumPy loads, so this goes through OpenBLAS's own
 `openblas_set_num_threads` (found in the loaded library, the way threadpoolctl finds it). Where NumPy's BLAS is
-not OpenBLAS, or the functions are not found, everything here does nothing.
+not OpenBLAS, or the functions are not found, everything here does nothing. `symbol` hands out other functions of
+that library (the numba backend calls its gemm from inside its kernels: backends/refimpl_numba/_blas.py).
 """
 import contextlib
 import ctypes
