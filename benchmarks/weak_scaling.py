@@ -63,9 +63,8 @@ def gpus() -> int:
 
 def command(args, variant, n, out) -> list:
     sets = [*MODEL, *BASE, *VARIANTS[variant], f"train_micro_batch_size_per_gpu={args.batch}",
-            f"run.steps={args.warmup + args.steps}", *args.set]
-    if not args.mpi:
-        sets.append(f"world_size={n}")
+            f"run.steps={args.warmup + args.steps}", *args.set, f"world_size={n}"]   # without a config file
+    # `refimpl train` runs the default run (4 ranks): the world size is always set (under mpirun, to the same N)
     cmd = [sys.executable, "-m", "refimpl.cli", "train", "--backend", args.backend, "--out", out, "--no-progress"]
     cmd += [a for s in sets for a in ("--set", s)]
     if args.mpi and n > 1:

@@ -28,3 +28,13 @@ def test_every_run_is_measured_and_offloaded_ranks_move_their_partitions_up(tmp_
             if line.startswith(("| cpu |", "| none |"))]
     assert len(rows) == 4
     assert [row[3] for row in rows if row[1] == "1"] == ["100%", "100%"]
+
+
+def test_gpu_runs_launch_one_process_per_rank_and_always_set_the_world_size():
+    """The default run of `refimpl train` has 4 ranks: a 1-rank GPU run must say world_size=1 (it once ran 4
+    simulated ranks on the one GPU), and N > 1 goes through mpirun with the same N."""
+    args = weak_scaling.argparse.Namespace(batch=8, warmup=3, steps=6, set=[], backend="cupy", mpi=True,
+                                           mpirun="mpirun")
+    one, four = (weak_scaling.command(args, "cpu", n, "OUT") for n in (1, 4))
+    assert "world_size=1" in one and "mpirun" not in one
+    assert four[:5] == ["mpirun", "--allow-run-as-root", "-n", "4", "-x"] and "world_size=4" in four
