@@ -4,7 +4,10 @@
    loss per step within rtol 1e-4 (fp32; cuBLAS sums in another order than NumPy's BLAS, ~1e-6 per step).
 2. ZeRO stage 3 with offload_param and offload_optimizer on NVMe, 2 ranks: `mpirun -n 2 refimpl train --backend
    cupy` (one GPU per process, NCCLComm) against the 2-rank LocalComm run on numpy, same tolerance. Skipped, with
-   the reason, on fewer than 2 GPUs or without mpirun.
+   the reason, on fewer than 2 GPUs or without mpirun. Then the issue-17 matrix (`--ranks 2 4`, `--matrix-only`
+   for it alone): parameters and optimizer on cpu and on nvme, fp32 and bf16, N GPUs over NCCL against N LocalComm
+   ranks on numpy, losses within rtol (RTOL_BF16 for bf16) and the same skipped steps; with fewer than N GPUs the
+   N ranks run as threads on one GPU instead (said in the line).
 3. The tier manager's stream-ordered copies (refimpl/memory/transfer.py) on one GPU, 2 ranks as threads
    (LocalComm): stage 2 with the optimizer on the host (reduced gradients copied to pinned memory during
    backward), stage 3 with parameters on the host and on NVMe (chunks copied up beside compute; both NVMe stores),
@@ -28,9 +31,15 @@ SMALL = ["model.n_layers=2", "model.d_model=64", "model.n_heads=4", "model.max_s
          "train_micro_batch_size_per_gpu=4", "run.eval_interval=1000", "run.eval_batches=1",
          "zero_optimization.stage=3", "zero_optimization.stage3_param_persistence_threshold=0"]
 RTOL = 1e-4
+RTOL_BF16 = 2e-2   # bf16 rounds each product's inputs: cuBLAS and NumPy order the sums differently (measured below)
 
 
 def train(out, backend, steps, sets, mpi_ranks=0):
+    return records(out, backend, steps, sets, mpi_ranks)[0]
+
+
+def records(out, backend, steps, sets, mpi_ranks=0):
+    """(losses, overflow flags) of each step of the run."""
     cmd = ["refimpl", "train", "--backend", backend, "--out", out, "--no-progress", "--steps", str(steps)]
     cmd += [a for s in sets for a in ("--set", s)]
     if mpi_ranks:
@@ -40,31 +49,63 @@ def train(out, backend, steps, sets, mpi_ranks=0):
     if run.returncode:
         raise RuntimeError(f"{' '.join(cmd)} failed ({run.returncode}):\n{run.stderr[-3000:]}")
     with open(os.path.join(out, "metrics.jsonl")) as f:
-        return np.array([json.loads(line)["loss"] for line in f if '"overflow"' in line])
+        steps = [json.loads(line) for line in f if '"overflow"' in line]
+    return np.array([r["loss"] for r in steps]), [r["overflow"] for r in steps]
 
 
-def compare(name, ref, got) -> bool:
-    ok = len(ref) == len(got) and np.allclose(got, ref, rtol=RTOL, atol=0)
+def compare(name, ref, got, rtol=RTOL) -> bool:
+    ok = len(ref) == len(got) and np.allclose(got, ref, rtol=rtol, atol=0)
     worst = float(np.max(np.abs(got - ref) / np.abs(ref))) if len(ref) == len(got) else float("nan")
     print(f"{'PASS' if ok else 'FAIL'}  {name}: {len(got)} steps, max relative loss difference {worst:.2e} "
-          f"(rtol {RTOL:g}); first losses numpy {ref[:3].round(5).tolist()} cupy {got[:3].round(5).tolist()}")
+          f"(rtol {rtol:g}); first losses numpy {ref[:3].round(5).tolist()} cupy {got[:3].round(5).tolist()}")
     return ok
 
 
-def no_nccl_pair():
-    """Why the NCCL check cannot run here (None when it can)."""
+def no_nccl_pair(n=2):
+    """Why the NCCL check on n GPUs cannot run here (None when it can)."""
     import shutil
     import cupy
-    if cupy.cuda.runtime.getDeviceCount() < 2:
+    if cupy.cuda.runtime.getDeviceCount() < n:
         return f"{cupy.cuda.runtime.getDeviceCount()} GPU(s) here, NCCLComm needs one per rank"
     return None if shutil.which("mpirun") else "no mpirun"
+
+
+def nccl_matrix(tmp, ranks, steps=10) -> list:
+    """Issue 17, run 1: stage 3 with parameters and optimizer on cpu and on nvme, fp32 and bf16, on N GPUs over
+    NCCL (mpirun) against the same run on N LocalComm ranks on numpy: losses within rtol, the same skipped steps.
+    Where N GPUs are missing, the N ranks run as threads on one GPU (LocalComm on cupy) instead, and say so."""
+    results = []
+    for n in ranks:
+        for dtype in ("fp32", "bf16"):
+            for where in ("cpu", "nvme"):
+                path = f', "nvme_path": "{tmp}/swap_m{n}_{dtype}_%s"' if where == "nvme" else ""
+                sets = SMALL + [f"world_size={n}",
+                                f'zero_optimization.offload_param={{"device": "{where}"{path}}}',
+                                f'zero_optimization.offload_optimizer={{"device": "{where}"{path}}}']
+                sets += ["bf16.enabled=true"] if dtype == "bf16" else []
+                tag = f"m{n}_{dtype}_{where}"
+                ref, ref_skips = records(f"{tmp}/{tag}_numpy", "numpy", steps, [s.replace("%s", "numpy") for s in sets])
+                why = no_nccl_pair(n)
+                how = f"{n} GPUs over NCCL" if why is None else f"{n} ranks on one GPU (LocalComm; NCCL: {why})"
+                got, got_skips = records(f"{tmp}/{tag}_cupy", "cupy", steps, [s.replace("%s", "cupy") for s in sets],
+                                         mpi_ranks=n if why is None else 0)
+                ok = compare(f"stage 3, params+optimizer on {where}, {dtype}, {how} vs {n}-rank LocalComm numpy",
+                             ref, got, RTOL if dtype == "fp32" else RTOL_BF16)
+                if got_skips != ref_skips:
+                    print(f"FAIL  ... skipped steps differ: numpy {ref_skips}, cupy {got_skips}")
+                results.append(ok and got_skips == ref_skips)
+    return results
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--ranks", nargs="+", type=int, default=[2], help="world sizes of the NCCL matrix (default 2)")
+    ap.add_argument("--matrix-only", action="store_true", help="only the NCCL matrix (issue 17, run 1)")
     args = ap.parse_args()
     tmp = tempfile.mkdtemp(prefix="gpu-e2e-")
+    if args.matrix_only:
+        sys.exit(0 if all(nccl_matrix(tmp, args.ranks)) else 1)
     results = []
     ref = train(f"{tmp}/plain_numpy", "numpy", args.steps, PLAIN)
     got = train(f"{tmp}/plain_cupy", "cupy", args.steps, PLAIN)
@@ -79,6 +120,7 @@ def main():
         got = train(f"{tmp}/z3_cupy", "cupy", 10, SMALL + [s % "cupy" for s in swap], mpi_ranks=2)
         results.append(compare("stage 3, params+optimizer on NVMe, 2 GPUs over NCCL vs 2-rank LocalComm numpy",
                                ref, got))
+    results += nccl_matrix(tmp, args.ranks)
     cpu = ['zero_optimization.offload_optimizer={"device": "cpu"}']
     for name, sets in [
             ("stage 2, optimizer on the host", ["zero_optimization.stage=2", "zero_optimization.offload_param=null",
