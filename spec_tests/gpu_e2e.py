@@ -31,7 +31,8 @@ SMALL = ["model.n_layers=2", "model.d_model=64", "model.n_heads=4", "model.max_s
          "train_micro_batch_size_per_gpu=4", "run.eval_interval=1000", "run.eval_batches=1",
          "zero_optimization.stage=3", "zero_optimization.stage3_param_persistence_threshold=0"]
 RTOL = 1e-4
-RTOL_BF16 = 2e-2   # bf16 rounds each product's inputs: cuBLAS and NumPy order the sums differently (measured below)
+RTOL_BF16 = 4 * 2**-8   # the tolerance table's bf16 rtol; measured 1.9e-5 over 10 steps at 2 and 4 ranks on one
+                        # GPU against numpy (2026-12-04): NCCL's sum order may add more
 
 
 def train(out, backend, steps, sets, mpi_ranks=0):
