@@ -12,3 +12,8 @@ import os
 if "OMP_WAIT_POLICY" not in os.environ:
     os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
     os.environ.setdefault("GOMP_SPINCOUNT", "30000")
+
+
+def setting() -> str:
+    """The policy in force, for a benchmark's details line."""
+    return f"OMP_WAIT_POLICY {os.environ['OMP_WAIT_POLICY']} GOMP_SPINCOUNT {os.environ.get('GOMP_SPINCOUNT', 'unset')}"

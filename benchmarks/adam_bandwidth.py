@@ -36,7 +36,7 @@ import time
 
 os.environ.setdefault("OMP_NUM_THREADS", str(len(os.sched_getaffinity(0))))  # before any OpenMP runtime loads
 
-import _openmp  # noqa: E402,F401  (benchmarks/_openmp.py: the OpenMP wait policy, before numpy and torch load)
+import _openmp  # noqa: E402  (benchmarks/_openmp.py: the OpenMP wait policy, before numpy and torch load)
 
 import numpy as np
 from tqdm import tqdm
@@ -243,7 +243,7 @@ def main():
     threads = [f"torch.get_num_threads() {torch.get_num_threads()}"]
     if numba is not None:
         threads.append(f"numba {numba.get_num_threads()} threads ({numba.threading_layer()} layer)")
-    threads.append(f"OMP_NUM_THREADS {os.environ['OMP_NUM_THREADS']}, OMP_WAIT_POLICY {os.environ['OMP_WAIT_POLICY']} GOMP_SPINCOUNT {os.environ.get('GOMP_SPINCOUNT', 'unset')}")
+    threads.append(f"OMP_NUM_THREADS {os.environ['OMP_NUM_THREADS']}, {_openmp.setting()}")
     details = (f"{n / 1e6:g}M fp32 params, {args.reps} timed steps after {args.warmup} warm-up, interleaved; "
                f"{'; '.join(notes)}; {', '.join(threads)}; torch {torch.__version__}, numpy {np.__version__}"
                + (f", numba {numba.__version__}" if numba is not None else ""))

@@ -28,7 +28,7 @@ import os
 import sys
 import time
 
-import _openmp  # noqa: E402,F401  (benchmarks/_openmp.py: the OpenMP wait policy, before numpy and torch load)
+import _openmp  # noqa: E402  (benchmarks/_openmp.py: the OpenMP wait policy, before numpy and torch load)
 
 import numpy as np
 from tqdm import tqdm
@@ -160,7 +160,7 @@ def main():
                f"its last T*b/(2B) keys; FLOPs = 4*B*H*T*T*D x 2.5 (fwd+bwd), / 2 when causal, padding not "
                f"subtracted; "
                f"torch {torch.__version__}, {torch.get_num_threads()} threads; {'; '.join(notes)}; "
-               f"OMP_WAIT_POLICY {os.environ['OMP_WAIT_POLICY']} GOMP_SPINCOUNT {os.environ.get('GOMP_SPINCOUNT', 'unset')}, "
+               f"{_openmp.setting()}, "
                f"OPENBLAS_NUM_THREADS {os.environ.get('OPENBLAS_NUM_THREADS', 'unset')}, {blas_threads()} at the end")
     emit(lines, details, __file__, args.out)
 

@@ -38,7 +38,7 @@ import sys
 import time
 from collections import defaultdict
 
-import _openmp  # noqa: E402,F401  (benchmarks/_openmp.py: the OpenMP wait policy, before numpy and torch load)
+import _openmp  # noqa: E402  (benchmarks/_openmp.py: the OpenMP wait policy, before numpy and torch load)
 
 import numpy as np
 from tqdm import tqdm
@@ -250,7 +250,7 @@ def main():
                f"x {T} tokens, fp32; {args.steps} timed steps after {args.warmup} warm-up, interleaved"
                f"{', overrides ' + ' '.join(args.set) if args.set else ''}; torch {torch.__version__} "
                f"({torch.get_num_threads()} threads); {'; '.join(notes)}; "
-               f"OMP_WAIT_POLICY {os.environ['OMP_WAIT_POLICY']} GOMP_SPINCOUNT {os.environ.get('GOMP_SPINCOUNT', 'unset')}, "
+               f"{_openmp.setting()}, "
                f"OPENBLAS_NUM_THREADS {os.environ.get('OPENBLAS_NUM_THREADS', 'unset')}, {blas_threads()} at the end")
     emit(lines, details, __file__, args.out)
 

@@ -1,7 +1,7 @@
 """The numba backend's threads (backends/refimpl_numba/_threads.py, _blas.py) and the kernels that use them.
 
 - in_chunks runs every run of rows exactly once, the first on the calling thread, and raises a chunk's error;
-- attention's cut of the rows (`_cuts`) has the smallest bottleneck a brute force finds, and covers every row;
+- attention's cut of the rows (`_cuts`) has the smallest largest run a brute force finds, and covers every row;
 - OpenBLAS's gemm is found where NumPy's BLAS is OpenBLAS (else the fast path would vanish unseen);
 - matmul on row chunks gives the reference's result, for every shape the model makes (Linear forward, dx, dW),
   through gemm on numba's threads and through the thread pool (where gemm is not found);
@@ -27,7 +27,7 @@ from refimpl.backend import get_backend  # noqa: E402
 from refimpl.kernels import attention as ref_attention  # noqa: E402
 from refimpl.kernels import dense as ref_dense  # noqa: E402
 from refimpl_numba import _blas, _threads  # noqa: E402
-from refimpl_numba.attention import _cuts, _extent  # noqa: E402
+from refimpl_numba.attention import _cuts, _live_tiles  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -54,28 +54,29 @@ def test_in_chunks_raises_the_error_of_a_pool_chunk():
 
 
 @pytest.mark.parametrize("parts", [1, 2, 3])
-def test_cuts_minimise_the_bottleneck(parts):
+def test_cuts_minimise_the_largest_run(parts):
+    """Each row walks its own live tiles: a run's work is the sum of its rows'."""
     rng = np.random.default_rng(parts)
     for _ in range(60):
-        extent = rng.integers(1, 9, size=int(rng.integers(1, 9)))
+        work = rng.integers(1, 9, size=int(rng.integers(1, 9)))
 
         def bottleneck(cuts):
-            return max((hi - lo) * extent[lo:hi].max() for lo, hi in zip(cuts[:-1], cuts[1:]))
-        cuts = _cuts(extent, parts)
-        assert cuts[0] == 0 and cuts[-1] == len(extent) and all(a < b for a, b in zip(cuts[:-1], cuts[1:]))
+            return max(work[lo:hi].sum() for lo, hi in zip(cuts[:-1], cuts[1:]))
+        cuts = _cuts(work, parts)
+        assert cuts[0] == 0 and cuts[-1] == len(work) and all(a < b for a, b in zip(cuts[:-1], cuts[1:]))
         assert len(cuts) - 1 <= parts
-        best = min(bottleneck([0, *inner, len(extent)])
-                   for k in range(min(parts, len(extent)))
-                   for inner in itertools.combinations(range(1, len(extent)), k))
+        best = min(bottleneck([0, *inner, len(work)])
+                   for k in range(min(parts, len(work)))
+                   for inner in itertools.combinations(range(1, len(work)), k))
         assert bottleneck(cuts) == best
 
 
-def test_extent_counts_tiles_up_to_the_last_key_seen():
+def test_live_tiles_count_the_tiles_with_a_key_seen():
     mask = np.zeros((4, 200), bool)
     mask[1, 150:] = True              # keys 128-149 are seen: 3 tiles of 64
     mask[2, :] = True                 # all padding: one tile (the row still gets its zero output)
-    mask[3, :130] = True              # leading padding: the tiles before the last seen one still count
-    assert _extent(mask, 64).tolist() == [4, 3, 1, 4]
+    mask[3, :130] = True              # leading padding: tiles 0 and 1 are skipped, 2 and 3 walked
+    assert _live_tiles(mask, 64).tolist() == [4, 3, 1, 2]
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

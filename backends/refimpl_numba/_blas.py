@@ -31,7 +31,8 @@ def gemm(dtype):
 
 
 def _find(dtype):
-    names = {np.dtype(np.float32): ("cblas_sgemm", ctypes.c_float), np.dtype(np.float64): ("cblas_dgemm", ctypes.c_double)}
+    names = {np.dtype(np.float32): ("cblas_sgemm", ctypes.c_float),
+             np.dtype(np.float64): ("cblas_dgemm", ctypes.c_double)}
     if dtype not in names:
         return None
     name, scalar = names[dtype]

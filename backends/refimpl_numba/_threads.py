@@ -1,13 +1,11 @@
-"""The numba backend's own threads for work that calls BLAS: chunks of rows on a thread pool, BLAS on one thread each.
+"""The numba backend's fallback threads for work that calls BLAS: chunks of rows on a Python thread pool.
 
-Why: NumPy's OpenBLAS starts its own threads for every product above 2^18 multiply-adds, and they spin for a
-while after each call. On a 2-core machine those spinning threads took the cores from numba's threads and from
-the next kernel: the default model's attention took 29 ms of a step with them and 18 ms with
-OPENBLAS_NUM_THREADS=1. So the products of attention and matmul are cut into one chunk of rows per numba thread
-(`in_chunks`), and the numba backend pins OpenBLAS to one thread when it starts (NumbaBackend.__init__,
-refimpl/blas_threads.py): one pool of threads does all the parallel work. This holds for the whole process,
-NumPy code outside refimpl included. When NumPy's BLAS is not OpenBLAS (or its thread control is not found),
-nothing changes and the chunks still run in parallel.
+Used where OpenBLAS's gemm cannot be called from inside numba (_blas.py: NumPy's BLAS is not OpenBLAS with 64-bit
+integers): matmul's row chunks then go to this pool, each one NumPy product on its own thread. A pool thread
+takes 50-80 us to wake, which _blas.py avoids. Either way the numba backend pins NumPy's OpenBLAS to one thread
+(NumbaBackend.__init__, refimpl/blas_threads.py): its own threads spin after each product and took the cores
+from numba's threads and the next kernel (the default model's attention took 29 ms of a step with them and
+18 ms with OPENBLAS_NUM_THREADS=1).
 """
 import threading
 from concurrent.futures import ThreadPoolExecutor

@@ -241,24 +241,23 @@ def _backward(gemm, dO, Q, K, V, O, L, pad, dQ, dK, dV, cuts, causal, scale, bq,
 
 
 # ------------------------------------------------------------------------------------ threads, wrappers
-def _cuts(extent, parts):
-    """Cut the rows into at most `parts` runs of about equal work. A run walks every key tile that any of its
-    rows sees, so its work is (rows) x (the largest extent among them): the smallest such bottleneck, found by
-    bisection on it with greedy packing."""
-    N = len(extent)
-    if extent.min() == extent.max():                     # no padding to balance: equal runs
+def _cuts(work, parts):
+    """Cut the rows into at most `parts` runs of consecutive rows with about equal work (a row's work: the key
+    tiles it walks, `_live_tiles`): the smallest largest run, found by bisection on it with greedy packing."""
+    N = len(work)
+    if work.min() == work.max():                         # no padding to balance: equal runs
         return [int(c) for c in np.linspace(0, N, min(parts, N) + 1)]
 
     def pack(cap):
-        cuts, lo, top = [0], 0, 0
+        cuts, total = [0], 0
         for n in range(N):
-            top = max(top, extent[n])
-            if (n + 1 - lo) * top > cap:
+            if total + work[n] > cap:
                 cuts.append(n)
-                lo, top = n, extent[n]
+                total = 0
+            total += work[n]
         return cuts + [N]
 
-    lo, hi = int(extent.max()), int(N * extent.max())
+    lo, hi = int(work.max()), int(work.sum())
     while lo < hi:
         mid = (lo + hi) // 2
         if len(pack(mid)) - 1 <= parts:
@@ -268,14 +267,13 @@ def _cuts(extent, parts):
     return pack(lo)
 
 
-def _extent(mask, bk):
-    """How many key tiles each row walks: up to its last tile with a key that is not padding (at least 1)."""
+def _live_tiles(mask, bk):
+    """How many key tiles each row walks: those with a key that is not padding (at least 1: a row of padding
+    still writes its zero output)."""
     tiles = -(-mask.shape[1] // bk)
     live = np.zeros((mask.shape[0], tiles * bk), np.bool_)
     live[:, :mask.shape[1]] = ~mask
-    live = live.reshape(len(live), tiles, bk).any(axis=2)
-    last = tiles - np.argmax(live[:, ::-1], axis=1)     # 1 + the index of the last live tile
-    return np.where(live.any(axis=1), last, 1)
+    return np.maximum(live.reshape(len(live), tiles, bk).any(axis=2).sum(axis=1), 1)
 
 
 def _prepare(q, k, v, key_padding_mask, block_size):
@@ -310,7 +308,7 @@ def _like(a, shape, dt):
 
 def _row_cuts(mask, H, bk):
     """The B*H rows cut into one run per thread, by work (_cuts); a row's extent is its batch row's."""
-    return np.array(_cuts(np.repeat(_extent(mask, bk), H), get_num_threads()), np.int64)
+    return np.array(_cuts(np.repeat(_live_tiles(mask, bk), H), get_num_threads()), np.int64)
 
 
 def attention(q, k, v, *, causal=False, key_padding_mask=None, scale=None, block_size=None):
@@ -319,9 +317,9 @@ def attention(q, k, v, *, causal=False, key_padding_mask=None, scale=None, block
     dt, D, mask, (bq, bk) = _prepare(q, k, v, key_padding_mask, block_size)
     gemm = _blas.gemm(dt)
     if gemm is None:                                     # NumPy's BLAS is not OpenBLAS: the reference's own
-        return (ref.attention(q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=scale)
-                if block_size is None else ref.attention_tiled(q, k, v, causal=causal, key_padding_mask=key_padding_mask,
-                                                               scale=scale, block_q=block_size, block_k=block_size))
+        kw = dict(causal=causal, key_padding_mask=key_padding_mask, scale=scale)
+        return (ref.attention(q, k, v, **kw) if block_size is None else
+                ref.attention_tiled(q, k, v, block_q=block_size, block_k=block_size, **kw))
     B, H, Tq, _ = q.shape
     Q, K, V = (_rows(a, dt) for a in (q, k, v))
     out, lse = _like(Q, (B, H, Tq, V.shape[3]), dt), np.empty((B, H, Tq), dt)

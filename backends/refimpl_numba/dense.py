@@ -41,7 +41,7 @@ def _rows_product(x, out, b):
 def matmul(a, b, transpose_a=False, transpose_b=False):
     """The reference's matmul (same arguments, dtypes, results) with the output's rows cut into one chunk per
     numba thread, each one BLAS call on its own thread (_blas.py; _threads.py where OpenBLAS's gemm is not found;
-    OpenBLAS itself is kept on one thread).
+    OpenBLAS itself is kept on one thread). A long K with few output rows (a Linear's dW) is cut along K instead.
     Only 2-D products and (..., M, K) @ (K, N) are cut; other batched products go to the reference."""
     a2 = a.swapaxes(-1, -2) if transpose_a else a
     b2 = b.swapaxes(-1, -2) if transpose_b else b
@@ -55,7 +55,7 @@ def matmul(a, b, transpose_a=False, transpose_b=False):
     out = np.empty((M, b2.shape[1]), a2.dtype)
     K = x.shape[1]
     if _blas.gemm(out.dtype) is not None and out.size and K:   # BLAS from numba's threads (_blas.py)
-        if K >= 2 * M and K >= 2 * _MATMUL_MIN_ROWS:
+        if K >= 2 * M and K >= 2 * _MATMUL_MIN_ROWS:        # (and each thread's slice of K worth a call)
             _blas.split_k_product(x, b2, out, even_cuts(K))  # long K, small output: a Linear's dW
         else:
             _blas.rows_product(x, b2, out, even_cuts(M))
